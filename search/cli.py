@@ -1,0 +1,142 @@
+"""The `bitsearch` command line.
+
+    bitsearch inspect MODEL.pt2 [--json]
+    bitsearch eval MODEL.pt2 --data fashion-mnist [--config CFG.json | --uniform W/A] [--split test] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .archive import ArchiveError
+from .config import ConfigError, QuantConfig
+from .cost import BudgetError, config_cost
+from .data import DatasetError, load_splits
+from .model import LoadedModel, load_model
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2))
+
+
+def cmd_inspect(args) -> None:
+    model = load_model(args.model)
+    total_params = sum(l.params for l in model.layers)
+    total_macs = sum(l.macs for l in model.layers)
+    if args.json:
+        _print_json({
+            "model": str(args.model), "sha256": model.sha256, "input_shape": list(model.input_shape),
+            "layers": [l.to_dict() for l in model.layers],
+            "totals": {"layers": len(model.layers), "layer_params": total_params,
+                       "all_params": model.total_params, "macs": total_macs},
+        })
+        return
+    table = Table(title=f"{Path(args.model).name}  sha256 {model.sha256[:16]}  input {list(model.input_shape)}")
+    for col in ("#", "layer", "op", "weight shape", "groups", "stride", "params", "MACs", "in", "out"):
+        table.add_column(col, justify="right" if col in ("#", "groups", "params", "MACs") else "left")
+    for l in model.layers:
+        op = l.op + (" dw" if l.is_depthwise else "")
+        table.add_row(str(l.index), l.name, op, "x".join(map(str, l.weight_shape)), str(l.groups),
+                      "x".join(map(str, l.stride)) or "-", f"{l.params:,}", f"{l.macs:,}",
+                      "x".join(map(str, l.in_shape)), "x".join(map(str, l.out_shape)))
+    table.add_section()
+    table.add_row("", f"{len(model.layers)} layers", "", "", "", "", f"{total_params:,}", f"{total_macs:,}", "", "")
+    console = Console(width=160)
+    console.print(table)
+    console.print(f"all parameters in the folded graph (weights, biases, norms): {model.total_params:,}")
+
+
+def _config_for(args, model: LoadedModel) -> QuantConfig | None:
+    if args.config:
+        return QuantConfig.from_json(Path(args.config).read_text(), model)
+    if args.uniform:
+        try:
+            w, a = (int(x) for x in args.uniform.split("/"))
+        except ValueError as e:
+            raise ConfigError(f"--uniform expects W/A bits such as 4/8, got {args.uniform!r}") from e
+        return QuantConfig.uniform(model, w, a, scheme=args.scheme, act_calibration=args.calibration)
+    return None
+
+
+def cmd_eval(args) -> None:
+    from .simulate import Simulator
+
+    model = load_model(args.model)
+    config = _config_for(args, model)
+    splits = load_splits(args.data, calib_size=args.calib_size, seed=args.seed)
+    data = getattr(splits, args.split) or splits.val
+    sim = Simulator(model, splits.calib.inputs)
+    fp = sim.evaluate(None, data)
+    res = sim.evaluate(config, data) if config is not None else fp
+    cost = config_cost(model, config) if config is not None else None
+    out = {
+        "model": str(args.model), "data": args.data, "split": args.split if getattr(splits, args.split) else "val",
+        "samples": res.samples, "config": "float" if config is None else (args.config or f"uniform W{args.uniform}"),
+        "fp32_top1": fp.top1, "top1": res.top1, "sqnr_db": res.sqnr_db, "kl": res.kl,
+        "cost": cost.to_dict() if cost else None,
+    }
+    if args.json:
+        _print_json(out)
+        return
+    console = Console()
+    table = Table(title=f"{Path(args.model).name} on {args.data} ({out['split']}, {res.samples} samples)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
+    table.add_row("config", out["config"])
+    table.add_row("fp32 top-1", pct(fp.top1))
+    table.add_row("top-1", pct(res.top1))
+    table.add_row("output SQNR", f"{res.sqnr_db:.2f} dB")
+    table.add_row("KL(float || quant)", f"{res.kl:.5f}")
+    if cost:
+        table.add_row("average weight bits", f"{cost.avg_wbits:.3f}")
+        table.add_row("weight bytes", f"{cost.weight_bytes:,}")
+        table.add_row("BitOPs per sample", f"{cost.bitops:,}")
+        table.add_row("largest activation (bytes)", f"{cost.act_bytes:,}")
+    console.print(table)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bitsearch", description="per-layer bit-width search for PyTorch models")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="list the quantizable layers of a .pt2 model")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("eval", help="simulate a config and report accuracy, SQNR and cost")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="'fashion-mnist' or a safetensors file (inputs, labels)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", help="a bitsearch config JSON")
+    g.add_argument("--uniform", help="every layer at W/A bits, e.g. 4/8 (A=16 keeps activations float)")
+    p.add_argument("--scheme", default="uniform", choices=["uniform", "pot", "apot"], help="with --uniform")
+    p.add_argument("--calibration", default="mse", choices=["minmax", "percentile", "mse"], help="with --uniform")
+    p.add_argument("--split", default="test", choices=["test", "val", "calib"],
+                   help="evaluation split (test falls back to val for data sets without one)")
+    p.add_argument("--calib-size", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ArchiveError, ConfigError, DatasetError, BudgetError, FileNotFoundError) as e:
+        print(f"bitsearch: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

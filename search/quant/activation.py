@@ -1,0 +1,99 @@
+"""Per-tensor activation quantization, b in 2..8; 16 means the tensor stays float.
+
+A tensor whose calibrated minimum is >= 0 (after ReLU) uses the unsigned PACT form
+  y_q = round(clamp(y, 0, alpha) * (2^b-1)/alpha) * alpha/(2^b-1);
+any other tensor uses the affine form x = S * (q - z), q in [0, 2^b-1].
+Both are "uint8 codes + scale + zero point", the form the kernels take as input.
+The range comes from calibration: min-max, a percentile, or the MSE-optimal range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+FLOAT_ACT_BITS = 16
+CALIBRATION_METHODS = ("minmax", "percentile", "mse")
+DEFAULT_PERCENTILE = 99.99
+SAMPLE_LIMIT = 1 << 18  # values kept per tensor for percentile/MSE calibration
+MSE_GRID = 64
+
+
+@dataclass
+class ActRange:
+    lo: float
+    hi: float
+    bits: int
+
+    @property
+    def qmax(self) -> int:
+        return (1 << self.bits) - 1
+
+    @property
+    def scale(self) -> float:
+        return max(self.hi - self.lo, 1e-8) / self.qmax
+
+    @property
+    def zero_point(self) -> int:
+        return int(round(-self.lo / self.scale))
+
+
+def fake_quantize_activation(x: torch.Tensor, r: ActRange) -> torch.Tensor:
+    """(clamp(round(x/S) + z, 0, 2^b-1) - z) * S, in torch's fused kernel (round half to even)."""
+    return torch.fake_quantize_per_tensor_affine(x, r.scale, r.zero_point, 0, r.qmax)
+
+
+@dataclass
+class ActStats:
+    """Running statistics of one tensor over calibration batches."""
+
+    lo: float = float("inf")
+    hi: float = float("-inf")
+    samples: list[torch.Tensor] = field(default_factory=list)
+    seen: int = 0
+    generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float().reshape(-1)
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+        self.seen += x.numel()
+        # A fixed share of every batch, so the sample is spread over all calibration images.
+        keep = min(x.numel(), max(1, SAMPLE_LIMIT // 8))
+        idx = torch.randint(0, x.numel(), (keep,), generator=self.generator)
+        self.samples.append(x[idx])
+        if sum(s.numel() for s in self.samples) > SAMPLE_LIMIT:
+            merged = torch.cat(self.samples)
+            idx = torch.randperm(merged.numel(), generator=self.generator)[:SAMPLE_LIMIT]
+            self.samples = [merged[idx]]
+
+    def sample(self) -> torch.Tensor:
+        return torch.cat(self.samples) if self.samples else torch.zeros(1)
+
+    @property
+    def unsigned(self) -> bool:
+        return self.lo >= 0
+
+
+def calibrate_range(stats: ActStats, bits: int, method: str = "mse",
+                    percentile: float = DEFAULT_PERCENTILE) -> ActRange:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"activation bits must be in 2..8 (or {FLOAT_ACT_BITS} for float), got {bits}")
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"unknown calibration method {method!r}; expected one of {CALIBRATION_METHODS}")
+    lo = 0.0 if stats.unsigned else min(stats.lo, 0.0)
+    hi = max(stats.hi, 0.0)
+    if method == "minmax":
+        return ActRange(lo, hi, bits)
+    x = stats.sample()
+    if method == "percentile":
+        q = torch.quantile(x[: 1 << 24], torch.tensor([1 - percentile / 100, percentile / 100]))
+        return ActRange(0.0 if stats.unsigned else min(float(q[0]), 0.0), max(float(q[1]), 0.0), bits)
+    best, best_err = ActRange(lo, hi, bits), float("inf")
+    for k in range(1, MSE_GRID + 1):
+        r = ActRange(lo * k / MSE_GRID, hi * k / MSE_GRID, bits)
+        err = float((fake_quantize_activation(x, r) - x).pow(2).mean())
+        if err < best_err:
+            best, best_err = r, err
+    return best

@@ -1,0 +1,172 @@
+"""Simulated quantization: apply a config to the loaded graph and measure it.
+
+The simulator copies the folded graph once and puts an activation quantizer in front
+of every quantizable layer's input. Calibration runs the float model over calibration
+images once and keeps per-input statistics; each config then only swaps fake-quantized
+weights (cached per layer, bits and scheme) and activation ranges (cached per layer,
+bits and calibration method), so evaluating many configs in a search stays cheap.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import fx, nn
+
+from .config import QuantConfig
+from .model import LoadedModel, _get_attr, _set_param
+from .quant.activation import FLOAT_ACT_BITS, ActRange, ActStats, calibrate_range, fake_quantize_activation
+from .quant.weight import quantize_weight, sqnr_db
+
+EVAL_BATCH = 512
+
+
+class ActivationQuantizer(nn.Module):
+    """Off, observing (calibration) or fake-quantizing one layer's input."""
+
+    def __init__(self):
+        super().__init__()
+        self.range: ActRange | None = None
+        self.stats: ActStats | None = None
+
+    def forward(self, x):
+        if self.stats is not None:
+            self.stats.update(x)
+        if self.range is not None:
+            return fake_quantize_activation(x, self.range)
+        return x
+
+
+@dataclass
+class EvalResult:
+    top1: float | None  # fraction in [0, 1]; None for unlabelled data
+    sqnr_db: float  # output (logit) SQNR against the float model
+    kl: float  # mean KL(p_float || p_quant) of the softmax outputs
+    samples: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())
+
+
+def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    p_log = torch.log_softmax(ref_logits.double(), 1)
+    q_log = torch.log_softmax(logits.double(), 1)
+    return float((p_log.exp() * (p_log - q_log)).sum(1).mean())
+
+
+@torch.no_grad()
+def evaluate_float(model: LoadedModel, data) -> float:
+    return top1(model.forward(data.inputs), data.labels)
+
+
+class Simulator:
+    def __init__(self, model: LoadedModel, calib_inputs: torch.Tensor):
+        self.model = model
+        self.gm: fx.GraphModule = copy.deepcopy(model.gm)
+        self.static_batch = model.static_batch
+        self._float_weights: dict[str, torch.Tensor] = {}
+        self._weight_targets: dict[str, str] = {}
+        self.quantizers: dict[str, ActivationQuantizer] = {}
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        for layer in model.layers:
+            node = nodes[model.layer_nodes[layer.name].name]
+            target = node.args[1].target
+            self._weight_targets[layer.name] = target
+            self._float_weights[layer.name] = _get_attr(self.gm, target).detach().clone()
+            q = ActivationQuantizer()
+            mod_name = f"bitsearch_act_{layer.index}"
+            self.gm.add_module(mod_name, q)
+            with self.gm.graph.inserting_before(node):
+                qnode = self.gm.graph.call_module(mod_name, (node.args[0],))
+            node.args = (qnode, *node.args[1:])
+            self.quantizers[layer.name] = q
+        self.gm.recompile()
+        self._weight_cache: dict[tuple, torch.Tensor] = {}
+        self._range_cache: dict[tuple, ActRange] = {}
+        self._float_logits: dict[tuple, torch.Tensor] = {}
+        self.config: QuantConfig | None = None
+        self._calibrate(calib_inputs)
+
+    @torch.no_grad()
+    def _calibrate(self, x: torch.Tensor) -> None:
+        self.set_float()
+        for q in self.quantizers.values():
+            q.stats = ActStats()
+        self.forward(x)
+        self.stats = {name: q.stats for name, q in self.quantizers.items()}
+        for q in self.quantizers.values():
+            q.stats = None
+
+    def quantized_weight(self, layer: str, bits: int, scheme: str = "uniform", clip: str = "mse") -> torch.Tensor:
+        key = (layer, bits, scheme, clip)
+        if key not in self._weight_cache:
+            self._weight_cache[key] = quantize_weight(self._float_weights[layer], bits, scheme, clip).dequantize()
+        return self._weight_cache[key]
+
+    def act_range(self, layer: str, bits: int, method: str = "mse") -> ActRange:
+        key = (layer, bits, method)
+        if key not in self._range_cache:
+            self._range_cache[key] = calibrate_range(self.stats[layer], bits, method)
+        return self._range_cache[key]
+
+    def set_float(self) -> None:
+        for name, w in self._float_weights.items():
+            _set_param(self.gm, self._weight_targets[name], w)
+            self.quantizers[name].range = None
+        self.config = None
+
+    def apply(self, config: QuantConfig) -> None:
+        config.check_against(self.model)
+        for name, lq in config.layers.items():
+            _set_param(self.gm, self._weight_targets[name], self.quantized_weight(name, lq.w_bits, lq.scheme, lq.clip))
+            self.quantizers[name].range = (
+                None if lq.a_bits >= FLOAT_ACT_BITS else self.act_range(name, lq.a_bits, config.act_calibration)
+            )
+        self.config = config
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = self.static_batch or EVAL_BATCH
+        outs = []
+        for i in range(0, x.shape[0], step):
+            chunk = x[i : i + step]
+            n = chunk.shape[0]
+            if self.static_batch and n < step:
+                chunk = torch.cat([chunk, chunk.new_zeros((step - n, *chunk.shape[1:]))])
+            out = self.gm(chunk)
+            outs.append((out[0] if isinstance(out, (tuple, list)) else out)[:n])
+        return torch.cat(outs)
+
+    def float_logits(self, x: torch.Tensor) -> torch.Tensor:
+        key = (x.data_ptr(), tuple(x.shape))
+        if key not in self._float_logits:
+            config = self.config
+            self.set_float()
+            self._float_logits[key] = self.forward(x)
+            if config is not None:
+                self.apply(config)
+        return self._float_logits[key]
+
+    @torch.no_grad()
+    def evaluate(self, config: QuantConfig | None, data) -> EvalResult:
+        ref = self.float_logits(data.inputs)
+        if config is None:
+            self.set_float()
+        else:
+            self.apply(config)
+        logits = self.forward(data.inputs)
+        acc = top1(logits, data.labels) if data.labels is not None else None
+        return EvalResult(acc, sqnr_db(ref, logits), kl_divergence(ref, logits), len(data.inputs))
+
+    def weight_sqnr_db(self, layer: str, bits: int, scheme: str = "uniform", clip: str = "mse") -> float:
+        return sqnr_db(self._float_weights[layer], self.quantized_weight(layer, bits, scheme, clip))
+
+    def activation_sqnr_db(self, layer: str, bits: int, method: str = "mse") -> float:
+        x = self.stats[layer].sample()
+        return sqnr_db(x, fake_quantize_activation(x, self.act_range(layer, bits, method)))
