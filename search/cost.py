@@ -87,22 +87,27 @@ def unquantized_bytes(model) -> int:
     return sum(4 * t.numel() for k, t in model.used_tensors().items() if k not in layer_tensors and t.is_floating_point())
 
 
+def layer_costs(model, layer, w_bits: int, a_bits: int, scheme: str = "uniform",
+                latency: LatencyTable | None = None) -> dict[str, float]:
+    """One layer's additive share of each metric (act_bytes is a max, not a sum)."""
+    total_params = sum(l.params for l in model.layers)
+    act_elem_bits = a_bits if a_bits < FLOAT_ACT_BITS else 32
+    return {
+        "avg_wbits": layer.params * w_bits / total_params,
+        "weight_bytes": layer_weight_bytes(layer, w_bits, scheme),
+        "bitops": layer.macs * w_bits * _act_bits_for_cost(a_bits),
+        "act_bytes": math.ceil(layer.in_features * act_elem_bits / 8),
+        "latency_us": latency.lookup(layer.name, w_bits, a_bits) if latency is not None else 0.0,
+    }
+
+
 def cost_of(model, w_bits: dict[str, int], a_bits: dict[str, int], schemes: dict[str, str] | None = None,
             latency: LatencyTable | None = None) -> Cost:
-    total_params = sum(l.params for l in model.layers)
-    avg = sum(l.params * w_bits[l.name] for l in model.layers) / total_params
-    wbytes = unquantized_bytes(model) + sum(
-        layer_weight_bytes(l, w_bits[l.name], (schemes or {}).get(l.name, "uniform")) for l in model.layers
-    )
-    bitops = sum(l.macs * w_bits[l.name] * _act_bits_for_cost(a_bits[l.name]) for l in model.layers)
-    act = max(
-        math.ceil(l.in_features * (a_bits[l.name] if a_bits[l.name] < FLOAT_ACT_BITS else 32) / 8)
-        for l in model.layers
-    )
-    lat = None
-    if latency is not None:
-        lat = sum(latency.lookup(l.name, w_bits[l.name], a_bits[l.name]) for l in model.layers)
-    return Cost(avg, wbytes, bitops, act, lat)
+    per_layer = [layer_costs(model, l, w_bits[l.name], a_bits[l.name], (schemes or {}).get(l.name, "uniform"), latency)
+                 for l in model.layers]
+    total = {m: sum(c[m] for c in per_layer) for m in ("avg_wbits", "weight_bytes", "bitops", "latency_us")}
+    return Cost(total["avg_wbits"], int(total["weight_bytes"]) + unquantized_bytes(model), int(total["bitops"]),
+                max(c["act_bytes"] for c in per_layer), total["latency_us"] if latency is not None else None)
 
 
 def config_cost(model, config, latency: LatencyTable | None = None) -> Cost:

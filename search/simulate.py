@@ -124,11 +124,18 @@ class Simulator:
     def apply(self, config: QuantConfig) -> None:
         config.check_against(self.model)
         for name, lq in config.layers.items():
-            _set_param(self.gm, self._weight_targets[name], self.quantized_weight(name, lq.w_bits, lq.scheme, lq.clip))
-            self.quantizers[name].range = (
-                None if lq.a_bits >= FLOAT_ACT_BITS else self.act_range(name, lq.a_bits, config.act_calibration)
-            )
+            self.set_layer(name, lq.w_bits, lq.a_bits, lq.scheme, lq.clip, config.act_calibration)
         self.config = config
+
+    def set_layer(self, name: str, w_bits: int | None, a_bits: int | None, scheme: str = "uniform",
+                  clip: str = "mse", act_calibration: str = "mse") -> None:
+        """Quantize one layer (None keeps its weights or its input float); the others stay as they are."""
+        w = self._float_weights[name] if w_bits is None else self.quantized_weight(name, w_bits, scheme, clip)
+        _set_param(self.gm, self._weight_targets[name], w)
+        self.quantizers[name].range = (
+            None if a_bits is None or a_bits >= FLOAT_ACT_BITS else self.act_range(name, a_bits, act_calibration)
+        )
+        self.config = None
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

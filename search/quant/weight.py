@@ -81,6 +81,20 @@ def _values(codes: torch.Tensor, bits: int, scheme: str, levels: torch.Tensor) -
     return levels[codes]
 
 
+def _mse_threshold(flat: torch.Tensor, w_max: torch.Tensor, bits: int, scheme: str,
+                   levels: torch.Tensor) -> torch.Tensor:
+    """Per channel, the threshold k/MSE_GRID * max|w| with the least squared error (all k at once, in chunks)."""
+    fractions = torch.arange(1, MSE_GRID + 1, dtype=torch.float32) / MSE_GRID
+    chunk = max(1, (1 << 24) // flat.numel())
+    errors = []
+    for f in fractions.split(chunk):
+        t = f[:, None, None] * w_max[None, :, None]  # [g, C, 1]
+        q = _values(_project(flat[None] / t, bits, scheme, levels), bits, scheme, levels) * t
+        errors.append((q - flat[None]).pow_(2).mean(dim=2))
+    best = torch.cat(errors).argmin(dim=0)  # ties go to the smallest threshold
+    return w_max * fractions[best]
+
+
 @torch.no_grad()
 def quantize_weight(w: torch.Tensor, bits: int, scheme: str = "uniform", clip: str = "mse") -> QuantizedWeight:
     if not 1 <= bits <= 8:
@@ -97,16 +111,7 @@ def quantize_weight(w: torch.Tensor, bits: int, scheme: str = "uniform", clip: s
         return QuantizedWeight(codes.reshape(w.shape), scale, 1, scheme)
     levels = weight_levels(bits, scheme)
     w_max = flat.abs().amax(dim=1).clamp_min(1e-12)
-    scale = w_max.clone()
-    if clip == "mse":
-        best_err = torch.full_like(w_max, float("inf"))
-        for k in range(1, MSE_GRID + 1):
-            t = w_max * (k / MSE_GRID)
-            q = _values(_project(flat / t[:, None], bits, scheme, levels), bits, scheme, levels) * t[:, None]
-            err = (q - flat).pow(2).mean(dim=1)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            scale = torch.where(better, t, scale)
+    scale = _mse_threshold(flat, w_max, bits, scheme, levels) if clip == "mse" else w_max
     codes = _project(flat / scale[:, None], bits, scheme, levels)
     if scheme == "uniform":
         scale = scale / ((1 << (bits - 1)) - 1)  # so that w_q = code * scale

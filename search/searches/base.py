@@ -1,0 +1,204 @@
+"""What every search shares: options, candidates, the result, progress, and the context they run in."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ..config import QuantConfig
+from ..cost import Budget, Cost, LatencyTable, check_feasible, cost_of
+from ..data import DataSplits, LabelledSet
+from ..model import LoadedModel
+from ..quant.activation import FLOAT_ACT_BITS
+from ..simulate import EvalResult, Simulator
+
+
+class SearchError(ValueError):
+    """A search that cannot start: unknown method, bad options."""
+
+
+class SearchOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    w_bits: list[int] = Field(default_factory=lambda: list(range(2, 9)), description="weight bit choices per layer")
+    a_bits: list[int] = Field(default_factory=lambda: [8], description="activation bit choices (16 = float)")
+    seed: int = 0
+    scheme: str = Field(default="uniform", pattern="^(uniform|pot|apot)$")
+    clip: str = Field(default="mse", pattern="^(max|mse)$")
+    act_calibration: str = Field(default="mse", pattern="^(minmax|percentile|mse)$")
+    val_samples: int = Field(default=2000, ge=100, description="validation images used to score each candidate")
+    params: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
+
+    @field_validator("w_bits")
+    @classmethod
+    def _w(cls, v: list[int]) -> list[int]:
+        if not v or any(not 1 <= b <= 8 for b in v):
+            raise ValueError("w_bits choices must be a non-empty list of values in 1..8")
+        return sorted(set(v))
+
+    @field_validator("a_bits")
+    @classmethod
+    def _a(cls, v: list[int]) -> list[int]:
+        if not v or any(not (2 <= b <= 8 or b == FLOAT_ACT_BITS) for b in v):
+            raise ValueError(f"a_bits choices must be a non-empty list of values in 2..8 or {FLOAT_ACT_BITS}")
+        return sorted(set(v))
+
+    def param(self, name: str, default):
+        value = self.params.get(name, default)
+        if default is not None and not isinstance(value, type(default)) and not (
+            isinstance(default, float) and isinstance(value, int)
+        ):
+            raise SearchError(f"option {name!r} must be {type(default).__name__}, got {value!r}")
+        return value
+
+
+@dataclass
+class Candidate:
+    config: QuantConfig
+    cost: Cost
+    score: float  # the search's own figure of merit (higher is better)
+    val_top1: float | None
+    val_sqnr_db: float
+    fits: bool
+    meta: dict = field(default_factory=dict)
+    pareto: bool = False
+
+    @property
+    def quality(self) -> float:
+        """Accuracy when labels exist, else output SQNR: what "most accurate" means."""
+        return self.val_top1 if self.val_top1 is not None else self.val_sqnr_db
+
+    def to_dict(self) -> dict:
+        return {
+            "w_bits": self.config.w_bits(), "a_bits": self.config.a_bits(), "cost": self.cost.to_dict(),
+            "score": self.score, "val_top1": self.val_top1,
+            "val_sqnr_db": None if math.isinf(self.val_sqnr_db) else self.val_sqnr_db,
+            "fits": self.fits, "pareto": self.pareto, "meta": self.meta,
+        }
+
+
+@dataclass
+class Progress:
+    step: int
+    total: int
+    phase: str
+    best: Candidate | None
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass
+class SearchResult:
+    method: str
+    budget: Budget
+    candidates: list[Candidate]
+    pareto_metric: str
+    seconds: float
+    recommended: Candidate | None = None
+
+    @property
+    def pareto(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.pareto]
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method, "budget": self.budget.limits(), "pareto_metric": self.pareto_metric,
+            "seconds": self.seconds, "candidates": [c.to_dict() for c in self.candidates],
+            "recommended": None if self.recommended is None else self.candidates.index(self.recommended),
+            "recommended_config": None if self.recommended is None else self.recommended.config.model_dump(),
+        }
+
+
+def mark_pareto(candidates: list[Candidate], metric: str) -> None:
+    """Sorted by cost, a candidate is on the front when it is more accurate than every cheaper one."""
+    for c in candidates:
+        c.pareto = False
+    ranked = sorted(candidates, key=lambda c: (getattr(c.cost, metric), -c.quality))
+    best = -math.inf
+    for c in ranked:
+        if c.quality > best:
+            c.pareto = True
+            best = c.quality
+
+
+class SearchContext:
+    """The model, data, budget and simulator a search works with; candidates are evaluated through it."""
+
+    def __init__(self, method: str, model: LoadedModel, splits: DataSplits, budget: Budget, options: SearchOptions,
+                 on_progress: ProgressCallback | None = None, latency: LatencyTable | None = None,
+                 simulator: Simulator | None = None):
+        self.method = method
+        self.model = model
+        self.splits = splits
+        self.budget = budget
+        self.options = options
+        self.latency = latency
+        if budget.latency_us is not None and latency is None:
+            raise SearchError("a latency budget needs a latency table (bitsearch latency-table, or a table file)")
+        check_feasible(model, budget, options.w_bits, options.a_bits, latency, options.scheme)
+        self.sim = simulator or Simulator(model, splits.calib.inputs)
+        self.val: LabelledSet = splits.val.subset(slice(0, options.val_samples))
+        self.candidates: list[Candidate] = []
+        self._seen: dict[tuple, Candidate] = {}
+        self._on_progress = on_progress
+        self._last_step = -1
+        self.started = time.perf_counter()
+        self.pareto_metric = next(iter(budget.limits()))
+        self.layer_names = [l.name for l in model.layers]
+
+    # -- configs and costs --------------------------------------------------------------------------
+    def config(self, w_bits: dict[str, int], a_bits: dict[str, int]) -> QuantConfig:
+        o = self.options
+        return QuantConfig.from_bits(self.model, w_bits, a_bits, scheme=o.scheme, clip=o.clip,
+                                     act_calibration=o.act_calibration)
+
+    def cost(self, w_bits: dict[str, int], a_bits: dict[str, int]) -> Cost:
+        return cost_of(self.model, w_bits, a_bits, {n: self.options.scheme for n in w_bits},
+                       self.latency if self.budget.latency_us is not None else None)
+
+    def fits(self, w_bits: dict[str, int], a_bits: dict[str, int]) -> bool:
+        return self.budget.fits(self.cost(w_bits, a_bits))
+
+    def uniform_bits(self, bits: int) -> dict[str, int]:
+        return {n: bits for n in self.layer_names}
+
+    # -- evaluation ---------------------------------------------------------------------------------
+    def evaluate(self, config: QuantConfig, data: LabelledSet | None = None) -> EvalResult:
+        return self.sim.evaluate(config, data if data is not None else self.val)
+
+    def add_candidate(self, w_bits: dict[str, int], a_bits: dict[str, int], score: float | None = None,
+                      **meta) -> Candidate:
+        """Record a candidate (once per distinct config), scored on the validation subset."""
+        key = (tuple(w_bits[n] for n in self.layer_names), tuple(a_bits[n] for n in self.layer_names))
+        if key in self._seen:
+            return self._seen[key]
+        config = self.config(w_bits, a_bits)
+        cost = self.cost(w_bits, a_bits)
+        res = self.evaluate(config)
+        cand = Candidate(config, cost, res.top1 if score is None and res.top1 is not None else
+                         (score if score is not None else res.sqnr_db), res.top1, res.sqnr_db,
+                         self.budget.fits(cost), meta)
+        self._seen[key] = cand
+        self.candidates.append(cand)
+        return cand
+
+    def best_fitting(self) -> Candidate | None:
+        fitting = [c for c in self.candidates if c.fits]
+        return max(fitting, key=lambda c: c.quality) if fitting else None
+
+    def report(self, step: int, total: int, phase: str) -> None:
+        if self._on_progress is None:
+            return
+        step = max(step, self._last_step)  # never report going backwards
+        self._last_step = step
+        self._on_progress(Progress(step, total, phase, self.best_fitting()))
+
+    def result(self) -> SearchResult:
+        mark_pareto(self.candidates, self.pareto_metric)
+        return SearchResult(self.method, self.budget, self.candidates, self.pareto_metric,
+                            time.perf_counter() - self.started, self.best_fitting())
