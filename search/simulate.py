@@ -171,9 +171,72 @@ class Simulator:
         acc = top1(logits, data.labels) if data.labels is not None else None
         return EvalResult(acc, sqnr_db(ref, logits), kl_divergence(ref, logits), len(data.inputs))
 
+    def incremental(self, x: torch.Tensor) -> "IncrementalRunner":
+        return IncrementalRunner(self, x)
+
     def weight_sqnr_db(self, layer: str, bits: int, scheme: str = "uniform", clip: str = "mse") -> float:
         return sqnr_db(self._float_weights[layer], self.quantized_weight(layer, bits, scheme, clip))
 
     def activation_sqnr_db(self, layer: str, bits: int, method: str = "mse") -> float:
         x = self.stats[layer].sample()
         return sqnr_db(x, fake_quantize_activation(x, self.act_range(layer, bits, method)))
+
+
+class IncrementalRunner:
+    """Runs the simulated graph on fixed inputs, recomputing only what a changed layer feeds.
+
+    Every node's value is kept between runs; after `run(changed)` only the nodes downstream of
+    the changed layers' input quantizer or weight are executed again. Memory: all intermediate
+    tensors of the batch (about 2 GB for ResNet-20 on 1,024 28x28 images).
+    """
+
+    def __init__(self, sim: Simulator, x: torch.Tensor):
+        self.sim = sim
+        self.x = x
+        self.nodes = list(sim.gm.graph.nodes)
+        self.env: dict[fx.Node, object] = {}
+        by_name = {n.name: n for n in self.nodes}
+        self.layer_nodes = {name: by_name[node.name] for name, node in sim.model.layer_nodes.items()}
+        self._downstream: dict[str, set[fx.Node]] = {}
+        for name, node in self.layer_nodes.items():
+            quantizer = node.args[0]
+            seen, stack = set(), [quantizer, node]
+            while stack:
+                n = stack.pop()
+                if n not in seen:
+                    seen.add(n)
+                    stack.extend(n.users)
+            self._downstream[name] = seen
+
+    @torch.no_grad()
+    def run(self, changed: list[str] | None = None) -> None:
+        dirty = None if changed is None or not self.env else set().union(*(self._downstream[c] for c in changed))
+        gm = self.sim.gm
+        for node in self.nodes:
+            if dirty is not None and node not in dirty and node.op != "get_attr":
+                continue
+            if node.op == "placeholder":
+                value = self.x
+            elif node.op == "get_attr":
+                value = _get_attr(gm, node.target)
+            elif node.op == "output":
+                continue
+            else:
+                args = fx.node.map_arg(node.args, self.env.__getitem__)
+                kwargs = fx.node.map_arg(node.kwargs, self.env.__getitem__)
+                fn = gm.get_submodule(node.target) if node.op == "call_module" else node.target
+                value = fn(*args, **kwargs)
+            self.env[node] = value
+
+    def affected_layers(self, changed: list[str]) -> list[str]:
+        """Layers whose output depends on any of `changed` (they included)."""
+        dirty = set().union(*(self._downstream[c] for c in changed))
+        return [name for name, node in self.layer_nodes.items() if node in dirty]
+
+    def layer_output(self, name: str) -> torch.Tensor:
+        return self.env[self.layer_nodes[name]]
+
+    def output(self) -> torch.Tensor:
+        out = self.nodes[-1].args[0]
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return self.env[out]
