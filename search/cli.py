@@ -2,6 +2,7 @@
 
     bitsearch inspect MODEL.pt2 [--json]
     bitsearch eval MODEL.pt2 --data fashion-mnist [--config CFG.json | --uniform W/A] [--split test] [--json]
+    bitsearch search MODEL.pt2 --data fashion-mnist --method sqnr --budget avg_wbits=3 [--out result.json]
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .config import ConfigError, QuantConfig
 from .cost import BudgetError, config_cost
 from .data import DatasetError, load_splits
 from .model import LoadedModel, load_model
+from .searches.base import SearchError
 
 
 def _print_json(obj) -> None:
@@ -102,6 +104,64 @@ def cmd_eval(args) -> None:
     console.print(table)
 
 
+def _parse_bits(text: str) -> list[int]:
+    """'2-8' or '2,4,8' or '8'."""
+    if "-" in text:
+        lo, hi = (int(x) for x in text.split("-"))
+        return list(range(lo, hi + 1))
+    return [int(x) for x in text.split(",")]
+
+
+def cmd_search(args) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .cost import Budget, LatencyTable
+    from .searches import SearchOptions, run_search
+
+    model = load_model(args.model)
+    splits = load_splits(args.data, calib_size=args.calib_size, seed=args.seed)
+    budget = Budget.parse(args.budget)
+    params = json.loads(args.params) if args.params else {}
+    try:
+        options = SearchOptions(w_bits=_parse_bits(args.w_bits), a_bits=_parse_bits(args.a_bits), seed=args.seed,
+                                scheme=args.scheme, val_samples=args.val_samples, params=params)
+    except ValueError as e:
+        raise ConfigError(f"invalid search options: {e}") from e
+    latency = LatencyTable.load(args.latency_table) if args.latency_table else None
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=console,
+                  disable=args.json) as bar:
+        task = bar.add_task(args.method, total=None, best="")
+
+        def on_progress(p):
+            best = f"best {100 * p.best.val_top1:.2f}%" if p.best and p.best.val_top1 is not None else ""
+            bar.update(task, completed=p.step, total=p.total, description=f"{args.method}: {p.phase}", best=best)
+
+        result = run_search(args.method, model, splits, budget, options, on_progress, latency)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
+    if args.config_out and result.recommended is not None:
+        Path(args.config_out).write_text(result.recommended.config.to_json())
+    if args.json:
+        _print_json(result.to_dict())
+        return
+    table = Table(title=f"{args.method} on {Path(args.model).name}: Pareto front ({result.pareto_metric}), "
+                        f"{result.seconds:.1f} s")
+    for col in ("avg w bits", "weight bytes", "BitOPs", "val top-1", "fits", ""):
+        table.add_column(col, justify="right")
+    for c in sorted(result.pareto, key=lambda c: getattr(c.cost, result.pareto_metric)):
+        table.add_row(f"{c.cost.avg_wbits:.2f}", f"{c.cost.weight_bytes:,}", f"{c.cost.bitops:,}",
+                      "-" if c.val_top1 is None else f"{100 * c.val_top1:.2f}%", "yes" if c.fits else "no",
+                      "recommended" if c is result.recommended else "")
+    out = Console()
+    out.print(table)
+    if result.recommended is None:
+        out.print("no candidate meets the budget")
+    else:
+        out.print("recommended w_bits: " + " ".join(f"{k}={v}" for k, v in result.recommended.config.w_bits().items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bitsearch", description="per-layer bit-width search for PyTorch models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +185,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("search", help="search per-layer bit-widths under a budget")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, help="'fashion-mnist' or a safetensors file (inputs, labels)")
+    p.add_argument("--method", required=True, help="imprinting | sqnr | haq | uniform | random")
+    p.add_argument("--budget", action="append", required=True,
+                   help="a limit NAME=VALUE (avg_wbits, weight_bytes, bitops, act_bytes, latency_us); repeatable")
+    p.add_argument("--w-bits", default="2-8", help="weight bit choices, e.g. 2-8 or 2,4,8")
+    p.add_argument("--a-bits", default="8", help="activation bit choices, e.g. 8 or 4-8 (16 = float)")
+    p.add_argument("--scheme", default="uniform", choices=["uniform", "pot", "apot"])
+    p.add_argument("--params", help='method options as JSON, e.g. \'{"mode": "analytic"}\'')
+    p.add_argument("--latency-table", help="a latency table JSON for latency_us budgets")
+    p.add_argument("--calib-size", type=int, default=1024)
+    p.add_argument("--val-samples", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write every candidate and the recommendation as JSON")
+    p.add_argument("--config-out", help="write the recommended config as JSON")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_search)
     return parser
 
 
@@ -132,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ArchiveError, ConfigError, DatasetError, BudgetError, FileNotFoundError) as e:
+    except (ArchiveError, ConfigError, DatasetError, BudgetError, SearchError, FileNotFoundError,
+            json.JSONDecodeError) as e:
         print(f"bitsearch: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -10,6 +10,7 @@ bits and calibration method), so evaluating many configs in a search stays cheap
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import asdict, dataclass
 
 import torch
@@ -68,7 +69,9 @@ def evaluate_float(model: LoadedModel, data) -> float:
 class Simulator:
     def __init__(self, model: LoadedModel, calib_inputs: torch.Tensor):
         self.model = model
-        self.gm: fx.GraphModule = copy.deepcopy(model.gm)
+        with warnings.catch_warnings():  # torch's own pytree deprecation noise on GraphModule copies
+            warnings.simplefilter("ignore", FutureWarning)
+            self.gm: fx.GraphModule = copy.deepcopy(model.gm)
         self.static_batch = model.static_batch
         self._float_weights: dict[str, torch.Tensor] = {}
         self._weight_targets: dict[str, str] = {}

@@ -70,8 +70,9 @@ def test_w8a8_matches_fp32_and_w2a8_is_visibly_worse(name, loaded, fmnist):
 @pytest.mark.slow
 def test_accuracy_is_monotone_in_weight_bits(loaded, fmnist):
     model, sim = _sim("resnet20-fmnist", loaded, fmnist)
-    acc = {b: sim.evaluate(QuantConfig.uniform(model, b, 8), fmnist.test).top1 for b in range(1, 9)}
-    for b in range(1, 8):
-        # 0.1 points of slack between neighbours at the top, where rounding noise dominates
+    # 1-bit weights everywhere leave this network at chance level without fine-tuning, like 2 bits;
+    # from 2 bits up every extra bit must help (0.1 points of slack at the top, where rounding noise rules).
+    acc = {b: sim.evaluate(QuantConfig.uniform(model, b, 8), fmnist.test).top1 for b in range(2, 9)}
+    for b in range(2, 8):
         assert acc[b + 1] >= acc[b] - 0.001, acc
-    assert acc[1] < acc[2] < acc[3] < acc[5]
+    assert acc[2] < acc[3] < acc[4] < acc[6]

@@ -172,17 +172,19 @@ class SearchContext:
         return self.sim.evaluate(config, data if data is not None else self.val)
 
     def add_candidate(self, w_bits: dict[str, int], a_bits: dict[str, int], score: float | None = None,
-                      **meta) -> Candidate:
-        """Record a candidate (once per distinct config), scored on the validation subset."""
+                      **meta) -> Candidate | None:
+        """Record a config that meets the budget (once), scored on the validation subset; others are skipped."""
         key = (tuple(w_bits[n] for n in self.layer_names), tuple(a_bits[n] for n in self.layer_names))
         if key in self._seen:
             return self._seen[key]
-        config = self.config(w_bits, a_bits)
         cost = self.cost(w_bits, a_bits)
+        if not self.budget.fits(cost):
+            return None
+        config = self.config(w_bits, a_bits)
         res = self.evaluate(config)
-        cand = Candidate(config, cost, res.top1 if score is None and res.top1 is not None else
-                         (score if score is not None else res.sqnr_db), res.top1, res.sqnr_db,
-                         self.budget.fits(cost), meta)
+        if score is None:
+            score = res.top1 if res.top1 is not None else res.sqnr_db
+        cand = Candidate(config, cost, score, res.top1, res.sqnr_db, True, meta)
         self._seen[key] = cand
         self.candidates.append(cand)
         return cand

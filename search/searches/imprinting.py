@@ -135,9 +135,10 @@ def imprinting_search(ctx: SearchContext) -> None:
         ctx.sim.set_layer(name, w_bits[name], a_bits[name], o.scheme, o.clip, o.act_calibration)
         changed = [name]
 
-    # Score on the validation split: the best fitting configs by Acc_N, and a spread along the path for the front.
-    fitting = sorted((t for t in trajectory if t[3]), key=lambda t: -t[2])[:validate_top]
-    step = max(1, len(trajectory) // max(curve_points, 1))
-    for it, wb, acc_n, _, per_layer in fitting + trajectory[::step]:
+    # Score on the validation split: the best fitting configs by Acc_N, and a spread of the
+    # fitting part of the path for the front (every config on the path is simulated already).
+    fitting = [t for t in trajectory if t[3]]
+    step = max(1, len(fitting) // max(curve_points, 1))
+    for it, wb, acc_n, _, per_layer in sorted(fitting, key=lambda t: -t[2])[:validate_top] + fitting[::step]:
         ctx.add_candidate(wb, a_bits, score=acc_n, iteration=it, layer_accuracy=[round(a, 4) for a in per_layer])
     ctx.report(n_max, n_max, "validate")

@@ -1,0 +1,114 @@
+"""The bit-allocation searches on a real (tiny) model, and imprinting on the reference ResNet-20."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import reference_model
+from search.cost import Budget, BudgetError
+from search.searches import SearchContext, SearchError, SearchOptions, run_search
+from search.searches.sqnr import _solve_analytic, measure_noise, solve_exact
+
+FAST = {
+    "uniform": {},
+    "random": {"count": 6},
+    "sqnr": {"mode": "exact", "sweep_points": 3},
+    "sqnr-analytic": {"mode": "analytic", "sweep_points": 3},
+    "imprinting": {"variant": "faithful", "patience": 4},
+    "imprinting-cost": {"variant": "cost_aware", "patience": 4},
+}
+
+
+def _run(method_key, tiny_model, fmnist, sim, budget, seed=0, progress=None):
+    method = method_key.split("-")[0]
+    options = SearchOptions(seed=seed, val_samples=500, params=FAST[method_key])
+    return run_search(method, tiny_model, fmnist, budget, options, progress, simulator=sim)
+
+
+@pytest.mark.parametrize("method_key", list(FAST))
+def test_every_candidate_fits_and_the_best_is_recommended(method_key, tiny_model, fmnist, tiny_sim):
+    budget = Budget(avg_wbits=4, weight_bytes=16000)
+    steps = []
+    result = _run(method_key, tiny_model, fmnist, tiny_sim, budget, progress=steps.append)
+    assert result.candidates, "no candidate"
+    for c in result.candidates:
+        assert budget.fits(c.cost) and c.cost.avg_wbits <= 4 and c.cost.weight_bytes <= 16000
+        assert set(c.config.w_bits().values()) <= set(range(2, 9)) and set(c.config.a_bits().values()) == {8}
+    assert result.recommended.val_top1 == max(c.val_top1 for c in result.candidates)
+    assert result.pareto and result.recommended.pareto
+    # progress: monotone, ends at its total
+    assert [p.step for p in steps] == sorted(p.step for p in steps)
+    assert steps[-1].step == steps[-1].total
+
+
+@pytest.mark.parametrize("method_key", ["random", "sqnr", "imprinting"])
+def test_same_seed_same_result(method_key, tiny_model, fmnist, tiny_sim):
+    def configs():
+        result = _run(method_key, tiny_model, fmnist, tiny_sim, Budget(avg_wbits=3.5), seed=7)
+        return [(c.config.w_bits(), c.config.a_bits(), c.val_top1) for c in result.candidates]
+
+    assert configs() == configs()
+
+
+def test_searches_beat_uniform_at_the_same_budget(tiny_model, fmnist, tiny_sim):
+    budget = Budget(avg_wbits=2.5)
+    uniform = _run("uniform", tiny_model, fmnist, tiny_sim, budget).recommended.val_top1
+    sqnr = _run("sqnr", tiny_model, fmnist, tiny_sim, budget).recommended.val_top1
+    assert sqnr > uniform
+
+
+def test_activation_bits_can_be_searched(tiny_model, fmnist, tiny_sim):
+    options = SearchOptions(a_bits=[4, 6, 8], val_samples=500, params={"sweep_points": 2})
+    result = run_search("sqnr", tiny_model, fmnist, Budget(bitops=4_000_000), options, simulator=tiny_sim)
+    used = {b for c in result.candidates for b in c.config.a_bits().values()}
+    assert used <= {4, 6, 8} and len(used) > 1
+    assert all(c.cost.bitops <= 4_000_000 for c in result.candidates)
+
+
+def test_infeasible_budget_fails_before_the_search(tiny_model, fmnist, tiny_sim):
+    with pytest.raises(BudgetError, match="avg_wbits <= 1 is infeasible; the smallest feasible value is 2"):
+        run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=1), SearchOptions(), simulator=tiny_sim)
+
+
+def test_unknown_method_and_bad_options_are_refused(tiny_model, fmnist, tiny_sim):
+    with pytest.raises(SearchError, match="unknown search method 'annealing'"):
+        run_search("annealing", tiny_model, fmnist, Budget(avg_wbits=4), simulator=tiny_sim)
+    with pytest.raises(SearchError, match="mode must be 'exact' or 'analytic'"):
+        run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params={"mode": "greedy"}),
+                   simulator=tiny_sim)
+    with pytest.raises(ValueError, match="w_bits choices"):
+        SearchOptions(w_bits=[0, 4])
+
+
+@pytest.mark.parametrize("avg_wbits", [2.25, 2.5, 3.0, 4.0, 6.0])
+def test_exact_sqnr_never_models_less_output_sqnr_than_analytic(avg_wbits, tiny_model, fmnist, tiny_sim):
+    ctx = SearchContext("sqnr", tiny_model, fmnist, Budget(avg_wbits=avg_wbits), SearchOptions(val_samples=500),
+                        simulator=tiny_sim)
+    noise = measure_noise(ctx)
+    limits = ctx.budget.limits()
+    exact, analytic = solve_exact(ctx, noise, limits), _solve_analytic(ctx, noise, limits)
+    assert ctx.fits(*exact) and ctx.fits(*analytic)
+    assert noise.output_sqnr_db(*exact) >= noise.output_sqnr_db(*analytic) - 1e-9
+
+
+@pytest.mark.slow
+def test_imprinting_accuracy_rises_with_depth_and_ends_near_the_true_accuracy(fmnist):
+    from scipy.stats import spearmanr
+
+    from search.config import QuantConfig
+    from search.model import load_model
+    from search.searches.imprinting import LayerAccuracy
+    from search.simulate import Simulator, evaluate_float
+
+    model = load_model(reference_model("resnet20-fmnist"))
+    from search.data import fashion_mnist_splits
+
+    splits = fashion_mnist_splits(calib_size=1024)
+    ctx = SearchContext("imprinting", model, splits, Budget(avg_wbits=8), SearchOptions(val_samples=100),
+                        simulator=Simulator(model, splits.calib.inputs))
+    ctx.sim.apply(QuantConfig.uniform(model, 8, 8))
+    acc = LayerAccuracy(ctx, 256).update(None)
+    assert spearmanr(range(len(acc)), acc).statistic > 0.8, acc
+    assert sum(acc[-5:]) / 5 > sum(acc[:5]) / 5 + 0.1
+    true_acc = evaluate_float(model, splits.test)
+    assert abs(acc[-1] - true_acc) < 0.05, (acc[-1], true_acc)
