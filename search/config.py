@@ -3,7 +3,7 @@
     {
       "format": "bitsearch.config", "version": 1,
       "model_sha256": "<sha256 of the .pt2 file>",
-      "act_calibration": "mse",
+      "act_calibration": "mse", "bias_correction": true,
       "layers": {"conv1": {"w_bits": 8, "a_bits": 8, "scheme": "uniform", "clip": "mse"}, ...}
     }
 
@@ -58,20 +58,22 @@ class QuantConfig(BaseModel):
     version: Literal[1] = CONFIG_VERSION
     model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     act_calibration: Literal["minmax", "percentile", "mse"] = "mse"
+    bias_correction: bool = Field(default=True, description="subtract the output shift quantized weights cause "
+                                  "(needs the calibration images' per-channel input means)")
     layers: dict[str, LayerQuant]
 
     @classmethod
-    def uniform(cls, model, w_bits: int, a_bits: int, scheme: str = "uniform", clip: str = "mse",
-                act_calibration: str = "mse") -> "QuantConfig":
+    def uniform(cls, model, w_bits: int, a_bits: int, **common) -> "QuantConfig":
         return cls.from_bits(model, {l.name: w_bits for l in model.layers}, {l.name: a_bits for l in model.layers},
-                             scheme=scheme, clip=clip, act_calibration=act_calibration)
+                             **common)
 
     @classmethod
     def from_bits(cls, model, w_bits: dict[str, int], a_bits: dict[str, int] | int = 8, scheme: str = "uniform",
-                  clip: str = "mse", act_calibration: str = "mse") -> "QuantConfig":
+                  clip: str = "mse", act_calibration: str = "mse", bias_correction: bool = True) -> "QuantConfig":
         a = a_bits if isinstance(a_bits, dict) else {l.name: a_bits for l in model.layers}
         try:
-            return cls(model_sha256=model.sha256, act_calibration=act_calibration, layers={
+            return cls(model_sha256=model.sha256, act_calibration=act_calibration, bias_correction=bias_correction,
+                       layers={
                 l.name: LayerQuant(w_bits=w_bits[l.name], a_bits=a[l.name], scheme=scheme, clip=clip)
                 for l in model.layers})
         except ValidationError as e:

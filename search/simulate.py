@@ -19,6 +19,7 @@ from torch import fx, nn
 from .config import QuantConfig
 from .model import LoadedModel, _get_attr, _set_param
 from .quant.activation import FLOAT_ACT_BITS, ActRange, ActStats, calibrate_range, fake_quantize_activation
+from .quant.bias_correction import output_shift
 from .quant.weight import quantize_weight, sqnr_db
 
 EVAL_BATCH = 512
@@ -74,6 +75,8 @@ class Simulator:
             self.gm: fx.GraphModule = copy.deepcopy(model.gm)
         self.static_batch = model.static_batch
         self._float_weights: dict[str, torch.Tensor] = {}
+        self._float_biases: dict[str, torch.Tensor] = {}
+        self._bias_targets: dict[str, str] = {}
         self._weight_targets: dict[str, str] = {}
         self.quantizers: dict[str, ActivationQuantizer] = {}
         nodes = {n.name: n for n in self.gm.graph.nodes}
@@ -82,6 +85,9 @@ class Simulator:
             target = node.args[1].target
             self._weight_targets[layer.name] = target
             self._float_weights[layer.name] = _get_attr(self.gm, target).detach().clone()
+            if layer.has_bias:
+                self._bias_targets[layer.name] = node.args[2].target
+                self._float_biases[layer.name] = _get_attr(self.gm, node.args[2].target).detach().clone()
             q = ActivationQuantizer()
             mod_name = f"bitsearch_act_{layer.index}"
             self.gm.add_module(mod_name, q)
@@ -91,6 +97,7 @@ class Simulator:
             self.quantizers[layer.name] = q
         self.gm.recompile()
         self._weight_cache: dict[tuple, torch.Tensor] = {}
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
         self._range_cache: dict[tuple, ActRange] = {}
         self._float_logits: dict[tuple, torch.Tensor] = {}
         self.config: QuantConfig | None = None
@@ -99,8 +106,8 @@ class Simulator:
     @torch.no_grad()
     def _calibrate(self, x: torch.Tensor) -> None:
         self.set_float()
-        for q in self.quantizers.values():
-            q.stats = ActStats()
+        for name, q in self.quantizers.items():
+            q.stats = ActStats(channel_dim=-1 if self.model.layer(name).op == "linear" else 1)
         self.forward(x)
         self.stats = {name: q.stats for name, q in self.quantizers.items()}
         for q in self.quantizers.values():
@@ -112,6 +119,15 @@ class Simulator:
             self._weight_cache[key] = quantize_weight(self._float_weights[layer], bits, scheme, clip).dequantize()
         return self._weight_cache[key]
 
+    def corrected_bias(self, layer: str, bits: int, scheme: str = "uniform", clip: str = "mse") -> torch.Tensor:
+        """The layer's float bias minus the output shift its quantized weights cause (bias_correction.py)."""
+        key = (layer, bits, scheme, clip)
+        if key not in self._bias_cache:
+            error = self.quantized_weight(layer, bits, scheme, clip) - self._float_weights[layer]
+            shift = output_shift(error, self.stats[layer].channel_mean, self.model.layer(layer).groups)
+            self._bias_cache[key] = self._float_biases[layer] - shift
+        return self._bias_cache[key]
+
     def act_range(self, layer: str, bits: int, method: str = "mse") -> ActRange:
         key = (layer, bits, method)
         if key not in self._range_cache:
@@ -119,22 +135,26 @@ class Simulator:
         return self._range_cache[key]
 
     def set_float(self) -> None:
-        for name, w in self._float_weights.items():
-            _set_param(self.gm, self._weight_targets[name], w)
-            self.quantizers[name].range = None
+        for name in self._float_weights:
+            self.set_layer(name, None, None)
         self.config = None
 
     def apply(self, config: QuantConfig) -> None:
         config.check_against(self.model)
         for name, lq in config.layers.items():
-            self.set_layer(name, lq.w_bits, lq.a_bits, lq.scheme, lq.clip, config.act_calibration)
+            self.set_layer(name, lq.w_bits, lq.a_bits, lq.scheme, lq.clip, config.act_calibration,
+                           config.bias_correction)
         self.config = config
 
     def set_layer(self, name: str, w_bits: int | None, a_bits: int | None, scheme: str = "uniform",
-                  clip: str = "mse", act_calibration: str = "mse") -> None:
+                  clip: str = "mse", act_calibration: str = "mse", bias_correction: bool = True) -> None:
         """Quantize one layer (None keeps its weights or its input float); the others stay as they are."""
         w = self._float_weights[name] if w_bits is None else self.quantized_weight(name, w_bits, scheme, clip)
         _set_param(self.gm, self._weight_targets[name], w)
+        if name in self._bias_targets:
+            correct = bias_correction and w_bits is not None
+            b = self.corrected_bias(name, w_bits, scheme, clip) if correct else self._float_biases[name]
+            _set_param(self.gm, self._bias_targets[name], b)
         self.quantizers[name].range = (
             None if a_bits is None or a_bits >= FLOAT_ACT_BITS else self.act_range(name, a_bits, act_calibration)
         )

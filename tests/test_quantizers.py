@@ -123,3 +123,20 @@ def test_clipped_ranges_beat_min_max_on_long_tails(bits):
 def test_activation_bits_out_of_range_are_refused():
     with pytest.raises(ValueError, match="2..8"):
         calibrate_range(_stats(torch.randn(100)), 1)
+
+
+@pytest.mark.parametrize("groups", [1, 2, 8])
+def test_bias_correction_shift_equals_the_conv_of_a_constant_input(groups):
+    import torch.nn.functional as F
+
+    from search.quant.bias_correction import output_shift
+
+    torch.manual_seed(0)
+    c_in, c_out = 8, 16
+    dw = torch.randn(c_out, c_in // groups, 3, 3)
+    mean = torch.randn(c_in)
+    x = mean.reshape(1, c_in, 1, 1).expand(1, c_in, 5, 5)  # no padding: every position sees the mean
+    expected = F.conv2d(x, dw, groups=groups)[0, :, 0, 0]
+    assert torch.allclose(output_shift(dw, mean, groups), expected, atol=1e-5)
+    dl = torch.randn(c_out, c_in)
+    assert torch.allclose(output_shift(dl, mean), dl @ mean, atol=1e-6)

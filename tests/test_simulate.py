@@ -72,3 +72,19 @@ def test_unlabelled_data_gives_fidelity_only(tiny_sim, tiny_model, fmnist):
 
     res = tiny_sim.evaluate(QuantConfig.uniform(tiny_model, 4, 8), LabelledSet(fmnist.val.inputs[:300]))
     assert res.top1 is None and res.samples == 300 and 0 < res.sqnr_db < math.inf
+
+
+def test_bias_correction_restores_a_linear_layers_mean_output(tiny_sim, fmnist):
+    runner = tiny_sim.incremental(fmnist.calib.inputs)
+    tiny_sim.set_float()
+    runner.run()
+    float_mean = runner.layer_output("fc1").mean(0).clone()
+    shifts = {}
+    for bc in (False, True):
+        # only fc1's weights at 2 bits, its input float: only the weight error moves the mean
+        tiny_sim.set_float()
+        tiny_sim.set_layer("fc1", 2, None, bias_correction=bc)
+        runner.run(["fc1"])
+        shifts[bc] = (runner.layer_output("fc1").mean(0) - float_mean).abs().mean()
+    tiny_sim.set_float()
+    assert shifts[True] < 1e-4 < shifts[False]

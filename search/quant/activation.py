@@ -54,9 +54,16 @@ class ActStats:
     samples: list[torch.Tensor] = field(default_factory=list)
     seen: int = 0
     generator: torch.Generator = field(default_factory=lambda: torch.Generator().manual_seed(0))
+    channel_dim: int = 1  # 1 for conv inputs [B, C, ...], -1 for linear inputs [..., F]
+    channel_sum: torch.Tensor | None = None
+    channel_count: int = 0
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.detach().float().reshape(-1)
+        x = x.detach().float()
+        per_channel = x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim])
+        self.channel_sum = per_channel.sum(0) + (0 if self.channel_sum is None else self.channel_sum)
+        self.channel_count += per_channel.shape[0]
+        x = x.reshape(-1)
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
         self.seen += x.numel()
@@ -68,6 +75,10 @@ class ActStats:
             merged = torch.cat(self.samples)
             idx = torch.randperm(merged.numel(), generator=self.generator)[:SAMPLE_LIMIT]
             self.samples = [merged[idx]]
+
+    @property
+    def channel_mean(self) -> torch.Tensor:
+        return self.channel_sum / max(self.channel_count, 1)
 
     def sample(self) -> torch.Tensor:
         return torch.cat(self.samples) if self.samples else torch.zeros(1)

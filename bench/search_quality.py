@@ -1,0 +1,108 @@
+"""Search quality benchmark: test-set top-1 of each method's recommended config at a budget.
+
+    .venv/bin/python bench/search_quality.py                       # every model, budgets 2 2.5 3 4
+    .venv/bin/python bench/search_quality.py --models resnet20-fmnist --budgets 3 --methods sqnr uniform
+
+For each model and average-weight-bits budget (8-bit activations, PTQ only): the recommended
+candidate of every method, uniform at the highest width that fits, the median and best of
+`--random` random configs that fit, and each search's wall time. Results are printed as a
+Markdown table (paste into docs/benchmarks.md) and written as JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from search.config import QuantConfig  # noqa: E402
+from search.cost import Budget  # noqa: E402
+from search.data import fashion_mnist_splits  # noqa: E402
+from search.model import load_model  # noqa: E402
+from search.searches import METHODS, SearchOptions, run_search  # noqa: E402
+from search.simulate import Simulator  # noqa: E402
+
+METHOD_PARAMS = {
+    "sqnr": {"mode": "exact"},
+    "sqnr-analytic": {"mode": "analytic"},
+    "imprinting": {"variant": "faithful"},
+    "imprinting-cost": {"variant": "cost_aware"},
+    "haq": {"episodes": 200},
+}
+
+
+def test_top1(sim: Simulator, config: QuantConfig, test) -> float:
+    return 100 * sim.evaluate(config, test).top1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["resnet20-fmnist", "mobilenetv2-fmnist", "mixer-fmnist"])
+    parser.add_argument("--budgets", nargs="+", type=float, default=[2.0, 2.5, 3.0, 4.0])
+    parser.add_argument("--methods", nargs="+", default=["sqnr", "sqnr-analytic", "imprinting", "imprinting-cost", "haq"])
+    parser.add_argument("--random", type=int, default=20)
+    parser.add_argument("--calib-size", type=int, default=1024)
+    parser.add_argument("--val-samples", type=int, default=2000)
+    parser.add_argument("--out", help="write the rows as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    splits = fashion_mnist_splits(args.calib_size)
+    rows = []
+    for name in args.models:
+        model = load_model(ROOT / "models" / f"{name}.pt2")
+        sim = Simulator(model, splits.calib.inputs)
+        fp32 = 100 * sim.evaluate(None, splits.test).top1
+        for avg in args.budgets:
+            budget = Budget(avg_wbits=avg)
+            row = {"model": name, "avg_wbits": avg, "fp32": round(fp32, 2)}
+            uniform = run_search("uniform", model, splits, budget, SearchOptions(val_samples=args.val_samples),
+                                 simulator=sim)
+            best_uniform = max(uniform.candidates, key=lambda c: c.cost.avg_wbits)
+            row["uniform"] = round(test_top1(sim, best_uniform.config, splits.test), 2)
+            row["uniform_bits"] = round(best_uniform.cost.avg_wbits, 2)
+            rnd = run_search("random", model, splits, budget,
+                             SearchOptions(val_samples=args.val_samples, params={"count": args.random}), simulator=sim)
+            accs = [test_top1(sim, c.config, splits.test) for c in rnd.candidates]
+            row["random_median"], row["random_best"] = round(statistics.median(accs), 2), round(max(accs), 2)
+            for key in args.methods:
+                method = key.split("-")[0]
+                if method not in METHODS:
+                    row[key] = None
+                    continue
+                start = time.perf_counter()
+                result = run_search(method, model, splits, budget,
+                                    SearchOptions(val_samples=args.val_samples, params=METHOD_PARAMS.get(key, {})),
+                                    simulator=sim)
+                seconds = time.perf_counter() - start
+                rec = result.recommended
+                row[key] = None if rec is None else round(test_top1(sim, rec.config, splits.test), 2)
+                row[f"{key}_bits"] = None if rec is None else round(rec.cost.avg_wbits, 2)
+                row[f"{key}_s"] = round(seconds, 1)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(rows, indent=2))
+    cols = ["uniform", "random_median", "random_best", *args.methods]
+    print("\n| model | avg w bits | fp32 | " + " | ".join(cols) + " |")
+    print("|---|---|---|" + "---|" * len(cols))
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            cell = "-" if v is None else f"{v:.2f}"
+            if f"{c}_s" in r:
+                cell += f" ({r[f'{c}_s']:.0f} s)"
+            cells.append(cell)
+        print(f"| {r['model']} | {r['avg_wbits']} | {r['fp32']:.2f} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
