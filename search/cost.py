@@ -105,8 +105,10 @@ def cost_of(model, w_bits: dict[str, int], a_bits: dict[str, int], schemes: dict
             latency: LatencyTable | None = None) -> Cost:
     per_layer = [layer_costs(model, l, w_bits[l.name], a_bits[l.name], (schemes or {}).get(l.name, "uniform"), latency)
                  for l in model.layers]
-    total = {m: sum(c[m] for c in per_layer) for m in ("avg_wbits", "weight_bytes", "bitops", "latency_us")}
-    return Cost(total["avg_wbits"], int(total["weight_bytes"]) + unquantized_bytes(model), int(total["bitops"]),
+    total = {m: sum(c[m] for c in per_layer) for m in ("weight_bytes", "bitops", "latency_us")}
+    # The average from integer bit counts, so a uniform config reads exactly its width.
+    avg = sum(l.params * w_bits[l.name] for l in model.layers) / sum(l.params for l in model.layers)
+    return Cost(avg, int(total["weight_bytes"]) + unquantized_bytes(model), int(total["bitops"]),
                 max(c["act_bytes"] for c in per_layer), total["latency_us"] if latency is not None else None)
 
 
