@@ -76,3 +76,13 @@ def test_accuracy_is_monotone_in_weight_bits(loaded, fmnist):
     for b in range(2, 8):
         assert acc[b + 1] >= acc[b] - 0.001, acc
     assert acc[2] < acc[3] < acc[4] < acc[6]
+
+
+def test_weight_sqnr_of_real_layers_grows_5_to_6_5_db_per_bit():
+    from search.quant.weight import weight_sqnr_db
+
+    model = load_model(reference_model("resnet20-fmnist"))
+    for name in ("layers.6.conv2", "layers.7.conv1", "layers.8.conv2"):  # 36,864 weights each, bell-shaped
+        db = [weight_sqnr_db(model.weight(name), b) for b in range(3, 9)]
+        slope = (db[-1] - db[0]) / 5
+        assert 5.0 <= slope <= 6.5, (name, db)
