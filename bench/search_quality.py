@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.0, 2.5, 3.0, 4.0])
     parser.add_argument("--methods", nargs="+", default=["sqnr", "sqnr-analytic", "imprinting", "imprinting-cost", "haq"])
     parser.add_argument("--random", type=int, default=20)
+    parser.add_argument("--w-bits-at-2", default="1-8",
+                        help="weight bit choices when the budget is <= 2 bits (with 2-8 only all-2 fits)")
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--val-samples", type=int, default=2000)
     parser.add_argument("--out", help="write the rows as JSON")
@@ -58,18 +60,22 @@ def main() -> None:
     rows = []
     for name in args.models:
         model = load_model(ROOT / "models" / f"{name}.pt2")
+        start = time.perf_counter()
         sim = Simulator(model, splits.calib.inputs)
+        print(f"{name}: calibration {time.perf_counter() - start:.1f} s (shared by every search below)", flush=True)
         fp32 = 100 * sim.evaluate(None, splits.test).top1
         for avg in args.budgets:
             budget = Budget(avg_wbits=avg)
-            row = {"model": name, "avg_wbits": avg, "fp32": round(fp32, 2)}
-            uniform = run_search("uniform", model, splits, budget, SearchOptions(val_samples=args.val_samples),
-                                 simulator=sim)
+            lo, hi = (int(b) for b in args.w_bits_at_2.split("-")) if avg <= 2 else (2, 8)
+            choices = list(range(lo, hi + 1))
+            row = {"model": name, "avg_wbits": avg, "w_bits": f"{lo}-{hi}", "fp32": round(fp32, 2)}
+            uniform = run_search("uniform", model, splits, budget,
+                                 SearchOptions(w_bits=choices, val_samples=args.val_samples), simulator=sim)
             best_uniform = max(uniform.candidates, key=lambda c: c.cost.avg_wbits)
             row["uniform"] = round(test_top1(sim, best_uniform.config, splits.test), 2)
             row["uniform_bits"] = round(best_uniform.cost.avg_wbits, 2)
-            rnd = run_search("random", model, splits, budget,
-                             SearchOptions(val_samples=args.val_samples, params={"count": args.random}), simulator=sim)
+            rnd = run_search("random", model, splits, budget, SearchOptions(
+                w_bits=choices, val_samples=args.val_samples, params={"count": args.random}), simulator=sim)
             accs = [test_top1(sim, c.config, splits.test) for c in rnd.candidates]
             row["random_median"], row["random_best"] = round(statistics.median(accs), 2), round(max(accs), 2)
             for key in args.methods:
@@ -78,9 +84,8 @@ def main() -> None:
                     row[key] = None
                     continue
                 start = time.perf_counter()
-                result = run_search(method, model, splits, budget,
-                                    SearchOptions(val_samples=args.val_samples, params=METHOD_PARAMS.get(key, {})),
-                                    simulator=sim)
+                result = run_search(method, model, splits, budget, SearchOptions(
+                    w_bits=choices, val_samples=args.val_samples, params=METHOD_PARAMS.get(key, {})), simulator=sim)
                 seconds = time.perf_counter() - start
                 rec = result.recommended
                 row[key] = None if rec is None else round(test_top1(sim, rec.config, splits.test), 2)
@@ -91,8 +96,8 @@ def main() -> None:
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     cols = ["uniform", "random_median", "random_best", *args.methods]
-    print("\n| model | avg w bits | fp32 | " + " | ".join(cols) + " |")
-    print("|---|---|---|" + "---|" * len(cols))
+    print("\n| model | avg w bits | choices | fp32 | " + " | ".join(cols) + " |")
+    print("|---|---|---|---|" + "---|" * len(cols))
     for r in rows:
         cells = []
         for c in cols:
@@ -101,7 +106,7 @@ def main() -> None:
             if f"{c}_s" in r:
                 cell += f" ({r[f'{c}_s']:.0f} s)"
             cells.append(cell)
-        print(f"| {r['model']} | {r['avg_wbits']} | {r['fp32']:.2f} | " + " | ".join(cells) + " |")
+        print(f"| {r['model']} | {r['avg_wbits']} | {r['w_bits']} | {r['fp32']:.2f} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

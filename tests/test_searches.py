@@ -16,6 +16,7 @@ FAST = {
     "sqnr-analytic": {"mode": "analytic", "sweep_points": 3},
     "imprinting": {"variant": "faithful", "patience": 4},
     "imprinting-cost": {"variant": "cost_aware", "patience": 4},
+    "haq": {"episodes": 12, "warmup": 4, "reward_samples": 256},
 }
 
 
@@ -41,7 +42,7 @@ def test_every_candidate_fits_and_the_best_is_recommended(method_key, tiny_model
     assert steps[-1].step == steps[-1].total
 
 
-@pytest.mark.parametrize("method_key", ["random", "sqnr", "imprinting"])
+@pytest.mark.parametrize("method_key", ["random", "sqnr", "imprinting", "haq"])
 def test_same_seed_same_result(method_key, tiny_model, fmnist, tiny_sim):
     def configs():
         result = _run(method_key, tiny_model, fmnist, tiny_sim, Budget(avg_wbits=3.5), seed=7)
@@ -57,12 +58,33 @@ def test_searches_beat_uniform_at_the_same_budget(tiny_model, fmnist, tiny_sim):
     assert sqnr > uniform
 
 
-def test_activation_bits_can_be_searched(tiny_model, fmnist, tiny_sim):
-    options = SearchOptions(a_bits=[4, 6, 8], val_samples=500, params={"sweep_points": 2})
-    result = run_search("sqnr", tiny_model, fmnist, Budget(bitops=4_000_000), options, simulator=tiny_sim)
+@pytest.mark.parametrize("method,params", [("sqnr", {"sweep_points": 2}),
+                                           ("haq", {"episodes": 12, "warmup": 4, "reward_samples": 256})])
+def test_activation_bits_can_be_searched(method, params, tiny_model, fmnist, tiny_sim):
+    options = SearchOptions(a_bits=[4, 6, 8], val_samples=500, params=params)
+    result = run_search(method, tiny_model, fmnist, Budget(bitops=4_000_000), options, simulator=tiny_sim)
     used = {b for c in result.candidates for b in c.config.a_bits().values()}
     assert used <= {4, 6, 8} and len(used) > 1
     assert all(c.cost.bitops <= 4_000_000 for c in result.candidates)
+
+
+def test_haq_episodes_can_be_scored_through_an_executor(tiny_model, fmnist, tiny_sim):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from search.searches.haq import haq_search
+
+    options = SearchOptions(val_samples=500, params={"episodes": 8, "warmup": 4, "batch_episodes": 4,
+                                                     "reward_samples": 256})
+    calls = []
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        def tracked_map(fn, items):
+            items = list(items)
+            calls.append(len(items))
+            return pool.map(fn, items)
+
+        ctx = SearchContext("haq", tiny_model, fmnist, Budget(avg_wbits=4), options, simulator=tiny_sim)
+        haq_search(ctx, map_fn=tracked_map)
+    assert calls == [4, 4] and ctx.result().recommended is not None
 
 
 def test_infeasible_budget_fails_before_the_search(tiny_model, fmnist, tiny_sim):

@@ -15,27 +15,17 @@ from ..model import LoadedModel
 from ..simulate import Simulator
 from .base import Candidate, Progress, ProgressCallback, SearchContext, SearchError, SearchOptions, SearchResult
 from .baselines import random_configs, uniform
+from .haq import haq_search
+from .imprinting import imprinting_search
+from .sqnr import sqnr_search
 
 METHODS = {
     "uniform": uniform,
     "random": random_configs,
+    "sqnr": sqnr_search,
+    "imprinting": imprinting_search,
+    "haq": haq_search,
 }
-
-
-def _register_optional() -> None:
-    # Each search lives in its own module; import lazily so one broken method does not hide the others.
-    import importlib
-
-    for name, module, func in (("sqnr", "sqnr", "sqnr_search"), ("imprinting", "imprinting", "imprinting_search"),
-                               ("haq", "haq", "haq_search")):
-        try:
-            METHODS[name] = getattr(importlib.import_module(f"{__name__}.{module}"), func)
-        except ModuleNotFoundError as e:
-            if e.name != f"{__name__}.{module}":
-                raise
-
-
-_register_optional()
 
 
 def run_search(method: str, model: LoadedModel, data: DataSplits, budget: Budget,
