@@ -53,6 +53,7 @@ def main() -> None:
                         help="weight bit choices when the budget is <= 2 bits (with 2-8 only all-2 fits)")
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--val-samples", type=int, default=2000)
+    parser.add_argument("--no-baselines", action="store_true", help="skip uniform and random (searches only)")
     parser.add_argument("--out", help="write the rows as JSON")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -69,15 +70,16 @@ def main() -> None:
             lo, hi = (int(b) for b in args.w_bits_at_2.split("-")) if avg <= 2 else (2, 8)
             choices = list(range(lo, hi + 1))
             row = {"model": name, "avg_wbits": avg, "w_bits": f"{lo}-{hi}", "fp32": round(fp32, 2)}
-            uniform = run_search("uniform", model, splits, budget,
-                                 SearchOptions(w_bits=choices, val_samples=args.val_samples), simulator=sim)
-            best_uniform = max(uniform.candidates, key=lambda c: c.cost.avg_wbits)
-            row["uniform"] = round(test_top1(sim, best_uniform.config, splits.test), 2)
-            row["uniform_bits"] = round(best_uniform.cost.avg_wbits, 2)
-            rnd = run_search("random", model, splits, budget, SearchOptions(
-                w_bits=choices, val_samples=args.val_samples, params={"count": args.random}), simulator=sim)
-            accs = [test_top1(sim, c.config, splits.test) for c in rnd.candidates]
-            row["random_median"], row["random_best"] = round(statistics.median(accs), 2), round(max(accs), 2)
+            if not args.no_baselines:
+                uniform = run_search("uniform", model, splits, budget,
+                                     SearchOptions(w_bits=choices, val_samples=args.val_samples), simulator=sim)
+                best_uniform = max(uniform.candidates, key=lambda c: c.cost.avg_wbits)
+                row["uniform"] = round(test_top1(sim, best_uniform.config, splits.test), 2)
+                row["uniform_bits"] = round(best_uniform.cost.avg_wbits, 2)
+                rnd = run_search("random", model, splits, budget, SearchOptions(
+                    w_bits=choices, val_samples=args.val_samples, params={"count": args.random}), simulator=sim)
+                accs = [test_top1(sim, c.config, splits.test) for c in rnd.candidates]
+                row["random_median"], row["random_best"] = round(statistics.median(accs), 2), round(max(accs), 2)
             for key in args.methods:
                 method = key.split("-")[0]
                 if method not in METHODS:
@@ -95,7 +97,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
-    cols = ["uniform", "random_median", "random_best", *args.methods]
+    cols = ([] if args.no_baselines else ["uniform", "random_median", "random_best"]) + args.methods
     print("\n| model | avg w bits | choices | fp32 | " + " | ".join(cols) + " |")
     print("|---|---|---|---|" + "---|" * len(cols))
     for r in rows:
