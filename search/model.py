@@ -117,21 +117,23 @@ class LoadedModel:
         b = node.args[2] if len(node.args) > 2 else None
         return _get_attr(self.gm, b.target) if isinstance(b, fx.Node) else None
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
-        """Logits for x, in batches (padded to the export's batch size when it was fixed)."""
-        step = self.static_batch or batch_size
-        outs = []
-        for i in range(0, x.shape[0], step):
-            chunk = x[i : i + step]
-            n = chunk.shape[0]
-            if self.static_batch and n < step:
-                chunk = torch.cat([chunk, chunk.new_zeros((step - n, *chunk.shape[1:]))])
-            out = self.gm(chunk)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            outs.append(out[:n])
-        return torch.cat(outs)
+        return run_batched(self.gm, x, self.static_batch, batch_size)
+
+
+@torch.no_grad()
+def run_batched(gm: fx.GraphModule, x: torch.Tensor, static_batch: int | None, batch_size: int) -> torch.Tensor:
+    """Logits (the first output) for x, in batches, padded to the export's batch size when it was fixed."""
+    step = static_batch or batch_size
+    outs = []
+    for i in range(0, x.shape[0], step):
+        chunk = x[i : i + step]
+        n = chunk.shape[0]
+        if static_batch and n < step:
+            chunk = torch.cat([chunk, chunk.new_zeros((step - n, *chunk.shape[1:]))])
+        out = gm(chunk)
+        outs.append((out[0] if isinstance(out, (tuple, list)) else out)[:n])
+    return torch.cat(outs)
 
 
 def _get_attr(gm: torch.nn.Module, target: str):

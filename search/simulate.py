@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from .config import QuantConfig
-from .model import LoadedModel, _get_attr, _set_param
+from .model import LoadedModel, _get_attr, _set_param, run_batched
 from .quant.activation import FLOAT_ACT_BITS, ActRange, ActStats, calibrate_range, fake_quantize_activation
 from .quant.bias_correction import output_shift
 from .quant.weight import quantize_weight, sqnr_db
@@ -160,18 +160,8 @@ class Simulator:
         )
         self.config = None
 
-    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        step = self.static_batch or EVAL_BATCH
-        outs = []
-        for i in range(0, x.shape[0], step):
-            chunk = x[i : i + step]
-            n = chunk.shape[0]
-            if self.static_batch and n < step:
-                chunk = torch.cat([chunk, chunk.new_zeros((step - n, *chunk.shape[1:]))])
-            out = self.gm(chunk)
-            outs.append((out[0] if isinstance(out, (tuple, list)) else out)[:n])
-        return torch.cat(outs)
+        return run_batched(self.gm, x, self.static_batch, EVAL_BATCH)
 
     def float_logits(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.data_ptr(), tuple(x.shape))
