@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 import operator
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -330,7 +331,9 @@ def load_model(path: str | Path, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
     if len(user_inputs) != 1:
         raise ModelError(f"model must take exactly one tensor input, it takes {len(user_inputs)}")
     try:
-        gm = ep.module(check_guards=False)
+        with warnings.catch_warnings():  # torch's own pytree deprecation noise
+            warnings.simplefilter("ignore", FutureWarning)
+            gm = ep.module(check_guards=False)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"exported program cannot be turned into a module: {type(e).__name__}: {e}") from e
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
