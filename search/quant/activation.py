@@ -60,7 +60,9 @@ class ActStats:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
-        per_channel = x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim])
+        # [positions, channels]; a 1-D tensor is one channel
+        per_channel = x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim]) if x.dim() > 1 \
+            else x.reshape(-1, 1)
         self.channel_sum = per_channel.sum(0) + (0 if self.channel_sum is None else self.channel_sum)
         self.channel_count += per_channel.shape[0]
         x = x.reshape(-1)
