@@ -1,253 +1,428 @@
 """HAQ: a DDPG agent picks bits layer by layer (Wang et al., CVPR 2019; REFERENCE.md section 5).
 
-One step per layer for the weight bits, and a second step for the input-activation bits when
-more than one activation width is allowed (HAQ's "linear environment"). The state is the
-layer description [is_depthwise, c_in, c_out, stride, kernel, params, in_h*in_w, index,
-previous action, weight/activation flag], min-max normalised across steps. The actor's action
-a in [0, 1] maps to round(a*(b_max + 0.5 - (b_min - 0.5)) + b_min - 0.5), snapped to the nearest
-allowed width. After an episode a config that breaks the budget is lowered one width at a time
-at the layer whose modelled noise grows least per unit of cost saved (the original walks back
-from the last layer). The reward, 0.1 * (top-1 - float top-1) on a fixed held-out slice of the
-validation split (the original used training data), minus a moving-average baseline, goes to
-every step of the episode.
+The method, as in the paper and its code (mit-han-lab/haq):
 
-DDPG as in the paper: actor and critic 300-300, Adam lr 1e-4 / 1e-3, tau 0.01, discount 1,
-batch 64, replay 128 * steps per episode, warm-up episodes of random actions, truncated-normal
-exploration noise sigma 0.5 decayed x0.99 per episode; the replay keeps the episodes in the
-top 30% by reward (NNCF AutoQ). Episodes are scored in batches through `map_fn`, so a caller
-can fan the scoring out to an executor.
+- One step per layer for the weight bits; when more than one activation width is allowed, a second
+  step per layer for its input-activation bits (HAQ's "linear environment"). The state is the
+  layer description [is_depthwise, c_in, c_out, stride, kernel, params, in_h*in_w, index,
+  previous action, weight/activation flag], min-max normalised across steps; a linear layer reads
+  as type 0, in/out features, stride 0, kernel 1.
+- The actor's action a in [0, 1] maps to round(a*(b_max + 0.5 - (b_min - 0.5)) + b_min - 0.5).
+- DDPG: actor and critic 300-300 (the critic adds the state and action projections, as in the
+  original), Adam lr 1e-4 / 1e-3, tau 0.01, discount 1, batch 64, one update per step after the
+  warm-up episodes of random actions, truncated-normal exploration noise sigma 0.5 decayed x0.99
+  per episode, a moving-average baseline (alpha 0.5) subtracted from the sampled rewards.
+- Reward 0.1 * (top-1 quantized - top-1 float), given to every step of the episode.
 
-Options (`params`): episodes (200), warmup (20), reward_samples (512), batch_episodes (1),
-first_last_8bit (false).
+Where we differ, and why:
+
+- Actions snap to the nearest allowed width, so choices may be non-contiguous (NNCF AutoQ).
+- A config over budget is lowered one width at a time where the quantization noise (1/SQNR of the
+  layer's weights or input) grows least per unit of cost saved, measured on the violated budget
+  metrics; the original walks back from the last layer. First and last layers are pinned to
+  8 bits only when `first_last_8bit` is set (the original always pins them).
+- The reward is measured on a fixed held-out slice of the validation split, after the images the
+  candidates are scored on, without fine-tuning (the original fine-tunes for an epoch and measures
+  on training data). Without labels, the output SQNR in dB / 100 stands in for the accuracy.
+- The replay holds 128 episodes; once full, a new episode replaces a random one from the lower 70%
+  by reward, so the top 30% stay (NNCF AutoQ).
+- Rewards are cached per config, and episodes are scored through `evaluate_episodes`, whose
+  `map_fn` a caller can replace with an executor's map (see `batch_episodes`).
+- Only the ten best configs found (by reward accuracy) and the final noise-free policy's config
+  become candidates; scoring every episode on the validation split would cost more than the search.
+
+Options (`params`): episodes (200), warmup (20), reward_samples (512), batch_episodes (1: episodes
+rolled out with the same policy and scored together), first_last_8bit (false).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-import random
+from dataclasses import dataclass
+from functools import partial
+from statistics import NormalDist
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
+from ..cost import layer_costs
+from ..data import LabelledSet
 from ..quant.activation import FLOAT_ACT_BITS
-from .base import SearchContext
+from .base import SearchContext, SearchError
 
 HIDDEN = 300
 LR_ACTOR, LR_CRITIC = 1e-4, 1e-3
 TAU, DISCOUNT, BATCH = 0.01, 1.0, 64
 SIGMA, SIGMA_DECAY = 0.5, 0.99
-TOP_FRACTION = 0.3
+BASELINE_ALPHA = 0.5
+REWARD_SCALE = 0.1
+REPLAY_EPISODES = 128
+KEEP_FRACTION = 0.3  # of the replay, by reward, never evicted
+FINAL_LAYER_INIT = 3e-3  # the original's init_w: the first actions sit near 0.5
+TOP_CANDIDATES = 10
+MAX_SQNR_DB = 100.0  # unlabelled reward: SQNR / 100 dB, so a perfect output scores 1 like top-1 does
+
+PREV_ACTION = 8  # column of the state that holds the previous action
+Config = tuple[tuple[int, ...], tuple[int, ...]]  # (weight bits, activation bits) in layer order
 
 
-def _mlp(inputs: int, out_act: nn.Module | None) -> nn.Sequential:
-    layers = [nn.Linear(inputs, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, 1)]
-    return nn.Sequential(*layers, *([out_act] if out_act else []))
+# -- the environment: states, actions, budget -------------------------------------------------------
 
-
-def _states(ctx: SearchContext, search_act: bool) -> tuple[torch.Tensor, list[tuple[str, str]]]:
-    """Per step: the layer features (previous action filled in at run time), and (layer, 'w'|'a')."""
+def layer_states(ctx: SearchContext, search_activations: bool) -> tuple[torch.Tensor, list[tuple[str, str]]]:
+    """The normalised state of every step (previous action left at 0) and its (layer, 'w' | 'a')."""
     rows, steps = [], []
     for layer in ctx.model.layers:
-        linear = layer.op == "linear"
-        spatial = 1 if linear else math.prod(layer.in_shape[1:])
-        features = [float(layer.is_depthwise), layer.c_in, layer.c_out, 0 if linear else layer.stride[0],
-                    1 if linear else layer.kernel[0], layer.params, spatial, layer.index]
-        for kind in ("w", "a") if search_act else ("w",):
+        if layer.op == "linear":
+            stride, kernel, positions = 0, 1, 1
+        else:
+            stride, kernel, positions = layer.stride[0], layer.kernel[0], math.prod(layer.in_shape[1:])
+        features = [float(layer.is_depthwise), layer.c_in, layer.c_out, stride, kernel, layer.params, positions,
+                    layer.index]
+        for kind in ("w", "a") if search_activations else ("w",):
             rows.append(features + [0.0, 1.0 if kind == "w" else 0.0])
             steps.append((layer.name, kind))
-    s = torch.tensor(rows, dtype=torch.float32)
+    s = torch.tensor(rows, dtype=torch.float64)
     lo, hi = s.min(0).values, s.max(0).values
-    return (s - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi)), steps
+    span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    return ((s - lo) / span).float(), steps
 
 
-def action_to_bits(a: float, choices: list[int]) -> int:
+def action_to_bits(action: float, choices: list[int]) -> int:
+    """HAQ's linear map of [0, 1] onto [b_min, b_max], then the nearest allowed width (ties go up)."""
     lo, hi = min(choices), max(choices)
-    bits = round(a * (hi + 0.5 - (lo - 0.5)) + lo - 0.5)
+    bits = round(action * (hi + 0.5 - (lo - 0.5)) + lo - 0.5)
     return min(choices, key=lambda b: (abs(b - bits), -b))
 
 
-def enforce_budget(ctx: SearchContext, w: dict[str, int], a: dict[str, int], noise) -> None:
-    """Lower, one width at a time, the tensor whose noise grows least per unit of cost saved, until it fits."""
-    metric = ctx.pareto_metric
-    a_choices = [b for b in ctx.options.a_bits]
-    while not ctx.fits(w, a):
-        base = getattr(ctx.cost(w, a), metric)
-        best, best_ratio = None, math.inf
-        for name in ctx.layer_names:
-            for kind, bits, choices in (("w", w, ctx.options.w_bits), ("a", a, a_choices)):
-                i = choices.index(bits[name])
-                if i == 0:
-                    continue
-                trial = dict(bits)
-                trial[name] = choices[i - 1]
-                tw, ta = (trial, a) if kind == "w" else (w, trial)
-                saved = base - getattr(ctx.cost(tw, ta), metric)
-                if saved <= 0:
-                    continue
-                ratio = (noise(name, kind, choices[i - 1]) - noise(name, kind, bits[name])) / saved
-                if ratio < best_ratio:
-                    best, best_ratio = (bits, name, choices[i - 1]), ratio
-        if best is None:  # only metrics the lowering cannot reduce are violated
-            return
-        bits, name, value = best
-        bits[name] = value
+def pinned_bits(choices: list[int]) -> int:
+    """The original pins first and last layers to 8 bits: the widest choice up to 8."""
+    return max((b for b in choices if b <= 8), default=max(choices))
 
 
-def evaluate_episodes(score: Callable[[tuple], float], configs: list[tuple], map_fn=map) -> list[float]:
-    """Score a batch of configs; pass an executor's map to fan the work out."""
-    return list(map_fn(score, configs))
+class BudgetEnforcer:
+    """Lowers an over-budget config where the added noise per unit of cost saved is least."""
 
+    def __init__(self, ctx: SearchContext, pinned: set[tuple[str, str]]):
+        self.ctx = ctx
+        self.pinned = pinned
+        self.limits = ctx.budget.limits()
+        self.latency = ctx.latency if ctx.budget.latency_us is not None else None
+        self._noise: dict[tuple, float] = {}
+        self._shares: dict[tuple, dict[str, float]] = {}
 
-def haq_search(ctx: SearchContext, map_fn: Callable[[Callable, Iterable], Iterable] = map) -> None:
-    o = ctx.options
-    episodes = o.param("episodes", 200)
-    warmup = min(o.param("warmup", 20), episodes)
-    batch_episodes = max(1, o.param("batch_episodes", 1))
-    pin_ends = o.param("first_last_8bit", False)
-    torch.manual_seed(o.seed)
-    rng = random.Random(o.seed)
-    gen = torch.Generator().manual_seed(o.seed)
-
-    search_act = len(o.a_bits) > 1
-    states, steps = _states(ctx, search_act)
-    n_steps = len(steps)
-    # Reward data: a fixed slice of the validation split after the images candidates are scored on.
-    reward_samples = o.param("reward_samples", 512)
-    val = ctx.splits.val
-    reward_set = val.subset(slice(o.val_samples, o.val_samples + reward_samples)) if len(val) >= o.val_samples + \
-        reward_samples else val.subset(slice(0, reward_samples))
-    labelled = reward_set.labels is not None
-    float_res = ctx.sim.evaluate(None, reward_set)
-    fp_quality = float_res.top1 if labelled else None
-
-    def quality(res) -> float:
-        return res.top1 if labelled else min(res.sqnr_db, 100.0) / 100
-
-    w_db: dict[tuple, float] = {}
-
-    def noise(name: str, kind: str, bits: int) -> float:
+    def noise(self, name: str, kind: str, bits: int) -> float:
+        """1/gamma, the noise-to-signal power ratio of the layer's weights or input at these bits."""
         if kind == "a" and bits >= FLOAT_ACT_BITS:
             return 0.0
         key = (name, kind, bits)
-        if key not in w_db:
-            db = (ctx.sim.weight_sqnr_db(name, bits, o.scheme, o.clip) if kind == "w"
-                  else ctx.sim.activation_sqnr_db(name, bits, o.act_calibration))
-            w_db[key] = 10 ** (-db / 10)
-        return w_db[key]
+        if key not in self._noise:
+            o, sim = self.ctx.options, self.ctx.sim
+            db = (sim.weight_sqnr_db(name, bits, o.scheme, o.clip) if kind == "w"
+                  else sim.activation_sqnr_db(name, bits, o.act_calibration))
+            self._noise[key] = 10 ** (-db / 10)
+        return self._noise[key]
 
-    cache: dict[tuple, float] = {}
+    def share(self, name: str, w_bits: int, a_bits: int) -> dict[str, float]:
+        """One layer's part of each metric (cached: the cost model is pure Python over all layers)."""
+        key = (name, w_bits, a_bits)
+        if key not in self._shares:
+            self._shares[key] = layer_costs(self.ctx.model, self.ctx.model.layer(name), w_bits, a_bits,
+                                            self.ctx.options.scheme, self.latency)
+        return self._shares[key]
 
-    def score(key: tuple) -> float:
-        if key not in cache:
-            w = dict(zip(ctx.layer_names, key[0]))
-            a = dict(zip(ctx.layer_names, key[1]))
-            cache[key] = quality(ctx.sim.evaluate(ctx.config(w, a), reward_set))
-        return cache[key]
+    def saving(self, name: str, w: dict[str, int], a: dict[str, int], new_w: int, new_a: int,
+               violated: dict[str, float]) -> float:
+        """Cost saved by the change, summed over the violated metrics as fractions of their limits."""
+        old, new = self.share(name, w[name], a[name]), self.share(name, new_w, new_a)
+        saved = 0.0
+        for metric, value in violated.items():
+            if metric == "act_bytes":  # the largest input, not a sum
+                others = max((self.share(n, w[n], a[n])["act_bytes"] for n in w if n != name), default=0)
+                after = max(others, new[metric])
+            else:
+                after = value - old[metric] + new[metric]
+            saved += (value - after) / self.limits[metric]
+        return saved
 
-    actor, critic = _mlp(states.shape[1], nn.Sigmoid()), _mlp(states.shape[1] + 1, None)
-    actor_target, critic_target = _mlp(states.shape[1], nn.Sigmoid()), _mlp(states.shape[1] + 1, None)
-    actor_target.load_state_dict(actor.state_dict())
-    critic_target.load_state_dict(critic.state_dict())
-    opt_actor = torch.optim.Adam(actor.parameters(), LR_ACTOR)
-    opt_critic = torch.optim.Adam(critic.parameters(), LR_CRITIC)
-    replay: list[tuple[float, list[tuple]]] = []  # (episode reward, transitions)
-    replay_cap = 128 * n_steps
-    baseline = None
-    sigma = SIGMA
-    trials: dict[tuple, float] = {}  # config key -> reward quality
+    def enforce(self, w: dict[str, int], a: dict[str, int]) -> None:
+        ctx = self.ctx
+        w_choices, a_choices = ctx.options.w_bits, ctx.options.a_bits
+        while True:
+            cost = ctx.cost(w, a)
+            values = {m: getattr(cost, m) for m in self.limits}
+            violated = {m: v for m, v in values.items() if v > self.limits[m] * (1 + 1e-9)}  # Budget's tolerance
+            if not violated:
+                return
+            best, best_key = None, None
+            for name in ctx.layer_names:
+                for kind, bits, choices in (("w", w, w_choices), ("a", a, a_choices)):
+                    i = choices.index(bits[name])
+                    if i == 0:
+                        continue
+                    lower = choices[i - 1]
+                    new_w, new_a = (lower, a[name]) if kind == "w" else (w[name], lower)
+                    saved = self.saving(name, w, a, new_w, new_a, violated)
+                    if saved <= 0:
+                        continue
+                    added = self.noise(name, kind, lower) - self.noise(name, kind, bits[name])
+                    # pinned layers give way only when nothing else can
+                    key = ((name, kind) in self.pinned, added / saved)
+                    if best_key is None or key < best_key:
+                        best, best_key = (bits, name, lower), key
+            if best is None:  # cannot happen for a feasible budget; leave the config for the caller to drop
+                return
+            bits, name, lower = best
+            bits[name] = lower
 
-    def rollout(explore: bool, random_actions: bool):
-        w = {n: max(o.w_bits) for n in ctx.layer_names}
-        a = {n: max(o.a_bits) for n in ctx.layer_names}
-        prev, transitions = 0.0, []
+
+# -- scoring --------------------------------------------------------------------------------------
+
+def reward_data(ctx: SearchContext) -> LabelledSet:
+    """`reward_samples` validation images after those the candidates are scored on; if the split is
+    too short for that, the first of the candidates' own images."""
+    n = ctx.options.param("reward_samples", 512)
+    if n < 1:
+        raise SearchError("option 'reward_samples' must be at least 1")
+    val, start = ctx.splits.val, ctx.options.val_samples
+    if len(val) >= start + n:
+        return val.subset(slice(start, start + n))
+    return ctx.val.subset(slice(0, n))
+
+
+def quality(result) -> float:
+    """Top-1 when there are labels, else the output SQNR in dB / 100."""
+    if result.top1 is not None:
+        return result.top1
+    return min(result.sqnr_db, MAX_SQNR_DB) / 100
+
+
+def _config_quality(ctx: SearchContext, data: LabelledSet, config: Config) -> float:
+    w, a = (dict(zip(ctx.layer_names, bits)) for bits in config)
+    return quality(ctx.sim.evaluate(ctx.config(w, a), data))
+
+
+def evaluate_episodes(ctx: SearchContext, configs: list[Config], map_fn: Callable = map,
+                      data: LabelledSet | None = None) -> list[float]:
+    """The reward accuracy of each config, on `data` (default: the reward images).
+
+    `map_fn` may be an executor's map; the simulator swaps weights in place, so workers
+    must not share one simulator (threads need one at a time, processes their own context).
+    """
+    data = data if data is not None else reward_data(ctx)
+    return list(map_fn(partial(_config_quality, ctx, data), configs))
+
+
+# -- the agent ------------------------------------------------------------------------------------
+
+class Actor(nn.Module):
+    def __init__(self, state_dim: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(state_dim, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
+                                 nn.Linear(HIDDEN, 1), nn.Sigmoid())
+        nn.init.uniform_(self.net[4].weight, -FINAL_LAYER_INIT, FINAL_LAYER_INIT)
+
+    def forward(self, state: torch.Tensor) -> torch.Tensor:
+        return self.net(state)
+
+
+class Critic(nn.Module):
+    """Q(s, a): the state and action projections are added, as in the original."""
+
+    def __init__(self, state_dim: int):
+        super().__init__()
+        self.state_in = nn.Linear(state_dim, HIDDEN)
+        self.action_in = nn.Linear(1, HIDDEN)
+        self.hidden = nn.Linear(HIDDEN, HIDDEN)
+        self.out = nn.Linear(HIDDEN, 1)
+        nn.init.uniform_(self.out.weight, -FINAL_LAYER_INIT, FINAL_LAYER_INIT)
+
+    def forward(self, state: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.state_in(state) + self.action_in(action))
+        return self.out(torch.relu(self.hidden(h)))
+
+
+class EpisodeReplay:
+    """Whole episodes, every step sharing the episode's reward. Once full, a new episode replaces a
+    random one from the lower 70% by reward: the best 30% are kept (NNCF AutoQ)."""
+
+    def __init__(self, episodes: int, steps: int, state_dim: int, gen: torch.Generator):
+        self.states = torch.zeros(episodes, steps, state_dim)
+        self.actions = torch.zeros(episodes, steps)
+        self.rewards = torch.zeros(episodes)
+        self.size = 0
+        self.gen = gen
+
+    def add(self, states: torch.Tensor, actions: torch.Tensor, reward: float) -> None:
+        capacity = len(self.rewards)
+        if self.size < capacity:
+            slot = self.size
+            self.size += 1
+        else:
+            lower = torch.argsort(self.rewards, stable=True)[: max(1, int(capacity * (1 - KEEP_FRACTION)))]
+            slot = int(lower[torch.randint(len(lower), (1,), generator=self.gen)])
+        self.states[slot], self.actions[slot], self.rewards[slot] = states, actions, reward
+
+    def sample(self, batch: int):
+        steps = self.states.shape[1]
+        flat = torch.randint(self.size * steps, (batch,), generator=self.gen)
+        episode, step = flat // steps, flat % steps
+        done = step == steps - 1
+        next_state = self.states[episode, torch.clamp(step + 1, max=steps - 1)]  # unused where done
+        return (self.states[episode, step], self.actions[episode, step, None], self.rewards[episode, None],
+                next_state, done.float()[:, None])
+
+
+class DDPGAgent:
+    def __init__(self, state_dim: int, steps: int, gen: torch.Generator):
+        self.actor, self.critic = Actor(state_dim), Critic(state_dim)
+        self.actor_target, self.critic_target = copy.deepcopy(self.actor), copy.deepcopy(self.critic)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), LR_ACTOR)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), LR_CRITIC)
+        self.replay = EpisodeReplay(REPLAY_EPISODES, steps, state_dim, gen)
+        self.baseline: float | None = None
+        self.gen = gen
+
+    @torch.no_grad()
+    def act(self, state: torch.Tensor, sigma: float) -> float:
+        """The policy's action, perturbed by normal noise truncated to [0, 1] (sampled by inverse CDF)."""
+        mu = float(self.actor(state[None]))
+        if sigma <= 0:
+            return mu
+        noise = NormalDist(mu, sigma)
+        lo, hi = noise.cdf(0.0), noise.cdf(1.0)
+        u = lo + (hi - lo) * float(torch.rand((), generator=self.gen, dtype=torch.float64))
+        action = noise.inv_cdf(min(max(u, 1e-12), 1 - 1e-12))
+        return min(max(action, 0.0), 1.0)
+
+    def update(self) -> None:
+        state, action, reward, next_state, done = self.replay.sample(BATCH)
+        # the original's baseline: a moving average of the sampled rewards' mean
+        mean = float(reward.mean())
+        self.baseline = mean if self.baseline is None else self.baseline + BASELINE_ALPHA * (mean - self.baseline)
+        reward = reward - self.baseline
+        with torch.no_grad():
+            target = reward + DISCOUNT * (1 - done) * self.critic_target(next_state, self.actor_target(next_state))
+        critic_loss = nn.functional.mse_loss(self.critic(state, action), target)
+        self.critic_opt.zero_grad()
+        critic_loss.backward()
+        self.critic_opt.step()
+        actor_loss = -self.critic(state, self.actor(state)).mean()
+        self.actor_opt.zero_grad()
+        actor_loss.backward()
+        self.actor_opt.step()
+        with torch.no_grad():
+            for net, target_net in ((self.actor, self.actor_target), (self.critic, self.critic_target)):
+                for p, tp in zip(net.parameters(), target_net.parameters()):
+                    tp.mul_(1 - TAU).add_(p, alpha=TAU)
+
+
+# -- the search -----------------------------------------------------------------------------------
+
+@dataclass
+class Episode:
+    w: dict[str, int]
+    a: dict[str, int]
+    states: torch.Tensor  # (steps, state_dim) as the actor saw them
+    actions: torch.Tensor  # (steps,) before the mapping to bits
+
+    def key(self, names: list[str]) -> Config:
+        return tuple(self.w[n] for n in names), tuple(self.a[n] for n in names)
+
+
+def _int_option(ctx: SearchContext, name: str, default: int, least: int) -> int:
+    value = ctx.options.param(name, default)
+    if isinstance(value, bool) or value < least:
+        raise SearchError(f"option {name!r} must be an integer >= {least}, got {value!r}")
+    return value
+
+
+def haq_search(ctx: SearchContext, map_fn: Callable[[Callable, Iterable], Iterable] = map) -> None:
+    episodes = _int_option(ctx, "episodes", 200, 1)
+    warmup = _int_option(ctx, "warmup", 20, 0)
+    batch_episodes = _int_option(ctx, "batch_episodes", 1, 1)
+    pin_ends = ctx.options.param("first_last_8bit", False)
+    data = reward_data(ctx)
+    # A private RNG stream: the same seed gives the same search, and the caller's RNG is left alone.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.options.seed)
+        _search(ctx, episodes, warmup, batch_episodes, pin_ends, data, map_fn)
+
+
+def _search(ctx: SearchContext, episodes: int, warmup: int, batch_episodes: int, pin_ends: bool,
+            data: LabelledSet, map_fn: Callable) -> None:
+    o, names = ctx.options, ctx.layer_names
+    gen = torch.Generator().manual_seed(o.seed)
+    search_activations = len(o.a_bits) > 1
+    states, steps = layer_states(ctx, search_activations)
+    pinned: dict[tuple[str, str], int] = {}
+    if pin_ends:
+        for name in (names[0], names[-1]):
+            pinned[(name, "w")] = pinned_bits(o.w_bits)
+            pinned[(name, "a")] = pinned_bits(o.a_bits)
+    enforcer = BudgetEnforcer(ctx, set(pinned))
+    agent = DDPGAgent(states.shape[1], len(steps), gen)
+
+    # The float accuracy is measured once; the simulator keeps these float logits as its reference.
+    fp_logits = ctx.sim.float_logits(data.inputs)
+    fp_quality = float((fp_logits.argmax(1) == data.labels).float().mean()) if data.labels is not None else 1.0
+
+    def rollout(sigma: float, random_actions: bool) -> Episode:
+        w = {n: pinned.get((n, "w"), o.w_bits[-1]) for n in names}
+        a = {n: pinned.get((n, "a"), o.a_bits[-1]) for n in names}
+        seen, actions, prev = [], [], 0.0
         for i, (name, kind) in enumerate(steps):
             s = states[i].clone()
-            s[8] = prev
-            if random_actions:
-                action = rng.random()
-            else:
-                with torch.no_grad():
-                    action = float(actor(s[None]))
-                if explore:
-                    # truncated normal around the policy's action, within [0, 1]
-                    for _ in range(100):
-                        trial = action + sigma * float(torch.randn((), generator=gen))
-                        if 0.0 <= trial <= 1.0:
-                            action = trial
-                            break
-                    else:
-                        action = min(max(action, 0.0), 1.0)
-            choices = o.w_bits if kind == "w" else o.a_bits
-            bits = action_to_bits(action, choices)
-            if pin_ends and kind == "w" and name in (ctx.layer_names[0], ctx.layer_names[-1]):
-                bits = max(choices)
-            (w if kind == "w" else a)[name] = bits
-            transitions.append((s, action))
+            s[PREV_ACTION] = prev
+            action = float(torch.rand((), generator=gen)) if random_actions else agent.act(s, sigma)
+            bits = w if kind == "w" else a
+            bits[name] = pinned.get((name, kind), action_to_bits(action, o.w_bits if kind == "w" else o.a_bits))
+            seen.append(s)
+            actions.append(action)
             prev = action
-        enforce_budget(ctx, w, a, noise)
-        return w, a, transitions
+        enforcer.enforce(w, a)
+        return Episode(w, a, torch.stack(seen), torch.tensor(actions))
 
-    def update() -> None:
-        pool = [t for _, ts in replay for t in ts]
-        if len(pool) < BATCH:
-            return
-        batch = [pool[rng.randrange(len(pool))] for _ in range(BATCH)]
-        s = torch.stack([b[0] for b in batch])
-        act = torch.tensor([[b[1]] for b in batch])
-        r = torch.tensor([[b[2]] for b in batch])
-        s2 = torch.stack([b[3] for b in batch])
-        done = torch.tensor([[b[4]] for b in batch])
-        with torch.no_grad():
-            target = r + DISCOUNT * (1 - done) * critic_target(torch.cat([s2, actor_target(s2)], 1))
-        critic_loss = nn.functional.mse_loss(critic(torch.cat([s, act], 1)), target)
-        opt_critic.zero_grad()
-        critic_loss.backward()
-        opt_critic.step()
-        actor_loss = -critic(torch.cat([s, actor(s)], 1)).mean()
-        opt_actor.zero_grad()
-        actor_loss.backward()
-        opt_actor.step()
-        with torch.no_grad():
-            for net, tgt in ((actor, actor_target), (critic, critic_target)):
-                for p, tp in zip(net.parameters(), tgt.parameters()):
-                    tp.mul_(1 - TAU).add_(TAU * p)
+    cache: dict[Config, float] = {}  # reward accuracy per config: repeated configs are not re-run
 
-    done_episodes = 0
-    while done_episodes < episodes:
+    def score(batch: list[Config]) -> None:
+        todo = list(dict.fromkeys(k for k in batch if k not in cache))
+        if todo:
+            cache.update(zip(todo, evaluate_episodes(ctx, todo, map_fn, data)))
+
+    found: dict[Config, int] = {}  # config -> first episode that reached it
+    done = 0
+    while done < episodes:
         batch = []
-        for _ in range(min(batch_episodes, episodes - done_episodes)):
-            batch.append(rollout(explore=True, random_actions=done_episodes + len(batch) < warmup))
-        keys = [(tuple(w[n] for n in ctx.layer_names), tuple(a[n] for n in ctx.layer_names)) for w, a, _ in batch]
-        qualities = evaluate_episodes(score, keys, map_fn)
-        for (w, a, transitions), key, q in zip(batch, keys, qualities):
-            trials[key] = q
-            reward = 0.1 * (q - (fp_quality if fp_quality is not None else 0.0))
-            baseline = reward if baseline is None else 0.5 * baseline + 0.5 * reward
-            advantage = reward - baseline
-            episode = []
-            for i, (s, action) in enumerate(transitions):
-                last = i == len(transitions) - 1
-                s2 = s if last else transitions[i + 1][0]
-                episode.append((s, action, advantage, s2, float(last)))
-            replay.append((reward, episode))
-            done_episodes += 1
-            if done_episodes > warmup:
-                # keep the best 30% of episodes (AutoQ), within the replay size
-                replay.sort(key=lambda e: -e[0])
-                keep = max(1, min(math.ceil(TOP_FRACTION * len(replay)), replay_cap // n_steps))
-                del replay[keep:]
-                for _ in range(n_steps):
-                    update()
-                sigma *= SIGMA_DECAY
-            ctx.report(done_episodes, episodes + 1, "haq")
+        for i in range(done, min(done + batch_episodes, episodes)):
+            sigma = SIGMA * SIGMA_DECAY ** max(0, i - warmup)
+            batch.append(rollout(sigma, random_actions=i < warmup))
+        keys = [e.key(names) for e in batch]
+        score(keys)
+        for episode, key in zip(batch, keys):
+            reward = REWARD_SCALE * (cache[key] - fp_quality)
+            agent.replay.add(episode.states, episode.actions, reward)
+            found.setdefault(key, done)
+            if done >= warmup - 1:  # train from the last warm-up episode on, one update per step
+                for _ in range(len(steps)):
+                    agent.update()
+            done += 1
+            ctx.report(done, episodes, "haq")
 
-    w, a, _ = rollout(explore=False, random_actions=False)
-    final = (tuple(w[n] for n in ctx.layer_names), tuple(a[n] for n in ctx.layer_names))
-    trials.setdefault(final, score(final))
-    # Candidates: the policy's final config and the ten best configs the episodes found.
-    best = sorted(trials.items(), key=lambda kv: -kv[1])[:10]
-    for key, q in [(final, trials[final])] + best:
-        ctx.add_candidate(dict(zip(ctx.layer_names, key[0])), dict(zip(ctx.layer_names, key[1])), score=q,
-                          reward_top1=q, final_policy=key == final)
-    ctx.report(episodes + 1, episodes + 1, "haq")
+    final = rollout(0.0, random_actions=False).key(names)
+    if final not in cache:  # a single config: nothing to fan out
+        cache[final] = evaluate_episodes(ctx, [final], data=data)[0]
+    found.setdefault(final, episodes)
+    # Candidates: the best configs the episodes reached, then the trained policy's own.
+    ranked = sorted((k for k in found if k != final), key=lambda k: (-cache[k], found[k]))
+    added = 0
+    for key in ranked:
+        if added == TOP_CANDIDATES:
+            break
+        w, a = (dict(zip(names, bits)) for bits in key)
+        if ctx.add_candidate(w, a, score=cache[key], episode=found[key]) is not None:
+            added += 1
+    w, a = (dict(zip(names, bits)) for bits in final)
+    ctx.add_candidate(w, a, score=cache[final], episode=found[final], final_policy=True)
+    ctx.report(episodes, episodes, "haq")
