@@ -15,12 +15,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from .archive import ArchiveError
-from .config import ConfigError, QuantConfig
-from .cost import BudgetError, config_cost
-from .data import DatasetError, load_splits
+from .config import QuantConfig
+from .cost import config_cost
+from .data import load_splits
 from .model import LoadedModel, load_model
-from .searches.base import SearchError
 
 
 def _print_json(obj) -> None:
@@ -204,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config-out", help="write the recommended config as JSON")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
+
+    # Commands that live with their own package: validate/pack/latency-table run the compiled kernels,
+    # submit/download talk to a bitsearch server. Each module imports its heavy parts only when run.
+    from kernels.cli import register as register_kernel_commands
+    from .client import register as register_client_commands
+    register_kernel_commands(sub)
+    register_client_commands(sub)
     return parser
 
 
@@ -211,8 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ArchiveError, ConfigError, DatasetError, BudgetError, SearchError, FileNotFoundError,
-            json.JSONDecodeError) as e:
+    # Every error we raise for bad input is a ValueError subclass (ArchiveError, ConfigError, DatasetError,
+    # BudgetError, SearchError, the kernels' and the client's errors); OSError covers missing files.
+    except (ValueError, OSError) as e:
         print(f"bitsearch: error: {e}", file=sys.stderr)
         return 2
     return 0
