@@ -13,7 +13,7 @@ from ..cost import Budget, LatencyTable
 from ..data import DataSplits
 from ..model import LoadedModel
 from ..simulate import Simulator
-from .base import Candidate, Progress, ProgressCallback, SearchContext, SearchError, SearchOptions, SearchResult
+from .base import Candidate, CandidateCallback, Progress, ProgressCallback, SearchContext, SearchError, SearchOptions, SearchResult
 from .baselines import random_configs, uniform
 from .haq import haq_search
 from .imprinting import imprinting_search
@@ -30,10 +30,13 @@ METHODS = {
 
 def run_search(method: str, model: LoadedModel, data: DataSplits, budget: Budget,
                options: SearchOptions | None = None, on_progress: ProgressCallback | None = None,
-               latency: LatencyTable | None = None, simulator: Simulator | None = None) -> SearchResult:
+               latency: LatencyTable | None = None, simulator: Simulator | None = None,
+               on_candidate: CandidateCallback | None = None) -> SearchResult:
+    """Run `method`; `on_candidate` sees each recorded candidate as it is found (the service stores it then)."""
     if method not in METHODS:
         raise SearchError(f"unknown search method {method!r}; available: {', '.join(sorted(METHODS))}")
-    ctx = SearchContext(method, model, data, budget, options or SearchOptions(), on_progress, latency, simulator)
+    ctx = SearchContext(method, model, data, budget, options or SearchOptions(), on_progress, latency, simulator,
+                        on_candidate)
     METHODS[method](ctx)
     return ctx.result()
 

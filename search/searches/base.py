@@ -90,6 +90,7 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+CandidateCallback = Callable[["Candidate"], None]
 
 
 @dataclass
@@ -131,7 +132,7 @@ class SearchContext:
 
     def __init__(self, method: str, model: LoadedModel, splits: DataSplits, budget: Budget, options: SearchOptions,
                  on_progress: ProgressCallback | None = None, latency: LatencyTable | None = None,
-                 simulator: Simulator | None = None):
+                 simulator: Simulator | None = None, on_candidate: CandidateCallback | None = None):
         self.method = method
         self.model = model
         self.splits = splits
@@ -146,6 +147,7 @@ class SearchContext:
         self.candidates: list[Candidate] = []
         self._seen: dict[tuple, Candidate] = {}
         self._on_progress = on_progress
+        self._on_candidate = on_candidate
         self._last_step = -1
         self.started = time.perf_counter()
         self.pareto_metric = next(iter(budget.limits()))
@@ -187,6 +189,8 @@ class SearchContext:
         cand = Candidate(config, cost, score, res.top1, res.sqnr_db, True, meta)
         self._seen[key] = cand
         self.candidates.append(cand)
+        if self._on_candidate is not None:
+            self._on_candidate(cand)
         return cand
 
     def best_fitting(self) -> Candidate | None:

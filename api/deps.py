@@ -1,0 +1,38 @@
+"""Dependencies shared by the routes: settings, a database session per request, the task queue."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from sqlalchemy.orm import Session
+
+from store.artifacts import ArtifactStore
+from store.db import session_factory
+from store.settings import Settings, get_settings
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+def db() -> Iterator[Session]:
+    session = session_factory(get_settings().resolved_database_url())()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def artifacts() -> ArtifactStore:
+    return ArtifactStore(get_settings().resolved_artifact_dir())
+
+
+def send_task(name: str, args: list) -> None:
+    """Queue a task by name: the API never imports the task code (nor torch through it)."""
+    from worker.celery_app import app
+
+    app.send_task(name, args=args, queue=get_settings().queue)

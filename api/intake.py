@@ -1,0 +1,148 @@
+"""Checking and storing uploads: models and data sets are parsed as data only (search/archive.py never
+unpickles), checked against each other, and stored once under their sha256."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import BinaryIO
+
+from fastapi import HTTPException
+from sqlalchemy.orm import Session
+
+from store.artifacts import ArtifactStore, TooLarge
+from store.models import DatasetRecord, ModelRecord
+from store.settings import Settings
+
+BUILTIN = {"fashion-mnist": {"sample_shape": [1, 28, 28], "num_classes": 10, "num_samples": 70000}}
+
+_models: OrderedDict[str, object] = OrderedDict()  # sha256 -> LoadedModel, a few kept for feasibility checks
+_models_lock = threading.Lock()
+
+
+def _cache(sha: str, model) -> None:
+    with _models_lock:
+        _models[sha] = model
+        _models.move_to_end(sha)
+        while len(_models) > 4:
+            _models.popitem(last=False)
+
+
+def loaded_model(settings: Settings, store: ArtifactStore, sha: str):
+    from search.model import load_model
+
+    with _models_lock:
+        if sha in _models:
+            return _models[sha]
+    model = load_model(store.path("models", sha), max_bytes=settings.max_model_bytes, max_layers=settings.max_layers)
+    _cache(sha, model)
+    return model
+
+
+def _num_outputs(model) -> int:
+    import torch
+
+    x = torch.zeros((1, *model.input_shape))
+    out = model.forward(x)
+    if out.ndim != 2:
+        raise HTTPException(422, f"the model's output has shape {list(out.shape)}; bitsearch needs [batch, classes] "
+                                 "logits")
+    return int(out.shape[1])
+
+
+def register_model(db: Session, settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str):
+    """Store an uploaded .pt2 after checking it; returns (record, LoadedModel). Bad archives: 400."""
+    from search.archive import ArchiveError
+    from search.model import load_model
+
+    try:
+        staged = store.stage("models", src, settings.max_model_bytes)
+    except TooLarge as e:
+        raise HTTPException(413, str(e)) from e
+    try:
+        existing = db.get(ModelRecord, staged.sha256)
+        if existing is not None:
+            staged.discard()
+            return existing, loaded_model(settings, store, existing.id)
+        try:
+            model = load_model(staged.tmp, max_bytes=settings.max_model_bytes, max_layers=settings.max_layers)
+        except ArchiveError as e:
+            raise HTTPException(400, f"model {filename!r}: {e}") from e
+        num_outputs = _num_outputs(model)
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    rec = ModelRecord(id=staged.sha256, filename=filename[:255], size_bytes=staged.size,
+                      num_layers=len(model.layers), total_params=int(model.total_params),
+                      input_shape=list(model.input_shape), num_outputs=num_outputs)
+    db.add(rec)
+    db.flush()
+    _cache(rec.id, model)
+    return rec, model
+
+
+def model_by_id(db: Session, settings: Settings, store: ArtifactStore, model_id: str):
+    rec = db.get(ModelRecord, model_id)
+    if rec is None:
+        raise HTTPException(404, f"no model with id {model_id!r}")
+    return rec, loaded_model(settings, store, rec.id)
+
+
+def builtin_dataset(db: Session, name: str) -> DatasetRecord:
+    if name not in BUILTIN:
+        raise HTTPException(400, f"unknown built-in data set {name!r}; available: {', '.join(BUILTIN)}")
+    rec = db.get(DatasetRecord, name)
+    if rec is None:
+        rec = DatasetRecord(id=name, name=name, builtin=True, **BUILTIN[name])
+        db.add(rec)
+        db.flush()
+    return rec
+
+
+def register_dataset(db: Session, settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str):
+    from search.data import DatasetError, load_dataset_file
+
+    try:
+        staged = store.stage("datasets", src, settings.max_dataset_bytes)
+    except TooLarge as e:
+        raise HTTPException(413, str(e)) from e
+    try:
+        existing = db.get(DatasetRecord, staged.sha256)
+        if existing is not None:
+            staged.discard()
+            return existing
+        try:
+            data = load_dataset_file(staged.tmp, max_bytes=settings.max_dataset_bytes)
+        except DatasetError as e:
+            raise HTTPException(400, f"data set {filename!r}: {e}") from e
+        if len(data) < 2:
+            raise HTTPException(400, f"data set {filename!r} has {len(data)} sample(s); at least 2 are needed")
+        staged.commit()
+    except BaseException:
+        staged.discard()
+        raise
+    rec = DatasetRecord(id=staged.sha256, name=filename.rsplit(".", 1)[0][:255] or "dataset", builtin=False,
+                        size_bytes=staged.size, num_samples=len(data), sample_shape=list(data.inputs.shape[1:]),
+                        num_classes=data.num_classes)
+    db.add(rec)
+    db.flush()
+    return rec
+
+
+def dataset_by_id(db: Session, dataset_id: str) -> DatasetRecord:
+    rec = db.get(DatasetRecord, dataset_id)
+    if rec is None:
+        if dataset_id in BUILTIN:
+            return builtin_dataset(db, dataset_id)
+        raise HTTPException(404, f"no data set with id {dataset_id!r}")
+    return rec
+
+
+def check_compatible(model: ModelRecord, dataset: DatasetRecord) -> None:
+    if list(dataset.sample_shape) != list(model.input_shape):
+        raise HTTPException(422, f"the data set's inputs are {list(dataset.sample_shape)} per sample but the model "
+                                 f"takes {list(model.input_shape)}")
+    if dataset.num_classes is not None and dataset.num_classes > model.num_outputs:
+        raise HTTPException(422, f"the data set has labels up to {dataset.num_classes - 1} but the model has "
+                                 f"{model.num_outputs} outputs")

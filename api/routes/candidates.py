@@ -1,0 +1,62 @@
+"""/candidates: one candidate, its bit-width config as a download, its packed model once validated."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException, Response
+from fastapi.responses import StreamingResponse
+from sqlalchemy.orm import Session
+
+from api import deps
+from api.schemas import CandidateOut
+from api.views import candidate_out
+from store.artifacts import ArtifactStore
+from store.models import CandidateRecord
+
+router = APIRouter(tags=["candidates"])
+
+
+def get_candidate_or_404(db: Session, candidate_id: int) -> CandidateRecord:
+    cand = db.get(CandidateRecord, candidate_id)
+    if cand is None:
+        raise HTTPException(404, f"no candidate with id {candidate_id}")
+    return cand
+
+
+@router.get("/candidates/{candidate_id}", response_model=CandidateOut, summary="A candidate with per-layer bits")
+def get_candidate(candidate_id: int, db: Session = Depends(deps.db)) -> CandidateOut:
+    return candidate_out(get_candidate_or_404(db, candidate_id), with_layers=True)
+
+
+@router.get("/candidates/{candidate_id}/config", summary="The bit-width config (bitsearch.config JSON)",
+            response_class=Response, responses={200: {"content": {"application/json": {}}}})
+def get_config(candidate_id: int, db: Session = Depends(deps.db)) -> Response:
+    cand = get_candidate_or_404(db, candidate_id)
+    body = json.dumps(cand.config, indent=2)
+    return Response(body, media_type="application/json", headers={
+        "Content-Disposition": f'attachment; filename="bitsearch-candidate-{candidate_id}.json"'})
+
+
+@router.get("/candidates/{candidate_id}/packed", summary="The packed low-bit model (zip) of a validated candidate",
+            response_class=StreamingResponse, responses={200: {"content": {"application/zip": {}}}})
+def get_packed(candidate_id: int, db: Session = Depends(deps.db),
+               store: ArtifactStore = Depends(deps.artifacts)) -> StreamingResponse:
+    cand = get_candidate_or_404(db, candidate_id)
+    v = cand.validation
+    if v is None or v.status != "succeeded" or not v.packed_path:
+        state = "not validated yet" if v is None else f"validation {v.status}"
+        raise HTTPException(404, f"candidate {candidate_id} has no packed model ({state})")
+    directory = Path(v.packed_path)
+    if not directory.is_dir() or store.root not in directory.resolve().parents:
+        raise HTTPException(404, f"the packed model of candidate {candidate_id} is missing from the artifact store")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        for f in sorted(directory.iterdir()):
+            zf.write(f, f.name)
+    buf.seek(0)
+    return StreamingResponse(buf, media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="bitsearch-candidate-{candidate_id}-packed.zip"'})

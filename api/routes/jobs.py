@@ -1,0 +1,197 @@
+"""/jobs: submit, list, inspect and cancel searches."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Response, UploadFile
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api import deps, intake
+from api.schemas import CandidateOut, JobCreated, JobOptions, JobOut, JobPage
+from api.views import candidate_out, job_out
+from store.artifacts import ArtifactStore
+from store.models import FINAL_STATES, JOB_STATES, CandidateRecord, Job
+from store.settings import Settings
+from worker.celery_app import SEARCH_TASK
+
+router = APIRouter(tags=["jobs"])
+
+CANDIDATE_SORTS = {"seq", "avg_wbits", "weight_bytes", "bitops", "latency_us", "val_top1", "score"}
+
+
+def _pydantic_message(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'value'}: {err['msg']}" for err in e.errors())
+
+
+def parse_budget(text: str):
+    from search.cost import METRICS, Budget
+
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise HTTPException(400, f"malformed budget: not JSON ({e}); expected e.g. {{\"avg_wbits\": 3}}") from e
+    if not isinstance(raw, dict) or not raw:
+        raise HTTPException(400, f"malformed budget: expected a JSON object of limits, e.g. {{\"avg_wbits\": 3}}; "
+                                 f"metrics: {', '.join(METRICS)}")
+    unknown = set(raw) - set(METRICS)
+    if unknown:
+        raise HTTPException(400, f"malformed budget: unknown metric(s) {sorted(unknown)}; expected {', '.join(METRICS)}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in raw.values()):
+        raise HTTPException(400, "malformed budget: every limit must be a number")
+    try:
+        return Budget(**raw)
+    except ValidationError as e:
+        raise HTTPException(400, f"malformed budget: {_pydantic_message(e)}") from e
+
+
+def parse_options(text: str) -> JobOptions:
+    try:
+        raw = json.loads(text or "{}")
+    except json.JSONDecodeError as e:
+        raise HTTPException(400, f"malformed options: not JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise HTTPException(400, "malformed options: expected a JSON object")
+    try:
+        return JobOptions(**raw)
+    except ValidationError as e:
+        raise HTTPException(400, f"invalid options: {_pydantic_message(e)}") from e
+
+
+@router.post("/jobs", status_code=202, response_model=JobCreated,
+             summary="Submit a search: a model, data, a method and a budget")
+def create_job(
+    response: Response,
+    method: Annotated[str, Form(description="imprinting | sqnr | haq | uniform | random")],
+    budget: Annotated[str, Form(description='JSON limits, e.g. {"avg_wbits": 3} or {"weight_bytes": 60000}')],
+    options: Annotated[str, Form(description="JSON JobOptions (bit choices, seed, calib_size, ...)")] = "{}",
+    model: Annotated[UploadFile | None, File(description="a torch.export .pt2 archive")] = None,
+    model_id: Annotated[str | None, Form(description="the id (sha256) of a model uploaded before")] = None,
+    data: Annotated[UploadFile | None, File(description="a safetensors data set (inputs, labels)")] = None,
+    data_name: Annotated[str | None, Form(description="a built-in data set: fashion-mnist")] = None,
+    dataset_id: Annotated[str | None, Form(description="the id of a data set uploaded before")] = None,
+    db: Session = Depends(deps.db),
+    settings: Settings = Depends(deps.settings),
+    store: ArtifactStore = Depends(deps.artifacts),
+) -> JobCreated:
+    from search.cost import BudgetError, check_feasible
+    from search.searches import METHODS
+
+    if method not in METHODS:
+        raise HTTPException(400, f"unknown method {method!r}; available: {', '.join(sorted(METHODS))}")
+    parsed_budget = parse_budget(budget)
+    opts = parse_options(options)
+    if (model is None) == (model_id is None):
+        raise HTTPException(400, "give exactly one of `model` (a .pt2 upload) and `model_id`")
+    if sum(x is not None for x in (data, data_name, dataset_id)) != 1:
+        raise HTTPException(400, "give exactly one of `data` (a safetensors upload), `data_name` and `dataset_id`")
+
+    if model is not None:
+        model_rec, loaded = intake.register_model(db, settings, store, model.file, model.filename or "model.pt2")
+    else:
+        model_rec, loaded = intake.model_by_id(db, settings, store, model_id)
+    if data is not None:
+        data_rec = intake.register_dataset(db, settings, store, data.file, data.filename or "data.safetensors")
+    elif data_name is not None:
+        data_rec = intake.builtin_dataset(db, data_name)
+    else:
+        data_rec = intake.dataset_by_id(db, dataset_id)
+    intake.check_compatible(model_rec, data_rec)
+    if parsed_budget.latency_us is None:  # a latency budget is checked once the worker has the latency table
+        try:
+            check_feasible(loaded, parsed_budget, opts.w_bits, opts.a_bits, None, opts.scheme)
+        except BudgetError as e:
+            raise HTTPException(422, f"infeasible budget: {e}") from e
+
+    job = Job(model_id=model_rec.id, dataset_id=data_rec.id, method=method, budget=parsed_budget.limits(),
+              options=opts.search_options(), validate_top_k=opts.validate_top_k,
+              heartbeat_at=datetime.now(timezone.utc))
+    db.add(job)
+    db.commit()  # stored before it is queued: a worker must find it
+    try:
+        deps.send_task(SEARCH_TASK, [job.id])
+    except Exception:  # broker down: the job stays queued and the workers' reaper sends it again
+        pass
+    location = f"/jobs/{job.id}"
+    response.headers["Location"] = location
+    return JobCreated(id=job.id, status=job.status, model_id=model_rec.id, dataset_id=data_rec.id, location=location)
+
+
+@router.get("/jobs", response_model=JobPage, summary="List jobs, newest first")
+def list_jobs(
+    status: Annotated[str | None, Query(description=" | ".join(JOB_STATES))] = None,
+    method: str | None = None,
+    model_id: str | None = None,
+    dataset_id: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    db: Session = Depends(deps.db),
+) -> JobPage:
+    if status is not None and status not in JOB_STATES:
+        raise HTTPException(400, f"unknown status {status!r}; expected one of {', '.join(JOB_STATES)}")
+    q = select(Job)
+    for col, value in ((Job.status, status), (Job.method, method), (Job.model_id, model_id),
+                       (Job.dataset_id, dataset_id)):
+        if value is not None:
+            q = q.where(col == value)
+    total = db.scalar(select(func.count()).select_from(q.subquery()))
+    jobs = db.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    counts = _candidate_counts(db, [j.id for j in jobs])
+    return JobPage(items=[job_out(j, counts.get(j.id, 0)) for j in jobs], total=total, limit=limit, offset=offset)
+
+
+def _candidate_counts(db: Session, job_ids: list[str]) -> dict[str, int]:
+    if not job_ids:
+        return {}
+    rows = db.execute(select(CandidateRecord.job_id, func.count()).where(CandidateRecord.job_id.in_(job_ids))
+                      .group_by(CandidateRecord.job_id)).all()
+    return dict(rows)
+
+
+def get_job_or_404(db: Session, job_id: str) -> Job:
+    job = db.get(Job, job_id)
+    if job is None:
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    return job
+
+
+@router.get("/jobs/{job_id}", response_model=JobOut, summary="Status, progress and timings of a job")
+def get_job(job_id: str, db: Session = Depends(deps.db)) -> JobOut:
+    job = get_job_or_404(db, job_id)
+    return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))
+
+
+@router.get("/jobs/{job_id}/candidates", response_model=list[CandidateOut], summary="A job's candidate configs")
+def job_candidates(
+    job_id: str,
+    sort: Annotated[str, Query(description="a field, '-' prefix for descending: " + ", ".join(sorted(CANDIDATE_SORTS)))]
+    = "seq",
+    pareto: Annotated[bool | None, Query(description="only the Pareto front (true) or only the rest (false)")] = None,
+    db: Session = Depends(deps.db),
+) -> list[CandidateOut]:
+    get_job_or_404(db, job_id)
+    field = sort.lstrip("-")
+    if field not in CANDIDATE_SORTS:
+        raise HTTPException(400, f"cannot sort by {field!r}; choose one of {', '.join(sorted(CANDIDATE_SORTS))}")
+    col = getattr(CandidateRecord, field)
+    q = select(CandidateRecord).where(CandidateRecord.job_id == job_id)
+    if pareto is not None:
+        q = q.where(CandidateRecord.pareto.is_(pareto))
+    q = q.order_by(col.desc() if sort.startswith("-") else col.asc(), CandidateRecord.seq)
+    return [candidate_out(c) for c in db.scalars(q)]
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job")
+def cancel_job(job_id: str, db: Session = Depends(deps.db)) -> JobOut:
+    job = get_job_or_404(db, job_id)
+    if job.status in FINAL_STATES:
+        raise HTTPException(409, f"job {job_id} has already {job.status}")
+    job.cancel_requested = True
+    if job.status == "queued":  # nothing runs it yet; the worker skips a cancelled job
+        job.status, job.finished_at, job.error = "cancelled", datetime.now(timezone.utc), "cancelled by request"
+    db.commit()
+    return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))

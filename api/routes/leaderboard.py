@@ -1,0 +1,71 @@
+"""The leaderboard: every job's Pareto candidates per model and data set, side by side (JSON and HTML)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, HTTPException
+from fastapi.responses import HTMLResponse
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from api import deps
+from api.schemas import DatasetOut, Leaderboard, LeaderboardGroup, LeaderboardRow, ModelOut
+from store.models import CandidateRecord, DatasetRecord, Job, ModelRecord
+
+router = APIRouter(tags=["leaderboard"])
+PAGES = Path(__file__).resolve().parent.parent / "pages"
+
+
+def _row(c: CandidateRecord, job: Job) -> LeaderboardRow:
+    v = c.validation
+    measured = v is not None and v.status == "succeeded"
+    latency = (v.latency_us or {}) if measured else {}
+    return LeaderboardRow(
+        candidate_id=c.id, job_id=job.id, method=job.method,
+        accuracy=v.top1 if measured else c.val_top1, validated=measured,
+        validation_status=v.status if v is not None else "not validated yet",
+        sim_val_top1=c.val_top1, agreement=v.agreement if measured else None,
+        weight_bytes=c.weight_bytes, packed_bytes=v.packed_bytes if measured else None, avg_wbits=c.avg_wbits,
+        bitops=c.bitops, latency_us_batch1=latency.get("1"), latency_us_batch64=latency.get("64"),
+        search_seconds=job.search_seconds, front=False)
+
+
+def _mark_front(rows: list[LeaderboardRow]) -> None:
+    best = -1.0
+    for r in sorted(rows, key=lambda r: (r.weight_bytes, -(r.accuracy or 0))):
+        if r.accuracy is not None and r.accuracy > best:
+            r.front, best = True, r.accuracy
+
+
+@router.get("/api/leaderboard", response_model=Leaderboard, summary="Validated candidates per model and data set")
+def leaderboard(model_id: str | None = None, dataset_id: str | None = None,
+                db: Session = Depends(deps.db)) -> Leaderboard:
+    q = (select(CandidateRecord, Job).join(Job, CandidateRecord.job_id == Job.id)
+         .where(Job.status == "succeeded", CandidateRecord.pareto.is_(True))
+         .options(selectinload(CandidateRecord.validation)))
+    if model_id is not None:
+        q = q.where(Job.model_id == model_id)
+    if dataset_id is not None:
+        q = q.where(Job.dataset_id == dataset_id)
+    groups: dict[tuple[str, str], list[LeaderboardRow]] = {}
+    for cand, job in db.execute(q.order_by(Job.created_at, CandidateRecord.seq)):
+        groups.setdefault((job.model_id, job.dataset_id), []).append(_row(cand, job))
+    out = []
+    for (mid, did), rows in groups.items():
+        _mark_front(rows)
+        out.append(LeaderboardGroup(model=ModelOut.model_validate(db.get(ModelRecord, mid)),
+                                    dataset=DatasetOut.model_validate(db.get(DatasetRecord, did)), rows=rows))
+    return Leaderboard(groups=out)
+
+
+@router.get("/leaderboard", response_class=HTMLResponse, summary="The leaderboard page")
+def leaderboard_page() -> HTMLResponse:
+    return HTMLResponse((PAGES / "leaderboard.html").read_text())
+
+
+@router.get("/leaderboard/jobs/{job_id}", response_class=HTMLResponse, summary="A job's page: progress and bits")
+def job_page(job_id: str, db: Session = Depends(deps.db)) -> HTMLResponse:
+    if db.get(Job, job_id) is None:
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    return HTMLResponse((PAGES / "job.html").read_text())

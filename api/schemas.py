@@ -1,0 +1,184 @@
+"""Request and response bodies of the API (separate from the database models in store/)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+BIT_RANGE = "weight bits 1..8; activation bits 2..8 or 16 (float)"
+
+
+class JobOptions(BaseModel):
+    """The `options` form field of POST /jobs (JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    w_bits: list[int] = Field(default_factory=lambda: list(range(2, 9)), description="weight bit choices, 1..8")
+    a_bits: list[int] = Field(default_factory=lambda: [8], description="activation bit choices, 2..8 or 16")
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    scheme: str = Field(default="uniform", pattern="^(uniform|pot|apot)$")
+    clip: str = Field(default="mse", pattern="^(max|mse)$")
+    act_calibration: str = Field(default="mse", pattern="^(minmax|percentile|mse)$")
+    calib_size: int = Field(default=1024, ge=16, le=65536, description="calibration images")
+    val_samples: int = Field(default=2000, ge=100, le=100000, description="validation images scoring candidates")
+    validate_top_k: int = Field(default=4, ge=0, le=64, description="Pareto candidates run on the real kernels")
+    params: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
+
+    @field_validator("w_bits")
+    @classmethod
+    def _w(cls, v: list[int]) -> list[int]:
+        if not v or any(not 1 <= b <= 8 for b in v):
+            raise ValueError("w_bits must be a non-empty list of values in 1..8")
+        return sorted(set(v))
+
+    @field_validator("a_bits")
+    @classmethod
+    def _a(cls, v: list[int]) -> list[int]:
+        if not v or any(not (2 <= b <= 8 or b == 16) for b in v):
+            raise ValueError("a_bits must be a non-empty list of values in 2..8 or 16")
+        return sorted(set(v))
+
+    def search_options(self) -> dict:
+        """What the worker passes to the search (SearchOptions fields plus calib_size)."""
+        return self.model_dump(exclude={"validate_top_k"})
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+    phase: str
+    best_val_top1: float | None
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    status: str
+    method: str
+    model_id: str
+    dataset_id: str
+    budget: dict[str, float]
+    options: dict[str, Any]
+    validate_top_k: int
+    progress: Progress
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    search_seconds: float | None
+    attempts: int
+    cancel_requested: bool
+    candidates: int = 0
+    links: dict[str, str] = Field(default_factory=dict)
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobCreated(BaseModel):
+    id: str
+    status: str
+    model_id: str
+    dataset_id: str
+    location: str
+
+
+class ValidationOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    status: str
+    top1: float | None = None
+    sim_top1: float | None = None
+    agreement: float | None = None
+    max_logit_diff: float | None = None
+    samples: int | None = None
+    packed_bytes: int | None = None
+    latency_us: dict[str, float] | None = None
+    threads: int | None = None
+    isa: str | None = None
+    error: str | None = None
+
+
+class CandidateOut(BaseModel):
+    id: int
+    job_id: str
+    seq: int
+    avg_wbits: float
+    weight_bytes: int
+    bitops: float
+    act_bytes: int
+    latency_us: float | None
+    score: float
+    val_top1: float | None
+    val_sqnr_db: float | None
+    pareto: bool
+    recommended: bool
+    validation: ValidationOut | None = Field(description="null: not validated yet")
+    w_bits: dict[str, int] | None = None
+    a_bits: dict[str, int] | None = None
+
+
+class ModelOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    filename: str
+    size_bytes: int
+    num_layers: int
+    total_params: int
+    input_shape: list[int]
+    num_outputs: int
+
+
+class DatasetOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    name: str
+    builtin: bool
+    num_samples: int
+    sample_shape: list[int]
+    num_classes: int | None
+
+
+class LeaderboardRow(BaseModel):
+    candidate_id: int
+    job_id: str
+    method: str
+    accuracy: float | None = Field(description="measured top-1 on the kernels when validated, else simulated")
+    validated: bool
+    validation_status: str = Field(description="succeeded, queued, running, failed, or 'not validated yet'")
+    sim_val_top1: float | None
+    agreement: float | None
+    weight_bytes: int
+    packed_bytes: int | None
+    avg_wbits: float
+    bitops: float
+    latency_us_batch1: float | None
+    latency_us_batch64: float | None
+    search_seconds: float | None
+    front: bool = Field(description="on the accuracy-vs-size Pareto front of this model and data set")
+
+
+class LeaderboardGroup(BaseModel):
+    model: ModelOut
+    dataset: DatasetOut
+    rows: list[LeaderboardRow]
+
+
+class Leaderboard(BaseModel):
+    groups: list[LeaderboardGroup]
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    broker: str
+    workers: list[str]

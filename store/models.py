@@ -1,0 +1,162 @@
+"""The database tables. Uploads are content-addressed (sha256 ids), so one model or data set serves many jobs."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRecord(Base):
+    __tablename__ = "models"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the .pt2 archive
+    filename: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    num_layers: Mapped[int] = mapped_column(Integer)
+    total_params: Mapped[int] = mapped_column(Integer)
+    input_shape: Mapped[list] = mapped_column(JSON)  # per sample, without the batch dimension
+    num_outputs: Mapped[int] = mapped_column(Integer)  # classes, when the output is [N, classes] logits
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class DatasetRecord(Base):
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the file, or a built-in's name
+    name: Mapped[str] = mapped_column(String(255))
+    builtin: Mapped[bool] = mapped_column(Boolean, default=False)
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    num_samples: Mapped[int] = mapped_column(Integer)
+    sample_shape: Mapped[list] = mapped_column(JSON)
+    num_classes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+FINAL_STATES = ("succeeded", "failed", "cancelled")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"), index=True)
+    method: Mapped[str] = mapped_column(String(32), index=True)
+    budget: Mapped[dict] = mapped_column(JSON)
+    options: Mapped[dict] = mapped_column(JSON)
+    validate_top_k: Mapped[int] = mapped_column(Integer, default=4)
+
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    step: Mapped[int] = mapped_column(Integer, default=0)
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    phase: Mapped[str] = mapped_column(String(64), default="queued")
+    best_val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    search_seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    # Crash recovery: the worker running the job refreshes heartbeat_at; a stale heartbeat means it died.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    model: Mapped[ModelRecord] = relationship()
+    dataset: Mapped[DatasetRecord] = relationship()
+    candidates: Mapped[list["CandidateRecord"]] = relationship(back_populates="job", cascade="all, delete-orphan",
+                                                               order_by="CandidateRecord.seq")
+
+
+class CandidateRecord(Base):
+    __tablename__ = "candidates"
+    # (job_id, seq) is unique: a retried job cannot store the same candidate twice.
+    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_candidate_job_seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    config: Mapped[dict] = mapped_column(JSON)
+    avg_wbits: Mapped[float] = mapped_column(Float)
+    weight_bytes: Mapped[int] = mapped_column(Integer)
+    bitops: Mapped[float] = mapped_column(Float)  # can exceed 2^63 for big models
+    act_bytes: Mapped[int] = mapped_column(Integer)
+    latency_us: Mapped[float | None] = mapped_column(Float, nullable=True)
+    score: Mapped[float] = mapped_column(Float)
+    val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    val_sqnr_db: Mapped[float | None] = mapped_column(Float, nullable=True)
+    pareto: Mapped[bool] = mapped_column(Boolean, default=False)
+    recommended: Mapped[bool] = mapped_column(Boolean, default=False)
+    meta: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="candidates")
+    validation: Mapped["ValidationRecord | None"] = relationship(back_populates="candidate", uselist=False,
+                                                                cascade="all, delete-orphan")
+
+
+VALIDATION_STATES = ("queued", "running", "succeeded", "failed")
+
+
+class ValidationRecord(Base):
+    """A candidate run on the compiled low-bit kernels: measured accuracy, size and latency."""
+
+    __tablename__ = "validations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"), unique=True)
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    top1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    sim_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
+    agreement: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_logit_diff: Mapped[float | None] = mapped_column(Float, nullable=True)
+    samples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    packed_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    latency_us: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"1": us, "64": us}
+    threads: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    isa: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    packed_path: Mapped[str | None] = mapped_column(String(512), nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    candidate: Mapped[CandidateRecord] = relationship(back_populates="validation")
+
+
+class LatencyTableRecord(Base):
+    """Per-layer kernel latencies of a model measured on one machine (the latency budget's source)."""
+
+    __tablename__ = "latency_tables"
+    __table_args__ = (UniqueConstraint("model_id", "machine", name="uq_latency_model_machine"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    machine: Mapped[str] = mapped_column(String(255))
+    table: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class WorkerRecord(Base):
+    """Workers announce themselves here (broker-independent: kombu's SQL transport has no broadcast)."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

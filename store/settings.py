@@ -1,0 +1,60 @@
+"""Every setting of the service, in one place; each can be set by a BITSEARCH_* environment variable.
+
+The defaults are the embedded setup `make run` uses: SQLite (WAL) for the database, kombu's SQLAlchemy
+transport on a second SQLite file as the Celery broker, artifacts under ./var. Production sets
+BITSEARCH_DATABASE_URL=postgresql+psycopg://... and BITSEARCH_BROKER_URL=redis://...
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BITSEARCH_", extra="ignore")
+
+    var_dir: Path = Field(default=Path("var"), description="root of the embedded defaults' files")
+    database_url: str = Field(default="", description="SQLAlchemy URL; empty means SQLite in var_dir")
+    broker_url: str = Field(default="", description="Celery broker URL; empty means SQLite (kombu sqla) in var_dir")
+    artifact_dir: Path | None = Field(default=None, description="uploaded models, data sets, packed models")
+    queue: str = Field(default="bitsearch", description="Celery queue name (tests use their own)")
+
+    max_model_bytes: int = 256 * MiB
+    max_dataset_bytes: int = 512 * MiB
+    max_request_bytes: int = 800 * MiB
+    max_layers: int = 4096
+
+    task_time_limit_s: int = Field(default=6 * 3600, description="hard limit per search task")
+    validate_time_limit_s: int = Field(default=1800, description="hard limit per validation task")
+    worker_max_memory_mb: int = Field(default=16384, description="a worker child over this is replaced after its task")
+    heartbeat_s: float = Field(default=5.0, description="how often a running job proves its worker is alive")
+    stale_after_s: float = Field(default=60.0, description="a running job without a heartbeat this long is orphaned")
+    max_attempts: int = Field(default=3, description="runs of a job before it is failed as lost")
+    validate_top_k: int = Field(default=4, description="default number of Pareto candidates validated per job")
+    threads: int = Field(default=0, description="torch threads per task; 0 = torch's default")
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'bitsearch.db').resolve()}"
+
+    def resolved_broker_url(self) -> str:
+        if self.broker_url:
+            return self.broker_url
+        return f"sqla+sqlite:///{(self.var_dir / 'broker.db').resolve()}"
+
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.var_dir / "artifacts").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    settings = Settings()
+    settings.var_dir.mkdir(parents=True, exist_ok=True)
+    return settings

@@ -1,0 +1,1 @@
+"""Celery workers: run searches, validate candidates on the compiled kernels, recover orphaned jobs."""
