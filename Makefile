@@ -4,13 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+CHROMIUM := /usr/bin/chromedriver
+APT := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
 
 .PHONY: venv test run models clean
 
 $(FMNIST):
 	@command -v apt-get >/dev/null || { echo "need Debian's dataset-fashion-mnist package"; exit 1; }
-	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y dataset-fashion-mnist || \
-	  { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update && $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y dataset-fashion-mnist; }
+	$(APT) install -y dataset-fashion-mnist || { $(APT) update && $(APT) install -y dataset-fashion-mnist; }
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,15 +21,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The leaderboard test renders the page in Debian's headless Chromium.
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "need Debian's chromium and chromium-driver packages"; exit 1; }
+	$(APT) install -y chromium chromium-driver || { $(APT) update && $(APT) install -y chromium chromium-driver; }
+
 venv: $(STAMP) $(FMNIST)
 
-test: venv
+test: venv $(CHROMIUM)
 	$(PY) -m pytest -q
 
+# The whole service on this machine: API + a Celery worker, SQLite database and broker under ./var.
 run: venv
-	$(VENV)/bin/bitsearch inspect models/resnet20-fmnist.pt2
-	$(VENV)/bin/bitsearch eval models/resnet20-fmnist.pt2 --data fashion-mnist --uniform 8/8
-	$(VENV)/bin/bitsearch eval models/resnet20-fmnist.pt2 --data fashion-mnist --uniform 4/8
+	$(PY) -m api.local --host $(or $(HOST),127.0.0.1) --port $(or $(PORT),8000)
 
 models: venv
 	$(PY) models/train.py

@@ -1,0 +1,252 @@
+"""The service end to end on real parts: uvicorn + Celery worker processes on PostgreSQL and Redis."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import create_engine, text
+
+from search.config import QuantConfig
+from search.data import LabelledSet, fashion_mnist_splits, save_dataset_file
+from search.model import load_model
+from search.simulate import Simulator
+from tests.stack import ROOT, Stack
+
+RESNET = ROOT / "models" / "resnet20-fmnist.pt2"
+ARTIFACTS = ROOT / "test-artifacts"
+FAST = {"val_samples": 500, "calib_size": 256, "validate_top_k": 1}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("stack"), backend="postgres", heartbeat_s=1, stale_after_s=6,
+              max_model_bytes=4 * 2**20, max_dataset_bytes=4 * 2**20, max_request_bytes=12 * 2**20)
+    s.start(workers=1)
+    yield s
+    s.stop()
+
+
+def submit(stack, method, budget, options=None, model=RESNET, data_name="fashion-mnist", files=None, **form):
+    with stack.client() as c:
+        fields = {"method": method, "budget": json.dumps(budget), "options": json.dumps(options or FAST), **form}
+        if data_name is not None:
+            fields["data_name"] = data_name
+        upload = dict(files or {})
+        if model is not None:
+            upload["model"] = (Path(model).name, Path(model).read_bytes(), "application/zip")
+        return c.post("/jobs", data=fields, files=upload or None)
+
+
+def db_rows(stack, sql: str, **params):
+    engine = create_engine(stack.database_url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(sql), params).all()
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="module")
+def finished_jobs(stack):
+    """One sqnr and one imprinting job on ResNet-20, run to the end."""
+    sqnr = submit(stack, "sqnr", {"avg_wbits": 3})
+    assert sqnr.status_code == 202, sqnr.text
+    assert sqnr.headers["location"] == f"/jobs/{sqnr.json()['id']}"
+    imprinting = submit(stack, "imprinting", {"avg_wbits": 3},
+                        {**FAST, "params": {"patience": 3, "validate_top": 2, "curve_points": 3}},
+                        model=None, model_id=sqnr.json()["model_id"])
+    assert imprinting.status_code == 202, imprinting.text
+    # Identical uploads are stored once and reusable by id.
+    assert imprinting.json()["model_id"] == sqnr.json()["model_id"]
+    jobs = {m: stack.wait_job(r.json()["id"], timeout=900) for m, r in (("sqnr", sqnr), ("imprinting", imprinting))}
+    return jobs
+
+
+def test_jobs_succeed_and_candidates_meet_the_budget(stack, finished_jobs):
+    with stack.client() as c:
+        for method, job in finished_jobs.items():
+            assert job["status"] == "succeeded", job
+            assert job["progress"]["step"] == job["progress"]["total"] > 0
+            assert job["search_seconds"] > 0 and job["started_at"] and job["finished_at"]
+            cands = c.get(f"/jobs/{job['id']}/candidates", params={"sort": "-val_top1"}).json()
+            assert cands and all(x["avg_wbits"] <= 3 + 1e-9 for x in cands)
+            assert any(x["pareto"] for x in cands)
+            assert sum(x["recommended"] for x in cands) == 1
+            assert cands[0]["val_top1"] >= cands[-1]["val_top1"]  # sorted as asked
+            listed = c.get("/jobs", params={"method": method, "status": "succeeded"}).json()
+            assert job["id"] in [j["id"] for j in listed["items"]]
+
+
+def test_config_download_reevaluates_to_the_stored_accuracy(stack, finished_jobs):
+    job = finished_jobs["sqnr"]
+    with stack.client() as c:
+        rec = next(x for x in c.get(f"/jobs/{job['id']}/candidates").json() if x["recommended"])
+        resp = c.get(f"/candidates/{rec['id']}/config")
+        detail = c.get(f"/candidates/{rec['id']}").json()
+    assert resp.status_code == 200 and "attachment" in resp.headers["content-disposition"]
+    model = load_model(RESNET)
+    config = QuantConfig.from_json(resp.text, model)
+    assert config.w_bits() == detail["w_bits"]
+    splits = fashion_mnist_splits(calib_size=FAST["calib_size"])
+    result = Simulator(model, splits.calib.inputs).evaluate(config, splits.val.subset(slice(0, FAST["val_samples"])))
+    assert result.top1 == pytest.approx(rec["val_top1"], abs=1e-6)
+
+
+def test_leaderboard_json_lists_both_methods(stack, finished_jobs):
+    with stack.client() as c:
+        board = c.get("/api/leaderboard").json()
+    assert len(board["groups"]) == 1
+    group = board["groups"][0]
+    assert group["model"]["filename"] == "resnet20-fmnist.pt2" and group["dataset"]["id"] == "fashion-mnist"
+    assert {r["method"] for r in group["rows"]} == {"sqnr", "imprinting"}
+    assert any(r["front"] for r in group["rows"])
+    assert all(r["weight_bytes"] > 0 and r["avg_wbits"] <= 3 + 1e-9 for r in group["rows"])
+
+
+def _browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = "/usr/bin/chromium"
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1100"):
+        opts.add_argument(arg)
+    return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+
+
+def test_leaderboard_page_in_headless_chromium(stack, finished_jobs):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with stack.client() as c:
+        rows = c.get("/api/leaderboard").json()["groups"][0]["rows"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    driver = _browser()
+    try:
+        driver.get(f"{stack.url}/leaderboard")
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.board tbody tr"))
+        table_rows = driver.find_elements(By.CSS_SELECTOR, "table.board tbody tr")
+        assert len(table_rows) == len(rows)
+        text_ = driver.find_element(By.CSS_SELECTOR, "table.board").text
+        assert "sqnr" in text_ and "imprinting" in text_
+        points = driver.find_elements(By.CSS_SELECTOR, "svg.chart circle.point")
+        assert len(points) == len(rows)
+        assert driver.find_elements(By.CSS_SELECTOR, "svg.chart polyline.front")
+        # Sorting by weight bytes puts the smallest first.
+        driver.find_element(By.CSS_SELECTOR, 'th[data-key="weight_bytes"]').click()
+        driver.find_element(By.CSS_SELECTOR, 'th[data-key="weight_bytes"]').click()
+        first = driver.find_element(By.CSS_SELECTOR, "table.board tbody tr td:nth-child(5)").text
+        assert int(first.replace(",", "")) == min(r["weight_bytes"] for r in rows)
+        driver.save_screenshot(str(ARTIFACTS / "leaderboard.png"))
+
+        job = finished_jobs["sqnr"]
+        driver.get(f"{stack.url}/leaderboard/jobs/{job['id']}")
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#bits-chart rect.layer-bar"))
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#bits-chart rect.layer-bar")) == 22  # ResNet-20's layers
+        driver.save_screenshot(str(ARTIFACTS / "job.png"))
+    finally:
+        driver.quit()
+    assert (ARTIFACTS / "leaderboard.png").stat().st_size > 10_000
+
+
+def test_bad_requests_get_clear_4xx_and_store_nothing(stack, tmp_path):
+    models_dir = stack.var_dir / "artifacts" / "models"
+    before = sorted(p.name for p in models_dir.iterdir()) if models_dir.exists() else []
+
+    r = submit(stack, "genetic", {"avg_wbits": 3})
+    assert r.status_code == 400 and "unknown method 'genetic'" in r.json()["detail"]
+    r = submit(stack, "sqnr", "avg_wbits<3")
+    assert r.status_code == 400 and "malformed budget" in r.json()["detail"]
+    r = submit(stack, "sqnr", {"avg_wbits": -1})
+    assert r.status_code == 400 and "avg_wbits" in r.json()["detail"]
+    r = submit(stack, "sqnr", {"avg_wbits": 1.5})
+    assert r.status_code == 422 and "smallest feasible value is 2" in r.json()["detail"]
+    r = submit(stack, "sqnr", {"avg_wbits": 3}, {"w_bits": "many"})
+    assert r.status_code == 400 and "w_bits" in r.json()["detail"]
+
+    not_zip = tmp_path / "model.pt2"
+    not_zip.write_bytes(b"this is not a torch.export archive" * 10)
+    r = submit(stack, "sqnr", {"avg_wbits": 3}, model=not_zip)
+    assert r.status_code == 400 and "model.pt2" in r.json()["detail"], r.text
+
+    big = tmp_path / "big.pt2"
+    big.write_bytes(b"\0" * (5 * 2**20))  # over max_model_bytes (4 MiB), under the request limit
+    r = submit(stack, "sqnr", {"avg_wbits": 3}, model=big)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    huge = tmp_path / "huge.pt2"
+    huge.write_bytes(b"\0" * (13 * 2**20))  # over the whole-request limit
+    r = submit(stack, "sqnr", {"avg_wbits": 3}, model=huge)
+    assert r.status_code == 413
+
+    wrong_shape = tmp_path / "wrong_shape.safetensors"
+    save_dataset_file(LabelledSet(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)), wrong_shape)
+    files = {"data": ("wrong_shape.safetensors", wrong_shape.read_bytes(), "application/octet-stream")}
+    r = submit(stack, "sqnr", {"avg_wbits": 3}, data_name=None, files=files)
+    assert r.status_code == 422 and "[3, 32, 32]" in r.json()["detail"] and "[1, 28, 28]" in r.json()["detail"]
+
+    many_labels = tmp_path / "labels.safetensors"
+    save_dataset_file(LabelledSet(torch.randn(8, 1, 28, 28), torch.arange(8) * 3), many_labels)
+    files = {"data": ("labels.safetensors", many_labels.read_bytes(), "application/octet-stream")}
+    r = submit(stack, "sqnr", {"avg_wbits": 3}, data_name=None, files=files)
+    assert r.status_code == 422 and "labels up to 21" in r.json()["detail"]
+
+    after = sorted(p.name for p in models_dir.iterdir()) if models_dir.exists() else []
+    assert after == before  # nothing half-stored: no new model, no leftover temporary file
+    with stack.client() as c:
+        assert c.get("/jobs/nope").status_code == 404
+        assert c.get("/candidates/999999/config").status_code == 404
+        assert c.get("/jobs", params={"status": "sleeping"}).status_code == 400
+        assert c.get("/health").json()["database"] == "ok"
+
+
+def test_cancel_stops_a_running_search(stack):
+    r = submit(stack, "haq", {"avg_wbits": 3}, {**FAST, "params": {"episodes": 400, "reward_samples": 128}})
+    job_id = r.json()["id"]
+    deadline = time.time() + 300
+    with stack.client() as c:
+        while c.get(f"/jobs/{job_id}").json()["progress"]["step"] < 2:
+            assert time.time() < deadline
+            time.sleep(0.5)
+        assert c.post(f"/jobs/{job_id}/cancel").status_code == 200
+        job = stack.wait_job(job_id, timeout=120)
+        assert job["status"] == "cancelled" and job["error"] == "cancelled by request"
+        assert job["progress"]["step"] < 400
+        assert c.post(f"/jobs/{job_id}/cancel").status_code == 409
+
+
+def test_killed_worker_leaves_no_stuck_job_and_no_duplicates(stack):
+    r = submit(stack, "haq", {"avg_wbits": 3}, {**FAST, "params": {"episodes": 40, "reward_samples": 128}})
+    job_id = r.json()["id"]
+    deadline = time.time() + 300
+    with stack.client() as c:
+        while True:
+            job = c.get(f"/jobs/{job_id}").json()
+            if job["status"] == "running" and job["candidates"] >= 2:
+                break
+            assert time.time() < deadline and job["status"] in ("queued", "running"), job
+            time.sleep(0.3)
+    stack.kill_worker(stack.workers[0])
+    stack.start_worker()
+    job = stack.wait_job(job_id, timeout=600)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 2
+    rows = db_rows(stack, "SELECT seq, config FROM candidates WHERE job_id = :j", j=job_id)
+    seqs = [r[0] for r in rows]
+    assert len(seqs) == len(set(seqs)) == job["candidates"] > 0
+    configs = [json.dumps(r[1], sort_keys=True) for r in rows]
+    assert len(configs) == len(set(configs))
+
+
+def test_health_reports_database_broker_and_workers(stack):
+    with stack.client() as c:
+        h = c.get("/health").json()
+        assert h["database"] == "ok" and h["broker"] == "ok" and h["workers"] and h["status"] == "ok"
+        schema = c.get("/openapi.json").json()
+    for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/candidates", "/candidates/{candidate_id}",
+                 "/candidates/{candidate_id}/config", "/candidates/{candidate_id}/packed", "/jobs/{job_id}/cancel",
+                 "/health", "/leaderboard", "/api/leaderboard"):
+        assert path in schema["paths"], path
