@@ -11,7 +11,9 @@ from fastapi import HTTPException
 from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactStore, TooLarge
-from store.models import DatasetRecord, ModelRecord
+from sqlalchemy import select
+
+from store.models import DatasetRecord, ModelRecord, Ownership
 from store.settings import Settings
 
 BUILTIN = {"fashion-mnist": {"sample_shape": [1, 28, 28], "num_classes": 10, "num_samples": 70000}}
@@ -50,7 +52,18 @@ def _num_outputs(model) -> int:
     return int(out.shape[1])
 
 
-def register_model(db: Session, settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str):
+def _own(db: Session, owner: str, kind: str, object_id: str) -> None:
+    if not owns(db, owner, kind, object_id):
+        db.add(Ownership(owner=owner, kind=kind, object_id=object_id))
+        db.flush()
+
+
+def owns(db: Session, owner: str, kind: str, object_id: str) -> bool:
+    return db.scalar(select(Ownership.id).where(Ownership.owner == owner, Ownership.kind == kind,
+                                                Ownership.object_id == object_id)) is not None
+
+
+def register_model(db: Session, settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str, owner: str):
     """Store an uploaded .pt2 after checking it; returns (record, LoadedModel). Bad archives: 400."""
     from search.archive import ArchiveError
     from search.model import load_model
@@ -63,6 +76,7 @@ def register_model(db: Session, settings: Settings, store: ArtifactStore, src: B
         existing = db.get(ModelRecord, staged.sha256)
         if existing is not None:
             staged.discard()
+            _own(db, owner, "model", existing.id)
             return existing, loaded_model(settings, store, existing.id)
         try:
             model = load_model(staged.tmp, max_bytes=settings.max_model_bytes, max_layers=settings.max_layers)
@@ -78,13 +92,14 @@ def register_model(db: Session, settings: Settings, store: ArtifactStore, src: B
                       input_shape=list(model.input_shape), num_outputs=num_outputs)
     db.add(rec)
     db.flush()
+    _own(db, owner, "model", rec.id)
     _cache(rec.id, model)
     return rec, model
 
 
-def model_by_id(db: Session, settings: Settings, store: ArtifactStore, model_id: str):
+def model_by_id(db: Session, settings: Settings, store: ArtifactStore, model_id: str, owner: str):
     rec = db.get(ModelRecord, model_id)
-    if rec is None:
+    if rec is None or not owns(db, owner, "model", model_id):
         raise HTTPException(404, f"no model with id {model_id!r}")
     return rec, loaded_model(settings, store, rec.id)
 
@@ -100,7 +115,8 @@ def builtin_dataset(db: Session, name: str) -> DatasetRecord:
     return rec
 
 
-def register_dataset(db: Session, settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str):
+def register_dataset(db: Session, settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str,
+                     owner: str):
     from search.data import DatasetError, load_dataset_file
 
     try:
@@ -111,6 +127,7 @@ def register_dataset(db: Session, settings: Settings, store: ArtifactStore, src:
         existing = db.get(DatasetRecord, staged.sha256)
         if existing is not None:
             staged.discard()
+            _own(db, owner, "dataset", existing.id)
             return existing
         try:
             data = load_dataset_file(staged.tmp, max_bytes=settings.max_dataset_bytes)
@@ -127,14 +144,15 @@ def register_dataset(db: Session, settings: Settings, store: ArtifactStore, src:
                         num_classes=data.num_classes)
     db.add(rec)
     db.flush()
+    _own(db, owner, "dataset", rec.id)
     return rec
 
 
-def dataset_by_id(db: Session, dataset_id: str) -> DatasetRecord:
+def dataset_by_id(db: Session, dataset_id: str, owner: str) -> DatasetRecord:
+    if dataset_id in BUILTIN:
+        return builtin_dataset(db, dataset_id)
     rec = db.get(DatasetRecord, dataset_id)
-    if rec is None:
-        if dataset_id in BUILTIN:
-            return builtin_dataset(db, dataset_id)
+    if rec is None or not owns(db, owner, "dataset", dataset_id):
         raise HTTPException(404, f"no data set with id {dataset_id!r}")
     return rec
 

@@ -17,6 +17,30 @@ from store.db import migrate
 from store.settings import get_settings
 
 
+LOCAL_KEY_FILE = "local.key"
+
+
+def local_key(settings) -> str:
+    """The embedded default's single key, owner "local": made once, kept in var/local.key (mode 0600) so the
+    client and the next `make run` find it; the database holds only its hash, as for every key."""
+    from store.auth import create_key, owner_of
+    from store.db import session_scope
+
+    path = settings.var_dir / LOCAL_KEY_FILE
+    url = settings.resolved_database_url()
+    if path.exists():
+        key = path.read_text().strip()
+        with session_scope(url) as db:
+            if owner_of(db, key) is not None:
+                return key
+    with session_scope(url) as db:
+        key = create_key(db, "local")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key + "\n")
+    return key
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -26,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = get_settings()
     migrate(settings.resolved_database_url())  # once, before two processes race to create tables
+    key = local_key(settings)
     env = dict(os.environ, BITSEARCH_VAR_DIR=str(settings.var_dir.resolve()))
     worker = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO",
@@ -33,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", args.host,
                             "--port", str(args.port)], env=env)
     url = f"http://{args.host}:{args.port}"
-    print(f"\nbitsearch is starting at {url}  (leaderboard: {url}/leaderboard, API docs: {url}/docs)\n"
+    print(f"\nbitsearch is starting at {url}  (API docs: {url}/docs)\n"
+          f"leaderboard: {url}/leaderboard?key={key}\n"
+          f"local API key (also in {settings.var_dir / LOCAL_KEY_FILE}): {key}\n"
           f"database: {settings.resolved_database_url()}\nbroker:   {settings.resolved_broker_url()}\n"
           f"try: .venv/bin/bitsearch submit models/resnet20-fmnist.pt2 --data fashion-mnist --method sqnr "
           f"--budget avg_wbits=3 --server {url} --wait\n", flush=True)

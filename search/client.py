@@ -23,10 +23,25 @@ class ServerError(ValueError):
     """The server refused a request or could not be reached."""
 
 
+_api_key: str | None = None
+
+
+def api_key() -> str | None:
+    """--api-key, else $BITSEARCH_API_KEY, else the embedded default's var/local.key (written by `make run`)."""
+    if _api_key:
+        return _api_key
+    if os.environ.get("BITSEARCH_API_KEY"):
+        return os.environ["BITSEARCH_API_KEY"]
+    local = Path(os.environ.get("BITSEARCH_VAR_DIR", "var")) / "local.key"
+    return local.read_text().strip() if local.is_file() else None
+
+
 def _client(server: str):
     import httpx
 
-    return httpx.Client(base_url=server.rstrip("/"), timeout=httpx.Timeout(30.0, read=600.0))
+    key = api_key()
+    return httpx.Client(base_url=server.rstrip("/"), timeout=httpx.Timeout(30.0, read=600.0),
+                        headers={"Authorization": f"Bearer {key}"} if key else {})
 
 
 def _check(resp) -> dict | bytes:
@@ -45,11 +60,13 @@ def _budget(items: list[str]) -> dict:
     return Budget.parse(items).limits()
 
 
-def submit(server: str, model: str, data: str, method: str, budget: dict, options: dict) -> dict:
+def submit(server: str, model: str, data: str, method: str, budget: dict, options: dict,
+           public: bool = False) -> dict:
     """POST /jobs; `model`/`data` are paths to upload or ids of earlier uploads; data may be a built-in name."""
     import httpx
 
-    files, form = {}, {"method": method, "budget": json.dumps(budget), "options": json.dumps(options)}
+    files, form = {}, {"method": method, "budget": json.dumps(budget), "options": json.dumps(options),
+                       "public": "true" if public else "false"}
     handles = []
     try:
         if Path(model).is_file():
@@ -107,7 +124,13 @@ def download(server: str, candidate_id: int, out: Path, packed: bool = False) ->
     return out
 
 
+def _use_key(args) -> None:
+    global _api_key
+    _api_key = args.api_key
+
+
 def cmd_submit(args) -> None:
+    _use_key(args)
     from rich.console import Console
     from rich.table import Table
 
@@ -123,7 +146,7 @@ def cmd_submit(args) -> None:
         if text:
             from .cli import _parse_bits
             options[key] = _parse_bits(text)
-    created = submit(args.server, args.model, args.data, args.method, _budget(args.budget), options)
+    created = submit(args.server, args.model, args.data, args.method, _budget(args.budget), options, args.public)
     out = Console()
     if not args.wait:
         print(json.dumps(created) if args.json else f"job {created['id']} queued: {args.server}{created['location']}")
@@ -153,6 +176,7 @@ def cmd_submit(args) -> None:
 
 
 def cmd_download(args) -> None:
+    _use_key(args)
     out = Path(args.output or f"bitsearch-candidate-{args.candidate_id}{'-packed.zip' if args.packed else '.json'}")
     download(args.server, args.candidate_id, out, args.packed)
     print(out)
@@ -174,6 +198,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--validate-top-k", type=int, help="Pareto candidates to run on the real kernels")
     p.add_argument("--options", help="more options as JSON (e.g. '{\"params\": {\"episodes\": 50}}')")
     p.add_argument("--server", default=server)
+    p.add_argument("--api-key", help="default: $BITSEARCH_API_KEY, else var/local.key of `make run`")
+    p.add_argument("--public", action="store_true", help="show the job on everyone's leaderboard")
     p.add_argument("--wait", action="store_true", help="follow the job with a progress bar, then print the results")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_submit)
@@ -183,6 +209,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output")
     p.add_argument("--packed", action="store_true", help="the packed low-bit model (zip) instead of the config")
     p.add_argument("--server", default=server)
+    p.add_argument("--api-key", help="default: $BITSEARCH_API_KEY, else var/local.key of `make run`")
     p.set_defaults(func=cmd_download)
 
 

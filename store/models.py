@@ -80,6 +80,10 @@ class Job(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
 
+    # Access control: only the owner's keys see the job and its candidates, unless the owner made it public.
+    owner: Mapped[str] = mapped_column(String(64), default="local", index=True)
+    public: Mapped[bool] = mapped_column(Boolean, default=False)
+
     model: Mapped[ModelRecord] = relationship()
     dataset: Mapped[DatasetRecord] = relationship()
     candidates: Mapped[list["CandidateRecord"]] = relationship(back_populates="job", cascade="all, delete-orphan",
@@ -160,3 +164,30 @@ class WorkerRecord(Base):
 
     name: Mapped[str] = mapped_column(String(255), primary_key=True)
     last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ApiKey(Base):
+    """An API key of an owner. Only its sha256 is stored: keys are 32 random bytes, so a plain hash is enough
+    (no dictionary to guess from), and a leaked database reveals no usable key."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(12))  # shown in listings so a key can be recognised
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Ownership(Base):
+    """Who uploaded which model or data set: uploads are stored once, but each owner sees only their own."""
+
+    __tablename__ = "ownerships"
+    __table_args__ = (UniqueConstraint("owner", "kind", "object_id", name="uq_ownership"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "model" | "dataset"
+    object_id: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     validate_top_k: int = Field(default=4, description="default number of Pareto candidates validated per job")
     threads: int = Field(default=0, description="torch threads per task; 0 = torch's default")
 
+    rate_limit_per_s: float = Field(default=100.0, description="requests per second per API key (or client address)")
+    rate_limit_burst: int = Field(default=200, description="requests a key may send at once before the rate applies")
+    max_active_jobs: int = Field(default=4, description="queued + running jobs per owner")
+    key_cache_s: float = Field(default=30.0, description="how long a key lookup is cached (revocation delay)")
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

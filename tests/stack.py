@@ -47,6 +47,7 @@ class Stack:
             self.env["BITSEARCH_BROKER_URL"] = REDIS_URL
         for key, value in settings.items():
             self.env[f"BITSEARCH_{key.upper()}"] = str(value)
+        self.keys: dict[str, str] = {}
         self.api: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.logs = self.var_dir / "logs"
@@ -60,8 +61,8 @@ class Stack:
         self.logs.mkdir(exist_ok=True)
         if self.backend == "postgres":
             _pg_admin(f'CREATE DATABASE "{self.database}"')
-        subprocess.run([sys.executable, "-c", "from store.db import migrate; from store.settings import get_settings;"
-                        "migrate(get_settings().resolved_database_url())"], env=self.env, cwd=ROOT, check=True)
+        for owner in ("alice", "bob"):
+            self.keys[owner] = self.create_key(owner)
         self.api = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
             env=self.env, cwd=ROOT, stdout=open(self.logs / "api.log", "ab"), stderr=subprocess.STDOUT)
@@ -69,6 +70,11 @@ class Stack:
             self.start_worker()
         self.wait_ready()
         return self
+
+    def create_key(self, owner: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "store.admin", "create-key", owner], env=self.env, cwd=ROOT,
+                             check=True, capture_output=True, text=True)
+        return out.stdout.strip()
 
     def start_worker(self) -> subprocess.Popen:
         n = len(self.workers)
@@ -100,8 +106,10 @@ class Stack:
             time.sleep(0.5)
         raise RuntimeError(f"the stack did not come up; api log: {(self.logs / 'api.log').read_text()[-3000:]}")
 
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120)
+    def client(self, owner: str | None = "alice") -> httpx.Client:
+        """A client with `owner`'s key (None: anonymous)."""
+        headers = {"Authorization": f"Bearer {self.keys[owner]}"} if owner else {}
+        return httpx.Client(base_url=self.url, timeout=120, headers=headers)
 
     def wait_job(self, job_id: str, timeout: float = 600, until=("succeeded", "failed", "cancelled")) -> dict:
         deadline = time.time() + timeout

@@ -12,7 +12,9 @@ from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from api import deps
+from api.routes.jobs import get_job_or_404
 from api.schemas import CandidateOut
+from api.security import Caller, optional_caller
 from api.views import candidate_out
 from store.artifacts import ArtifactStore
 from store.models import CandidateRecord
@@ -20,22 +22,27 @@ from store.models import CandidateRecord
 router = APIRouter(tags=["candidates"])
 
 
-def get_candidate_or_404(db: Session, candidate_id: int) -> CandidateRecord:
+def get_candidate_or_404(db: Session, candidate_id: int, who: Caller) -> CandidateRecord:
     cand = db.get(CandidateRecord, candidate_id)
     if cand is None:
         raise HTTPException(404, f"no candidate with id {candidate_id}")
+    try:
+        get_job_or_404(db, cand.job_id, who)
+    except HTTPException:
+        raise HTTPException(404, f"no candidate with id {candidate_id}") from None
     return cand
 
 
 @router.get("/candidates/{candidate_id}", response_model=CandidateOut, summary="A candidate with per-layer bits")
-def get_candidate(candidate_id: int, db: Session = Depends(deps.db)) -> CandidateOut:
-    return candidate_out(get_candidate_or_404(db, candidate_id), with_layers=True)
+def get_candidate(candidate_id: int, who: Caller = Depends(optional_caller),
+                  db: Session = Depends(deps.db)) -> CandidateOut:
+    return candidate_out(get_candidate_or_404(db, candidate_id, who), with_layers=True)
 
 
 @router.get("/candidates/{candidate_id}/config", summary="The bit-width config (bitsearch.config JSON)",
             response_class=Response, responses={200: {"content": {"application/json": {}}}})
-def get_config(candidate_id: int, db: Session = Depends(deps.db)) -> Response:
-    cand = get_candidate_or_404(db, candidate_id)
+def get_config(candidate_id: int, who: Caller = Depends(optional_caller), db: Session = Depends(deps.db)) -> Response:
+    cand = get_candidate_or_404(db, candidate_id, who)
     body = json.dumps(cand.config, indent=2)
     return Response(body, media_type="application/json", headers={
         "Content-Disposition": f'attachment; filename="bitsearch-candidate-{candidate_id}.json"'})
@@ -43,9 +50,9 @@ def get_config(candidate_id: int, db: Session = Depends(deps.db)) -> Response:
 
 @router.get("/candidates/{candidate_id}/packed", summary="The packed low-bit model (zip) of a validated candidate",
             response_class=StreamingResponse, responses={200: {"content": {"application/zip": {}}}})
-def get_packed(candidate_id: int, db: Session = Depends(deps.db),
+def get_packed(candidate_id: int, who: Caller = Depends(optional_caller), db: Session = Depends(deps.db),
                store: ArtifactStore = Depends(deps.artifacts)) -> StreamingResponse:
-    cand = get_candidate_or_404(db, candidate_id)
+    cand = get_candidate_or_404(db, candidate_id, who)
     v = cand.validation
     if v is None or v.status != "succeeded" or not v.packed_path:
         state = "not validated yet" if v is None else f"validation {v.status}"

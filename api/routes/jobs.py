@@ -7,11 +7,12 @@ from datetime import datetime, timezone
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Response, UploadFile
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api import deps, intake
+from api.security import Caller, caller, optional_caller
 from api.schemas import CandidateOut, JobCreated, JobOptions, JobOut, JobPage
 from api.views import candidate_out, job_out
 from store.artifacts import ArtifactStore
@@ -74,6 +75,8 @@ def create_job(
     data: Annotated[UploadFile | None, File(description="a safetensors data set (inputs, labels)")] = None,
     data_name: Annotated[str | None, Form(description="a built-in data set: fashion-mnist")] = None,
     dataset_id: Annotated[str | None, Form(description="the id of a data set uploaded before")] = None,
+    public: Annotated[bool, Form(description="list the job's candidates on everyone's leaderboard")] = False,
+    who: Caller = Depends(caller),
     db: Session = Depends(deps.db),
     settings: Settings = Depends(deps.settings),
     store: ArtifactStore = Depends(deps.artifacts),
@@ -90,16 +93,23 @@ def create_job(
     if sum(x is not None for x in (data, data_name, dataset_id)) != 1:
         raise HTTPException(400, "give exactly one of `data` (a safetensors upload), `data_name` and `dataset_id`")
 
+    active = db.scalar(select(func.count()).select_from(Job).where(
+        Job.owner == who.owner, Job.status.in_(("queued", "running"))))
+    if active >= settings.max_active_jobs:
+        raise HTTPException(429, f"you already have {active} queued or running jobs, the limit per owner; "
+                                 "wait for one to finish or cancel one")
     if model is not None:
-        model_rec, loaded = intake.register_model(db, settings, store, model.file, model.filename or "model.pt2")
+        model_rec, loaded = intake.register_model(db, settings, store, model.file, model.filename or "model.pt2",
+                                                  who.owner)
     else:
-        model_rec, loaded = intake.model_by_id(db, settings, store, model_id)
+        model_rec, loaded = intake.model_by_id(db, settings, store, model_id, who.owner)
     if data is not None:
-        data_rec = intake.register_dataset(db, settings, store, data.file, data.filename or "data.safetensors")
+        data_rec = intake.register_dataset(db, settings, store, data.file, data.filename or "data.safetensors",
+                                           who.owner)
     elif data_name is not None:
         data_rec = intake.builtin_dataset(db, data_name)
     else:
-        data_rec = intake.dataset_by_id(db, dataset_id)
+        data_rec = intake.dataset_by_id(db, dataset_id, who.owner)
     intake.check_compatible(model_rec, data_rec)
     if parsed_budget.latency_us is None:  # a latency budget is checked once the worker has the latency table
         try:
@@ -108,7 +118,7 @@ def create_job(
             raise HTTPException(422, f"infeasible budget: {e}") from e
 
     job = Job(model_id=model_rec.id, dataset_id=data_rec.id, method=method, budget=parsed_budget.limits(),
-              options=opts.search_options(), validate_top_k=opts.validate_top_k,
+              options=opts.search_options(), validate_top_k=opts.validate_top_k, owner=who.owner, public=public,
               heartbeat_at=datetime.now(timezone.utc))
     db.add(job)
     db.commit()  # stored before it is queued: a worker must find it
@@ -129,11 +139,13 @@ def list_jobs(
     dataset_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
+    who: Caller = Depends(caller),
     db: Session = Depends(deps.db),
 ) -> JobPage:
+    """The caller's own jobs."""
     if status is not None and status not in JOB_STATES:
         raise HTTPException(400, f"unknown status {status!r}; expected one of {', '.join(JOB_STATES)}")
-    q = select(Job)
+    q = select(Job).where(Job.owner == who.owner)
     for col, value in ((Job.status, status), (Job.method, method), (Job.model_id, model_id),
                        (Job.dataset_id, dataset_id)):
         if value is not None:
@@ -152,16 +164,17 @@ def _candidate_counts(db: Session, job_ids: list[str]) -> dict[str, int]:
     return dict(rows)
 
 
-def get_job_or_404(db: Session, job_id: str) -> Job:
+def get_job_or_404(db: Session, job_id: str, who: Caller, write: bool = False) -> Job:
+    """The job if the caller owns it (or it is public and only read); otherwise 404, as if it did not exist."""
     job = db.get(Job, job_id)
-    if job is None:
+    if job is None or not (job.owner == who.owner or (job.public and not write)):
         raise HTTPException(404, f"no job with id {job_id!r}")
     return job
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Status, progress and timings of a job")
-def get_job(job_id: str, db: Session = Depends(deps.db)) -> JobOut:
-    job = get_job_or_404(db, job_id)
+def get_job(job_id: str, who: Caller = Depends(optional_caller), db: Session = Depends(deps.db)) -> JobOut:
+    job = get_job_or_404(db, job_id, who)
     return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))
 
 
@@ -171,9 +184,10 @@ def job_candidates(
     sort: Annotated[str, Query(description="a field, '-' prefix for descending: " + ", ".join(sorted(CANDIDATE_SORTS)))]
     = "seq",
     pareto: Annotated[bool | None, Query(description="only the Pareto front (true) or only the rest (false)")] = None,
+    who: Caller = Depends(optional_caller),
     db: Session = Depends(deps.db),
 ) -> list[CandidateOut]:
-    get_job_or_404(db, job_id)
+    get_job_or_404(db, job_id, who)
     field = sort.lstrip("-")
     if field not in CANDIDATE_SORTS:
         raise HTTPException(400, f"cannot sort by {field!r}; choose one of {', '.join(sorted(CANDIDATE_SORTS))}")
@@ -186,12 +200,24 @@ def job_candidates(
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job")
-def cancel_job(job_id: str, db: Session = Depends(deps.db)) -> JobOut:
-    job = get_job_or_404(db, job_id)
+def cancel_job(job_id: str, who: Caller = Depends(caller), db: Session = Depends(deps.db)) -> JobOut:
+    job = get_job_or_404(db, job_id, who, write=True)
     if job.status in FINAL_STATES:
         raise HTTPException(409, f"job {job_id} has already {job.status}")
     job.cancel_requested = True
     if job.status == "queued":  # nothing runs it yet; the worker skips a cancelled job
         job.status, job.finished_at, job.error = "cancelled", datetime.now(timezone.utc), "cancelled by request"
+    db.commit()
+    return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))
+
+
+class JobUpdate(BaseModel):
+    public: bool
+
+
+@router.patch("/jobs/{job_id}", response_model=JobOut, summary="Make a job public (or private again)")
+def update_job(job_id: str, body: JobUpdate, who: Caller = Depends(caller), db: Session = Depends(deps.db)) -> JobOut:
+    job = get_job_or_404(db, job_id, who, write=True)
+    job.public = body.public
     db.commit()
     return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))

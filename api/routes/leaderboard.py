@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, HTTPException
-from fastapi.responses import HTMLResponse
-from sqlalchemy import select
+from fastapi import APIRouter, Depends
+from fastapi.responses import HTMLResponse, Response
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from api import deps
+from api.security import Caller, optional_caller
 from api.schemas import DatasetOut, Leaderboard, LeaderboardGroup, LeaderboardRow, ModelOut
 from store.models import CandidateRecord, DatasetRecord, Job, ModelRecord
 
@@ -39,11 +40,13 @@ def _mark_front(rows: list[LeaderboardRow]) -> None:
 
 
 @router.get("/api/leaderboard", response_model=Leaderboard, summary="Validated candidates per model and data set")
-def leaderboard(model_id: str | None = None, dataset_id: str | None = None,
+def leaderboard(model_id: str | None = None, dataset_id: str | None = None, who: Caller = Depends(optional_caller),
                 db: Session = Depends(deps.db)) -> Leaderboard:
+    """What the caller may see: their own jobs and every public job (anonymous callers: public only)."""
     q = (select(CandidateRecord, Job).join(Job, CandidateRecord.job_id == Job.id)
          .where(Job.status == "succeeded", CandidateRecord.pareto.is_(True))
          .options(selectinload(CandidateRecord.validation)))
+    q = q.where(or_(Job.public.is_(True), Job.owner == who.owner) if who.owner else Job.public.is_(True))
     if model_id is not None:
         q = q.where(Job.model_id == model_id)
     if dataset_id is not None:
@@ -65,7 +68,11 @@ def leaderboard_page() -> HTMLResponse:
 
 
 @router.get("/leaderboard/jobs/{job_id}", response_class=HTMLResponse, summary="A job's page: progress and bits")
-def job_page(job_id: str, db: Session = Depends(deps.db)) -> HTMLResponse:
-    if db.get(Job, job_id) is None:
-        raise HTTPException(404, f"no job with id {job_id!r}")
+def job_page(job_id: str) -> HTMLResponse:
+    # The page is a shell; its data comes from /jobs/{id} with the caller's key, which enforces access.
     return HTMLResponse((PAGES / "job.html").read_text())
+
+
+@router.get("/static/common.js", include_in_schema=False)
+def common_js() -> Response:
+    return Response((PAGES / "common.js").read_text(), media_type="text/javascript")
