@@ -71,6 +71,7 @@ class JobOut(BaseModel):
     search_seconds: float | None
     attempts: int
     cancel_requested: bool
+    public: bool = Field(description="listed on everyone's leaderboard and readable by anyone")
     candidates: int = 0
     links: dict[str, str] = Field(default_factory=dict)
 

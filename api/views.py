@@ -12,7 +12,7 @@ def job_out(job: Job, candidates: int) -> JobOut:
         budget=job.budget, options=job.options, validate_top_k=job.validate_top_k,
         progress=Progress(step=job.step, total=job.total, phase=job.phase, best_val_top1=job.best_val_top1),
         error=job.error, created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        search_seconds=job.search_seconds, attempts=job.attempts, cancel_requested=job.cancel_requested,
+        search_seconds=job.search_seconds, attempts=job.attempts, cancel_requested=job.cancel_requested, public=job.public,
         candidates=candidates,
         links={"self": f"/jobs/{job.id}", "candidates": f"/jobs/{job.id}/candidates",
                "cancel": f"/jobs/{job.id}/cancel", "page": f"/leaderboard/jobs/{job.id}"},

@@ -29,6 +29,10 @@ class JobCancelled(Exception):
     pass
 
 
+class JobTimedOut(Exception):
+    pass
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -85,6 +89,10 @@ class Heartbeat:
         self.url = settings.resolved_database_url()
         self.job_id, self.me, self.interval = job_id, me, settings.heartbeat_s
         self.cancelled = threading.Event()
+        # The time limit is enforced here and checked at every search step: Celery's soft limit raises inside
+        # whatever code is running, and library code (torch's loader) can swallow it.
+        self.deadline = time.monotonic() + settings.task_time_limit_s
+        self.timed_out = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -105,6 +113,8 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
+            if time.monotonic() > self.deadline:
+                self.timed_out.set()
             try:
                 self.beat()
             except Exception as e:  # a dropped connection must not kill the search; the next beat retries
@@ -166,6 +176,8 @@ def run_job(settings: Settings, job_id: str) -> str:
         def check_cancel() -> None:
             if hb.cancelled.is_set():
                 raise JobCancelled()
+            if hb.timed_out.is_set() or time.monotonic() > hb.deadline:
+                raise JobTimedOut()
 
         def on_candidate(c) -> None:
             nonlocal seq
@@ -254,9 +266,13 @@ def _latency_table(settings: Settings, job: Job, model):
 def _reason(e: BaseException, settings: Settings) -> str:
     from celery.exceptions import SoftTimeLimitExceeded
 
-    if isinstance(e, SoftTimeLimitExceeded):
+    chain, cause = [], e
+    while cause is not None and len(chain) < 16:  # a limit can strike inside code that wraps the exception
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    if any(isinstance(c, (SoftTimeLimitExceeded, JobTimedOut)) for c in chain):
         return f"the search exceeded the time limit of {settings.task_time_limit_s} s"
-    if isinstance(e, MemoryError):
+    if any(isinstance(c, MemoryError) for c in chain):
         return f"the search ran out of memory (limit {settings.worker_max_memory_mb} MB per task)"
     if isinstance(e, ValueError):  # our input errors: bad model, data set, budget, options
         return str(e)
@@ -377,6 +393,10 @@ def reap_orphans(settings: Settings) -> list[str]:
     cutoff = now - timedelta(seconds=settings.stale_after_s)
     with session_scope(url) as s:
         stale = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff)
+        # A job whose worker died after its time limit was killed for it (Celery's hard limit): fail it.
+        overdue = now - timedelta(seconds=settings.task_time_limit_s)
+        for jid in s.scalars(select(Job.id).where(Job.status == "running", stale, Job.started_at < overdue)).all():
+            _finish(s, jid, "failed", f"the search exceeded the time limit of {settings.task_time_limit_s} s")
         lost = s.scalars(select(Job.id).where(Job.status == "running", stale)).all()
         waiting = s.scalars(select(Job.id).where(Job.status == "queued", stale)).all()
         for jid in lost:

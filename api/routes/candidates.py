@@ -7,7 +7,9 @@ import json
 import zipfile
 from pathlib import Path
 
-from fastapi import APIRouter, Depends, HTTPException, Response
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, HTTPException, Path as PathParam, Response
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
@@ -20,6 +22,8 @@ from store.artifacts import ArtifactStore
 from store.models import CandidateRecord
 
 router = APIRouter(tags=["candidates"])
+# Ids are 32-bit in the database; a larger number cannot name a candidate (and must not reach the query).
+CandidateId = Annotated[int, PathParam(ge=1, le=2**31 - 1)]
 
 
 def get_candidate_or_404(db: Session, candidate_id: int, who: Caller) -> CandidateRecord:
@@ -34,14 +38,14 @@ def get_candidate_or_404(db: Session, candidate_id: int, who: Caller) -> Candida
 
 
 @router.get("/candidates/{candidate_id}", response_model=CandidateOut, summary="A candidate with per-layer bits")
-def get_candidate(candidate_id: int, who: Caller = Depends(optional_caller),
+def get_candidate(candidate_id: CandidateId, who: Caller = Depends(optional_caller),
                   db: Session = Depends(deps.db)) -> CandidateOut:
     return candidate_out(get_candidate_or_404(db, candidate_id, who), with_layers=True)
 
 
 @router.get("/candidates/{candidate_id}/config", summary="The bit-width config (bitsearch.config JSON)",
             response_class=Response, responses={200: {"content": {"application/json": {}}}})
-def get_config(candidate_id: int, who: Caller = Depends(optional_caller), db: Session = Depends(deps.db)) -> Response:
+def get_config(candidate_id: CandidateId, who: Caller = Depends(optional_caller), db: Session = Depends(deps.db)) -> Response:
     cand = get_candidate_or_404(db, candidate_id, who)
     body = json.dumps(cand.config, indent=2)
     return Response(body, media_type="application/json", headers={
@@ -50,7 +54,7 @@ def get_config(candidate_id: int, who: Caller = Depends(optional_caller), db: Se
 
 @router.get("/candidates/{candidate_id}/packed", summary="The packed low-bit model (zip) of a validated candidate",
             response_class=StreamingResponse, responses={200: {"content": {"application/zip": {}}}})
-def get_packed(candidate_id: int, who: Caller = Depends(optional_caller), db: Session = Depends(deps.db),
+def get_packed(candidate_id: CandidateId, who: Caller = Depends(optional_caller), db: Session = Depends(deps.db),
                store: ArtifactStore = Depends(deps.artifacts)) -> StreamingResponse:
     cand = get_candidate_or_404(db, candidate_id, who)
     v = cand.validation

@@ -138,7 +138,7 @@ def list_jobs(
     model_id: str | None = None,
     dataset_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**31 - 1)] = 0,
     who: Caller = Depends(caller),
     db: Session = Depends(deps.db),
 ) -> JobPage:
