@@ -3,6 +3,7 @@ unpickles), checked against each other, and stored once under their sha256."""
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections import OrderedDict
 from typing import BinaryIO
@@ -52,6 +53,18 @@ def _num_outputs(model) -> int:
     return int(out.shape[1])
 
 
+def _stage(store: ArtifactStore, kind: str, src: BinaryIO, max_bytes: int):
+    """Stage an upload; over the limit: 413; disk full: 507. Either way nothing is left behind."""
+    try:
+        return store.stage(kind, src, max_bytes)
+    except TooLarge as e:
+        raise HTTPException(413, str(e)) from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise HTTPException(507, "the artifact store is full; the upload was not stored") from e
+        raise
+
+
 def _own(db: Session, owner: str, kind: str, object_id: str) -> None:
     if not owns(db, owner, kind, object_id):
         db.add(Ownership(owner=owner, kind=kind, object_id=object_id))
@@ -68,10 +81,7 @@ def register_model(db: Session, settings: Settings, store: ArtifactStore, src: B
     from search.archive import ArchiveError
     from search.model import load_model
 
-    try:
-        staged = store.stage("models", src, settings.max_model_bytes)
-    except TooLarge as e:
-        raise HTTPException(413, str(e)) from e
+    staged = _stage(store, "models", src, settings.max_model_bytes)
     try:
         existing = db.get(ModelRecord, staged.sha256)
         if existing is not None:
@@ -119,10 +129,7 @@ def register_dataset(db: Session, settings: Settings, store: ArtifactStore, src:
                      owner: str):
     from search.data import DatasetError, load_dataset_file
 
-    try:
-        staged = store.stage("datasets", src, settings.max_dataset_bytes)
-    except TooLarge as e:
-        raise HTTPException(413, str(e)) from e
+    staged = _stage(store, "datasets", src, settings.max_dataset_bytes)
     try:
         existing = db.get(DatasetRecord, staged.sha256)
         if existing is not None:

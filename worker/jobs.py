@@ -8,6 +8,7 @@ is unique, so no candidate is stored twice.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import socket
@@ -45,6 +46,23 @@ def _aware(t: datetime | None) -> datetime | None:
 def worker_name() -> str:
     import os
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def write(url: str, fn, tries: int = 6) -> None:
+    """Run fn(session) in a transaction, retrying while the database connection is being re-established
+    (a dropped connection or a restarting server should not fail a search that is otherwise fine)."""
+    from sqlalchemy.exc import InterfaceError, OperationalError
+
+    for attempt in range(tries):
+        try:
+            with session_scope(url) as s:
+                fn(s)
+            return
+        except (OperationalError, InterfaceError) as e:  # connection-level; other errors are real bugs
+            if attempt == tries - 1:
+                raise
+            log.warning("database write failed (%s); retrying", type(e.orig).__name__ if e.orig else e)
+            time.sleep(min(8.0, 0.5 * 2 ** attempt))
 
 
 # -- claiming -------------------------------------------------------------------------------------------
@@ -181,12 +199,19 @@ def run_job(settings: Settings, job_id: str) -> str:
 
         def on_candidate(c) -> None:
             nonlocal seq
-            with session_scope(url) as s:
-                s.add(CandidateRecord(
-                    job_id=job_id, seq=seq, config=c.config.model_dump(mode="json"),
-                    avg_wbits=c.cost.avg_wbits, weight_bytes=c.cost.weight_bytes, bitops=float(c.cost.bitops),
-                    act_bytes=c.cost.act_bytes, latency_us=c.cost.latency_us, score=_finite(c.score) or 0.0,
-                    val_top1=c.val_top1, val_sqnr_db=_finite(c.val_sqnr_db), meta=_jsonable(c.meta)))
+            record = dict(
+                job_id=job_id, seq=seq, config=c.config.model_dump(mode="json"),
+                avg_wbits=c.cost.avg_wbits, weight_bytes=c.cost.weight_bytes, bitops=float(c.cost.bitops),
+                act_bytes=c.cost.act_bytes, latency_us=c.cost.latency_us, score=_finite(c.score) or 0.0,
+                val_top1=c.val_top1, val_sqnr_db=_finite(c.val_sqnr_db), meta=_jsonable(c.meta))
+
+            def insert(s) -> None:
+                # A retry after a lost commit acknowledgement must not store the candidate twice.
+                if s.scalar(select(CandidateRecord.id).where(CandidateRecord.job_id == job_id,
+                                                             CandidateRecord.seq == record["seq"])) is None:
+                    s.add(CandidateRecord(**record))
+
+            write(url, insert)
             seq += 1
             check_cancel()
 
@@ -197,10 +222,9 @@ def run_job(settings: Settings, job_id: str) -> str:
             if now - last_write < 0.5 and p.step < p.total:
                 return  # the database does not need every step
             last_write = now
-            with session_scope(url) as s:
-                s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
-                    step=p.step, total=p.total, phase=p.phase[:64], heartbeat_at=utcnow(),
-                    best_val_top1=None if p.best is None else p.best.val_top1))
+            write(url, lambda s: s.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(
+                step=p.step, total=p.total, phase=p.phase[:64], heartbeat_at=utcnow(),
+                best_val_top1=None if p.best is None else p.best.val_top1)))
 
         started = time.perf_counter()
         try:
@@ -274,6 +298,8 @@ def _reason(e: BaseException, settings: Settings) -> str:
         return f"the search exceeded the time limit of {settings.task_time_limit_s} s"
     if any(isinstance(c, MemoryError) for c in chain):
         return f"the search ran out of memory (limit {settings.worker_max_memory_mb} MB per task)"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "the artifact store is full (no space left on device)"
     if isinstance(e, ValueError):  # our input errors: bad model, data set, budget, options
         return str(e)
     return f"internal error: {type(e).__name__}: {e}"
