@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from fastapi import Depends, HTTPException, Request
+from starlette.concurrency import run_in_threadpool
 
 from store.auth import hash_key, owner_of
 from store.db import session_scope
@@ -28,14 +29,21 @@ _key_cache: dict[str, tuple[str | None, float]] = {}
 _key_lock = threading.Lock()
 
 
+_UNKNOWN = object()
+
+
+def _cached_owner(key: str):
+    with _key_lock:
+        hit = _key_cache.get(hash_key(key))
+    if hit is not None and time.monotonic() - hit[1] < get_settings().key_cache_s:
+        return hit[0]
+    return _UNKNOWN
+
+
 def _lookup(key: str) -> str | None:
     settings = get_settings()
     digest = hash_key(key)
     now = time.monotonic()
-    with _key_lock:
-        hit = _key_cache.get(digest)
-        if hit is not None and now - hit[1] < settings.key_cache_s:
-            return hit[0]
     with session_scope(settings.resolved_database_url()) as db:
         owner = owner_of(db, key)
     with _key_lock:
@@ -78,10 +86,13 @@ class RateLimiter:
 limiter = RateLimiter()
 
 
-def optional_caller(request: Request) -> Caller:
+async def optional_caller(request: Request) -> Caller:
+    # async, with the cached key as the fast path: a poll should not need a thread or a query to authenticate.
     key = _presented_key(request)
     if key:
-        owner = _lookup(key)
+        owner = _cached_owner(key)
+        if owner is _UNKNOWN:
+            owner = await run_in_threadpool(_lookup, key)
         if owner is None:
             raise HTTPException(401, "invalid or revoked API key", headers={"WWW-Authenticate": "Bearer"})
         caller = Caller(owner, "key:" + hash_key(key))
@@ -96,7 +107,7 @@ def optional_caller(request: Request) -> Caller:
     return caller
 
 
-def caller(c: Caller = Depends(optional_caller)) -> Caller:
+async def caller(c: Caller = Depends(optional_caller)) -> Caller:
     if c.owner is None:
         raise HTTPException(401, "an API key is required: send `Authorization: Bearer <key>` "
                                  "(keys come from `bitsearch-admin create-key OWNER`)",

@@ -10,14 +10,18 @@ from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, Respon
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api import deps, intake
+from api.routes import leaderboard
+from api.cache import TTLCache
 from api.security import Caller, caller, optional_caller
 from api.schemas import CandidateOut, JobCreated, JobOptions, JobOut, JobPage
 from api.views import candidate_out, job_out
 from store.artifacts import ArtifactStore
+from store.db import session_scope
 from store.models import FINAL_STATES, JOB_STATES, CandidateRecord, Job
-from store.settings import Settings
+from store.settings import Settings, get_settings
 from worker.celery_app import SEARCH_TASK
 
 router = APIRouter(tags=["jobs"])
@@ -173,9 +177,28 @@ def get_job_or_404(db: Session, job_id: str, who: Caller, write: bool = False) -
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, summary="Status, progress and timings of a job")
-def get_job(job_id: str, who: Caller = Depends(optional_caller), db: Session = Depends(deps.db)) -> JobOut:
-    job = get_job_or_404(db, job_id, who)
-    return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))
+async def get_job(job_id: str, who: Caller = Depends(optional_caller)) -> Response:
+    # The polling path: served from a short-lived cache of the serialized job, access checked on every hit.
+    view = job_views.get(job_id)
+    if view is TTLCache.MISSING:
+        view = await run_in_threadpool(_job_view, job_id)
+        job_views.put(job_id, view)
+    if view is None or not (view[0] == who.owner or view[1]):
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    return Response(view[2], media_type="application/json")
+
+
+job_views = TTLCache(ttl_s=0.5)
+
+
+def _job_view(job_id: str) -> tuple[str, bool, bytes] | None:
+    """(owner, public, JSON body) of a job, or None."""
+    with session_scope(get_settings().resolved_database_url()) as db:
+        job = db.get(Job, job_id)
+        if job is None:
+            return None
+        body = job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0)).model_dump_json().encode()
+        return job.owner, job.public, body
 
 
 @router.get("/jobs/{job_id}/candidates", response_model=list[CandidateOut], summary="A job's candidate configs")
@@ -208,6 +231,8 @@ def cancel_job(job_id: str, who: Caller = Depends(caller), db: Session = Depends
     if job.status == "queued":  # nothing runs it yet; the worker skips a cancelled job
         job.status, job.finished_at, job.error = "cancelled", datetime.now(timezone.utc), "cancelled by request"
     db.commit()
+    job_views.drop(job_id)
+    leaderboard.boards.clear()  # what others may see has changed
     return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))
 
 
@@ -220,4 +245,6 @@ def update_job(job_id: str, body: JobUpdate, who: Caller = Depends(caller), db: 
     job = get_job_or_404(db, job_id, who, write=True)
     job.public = body.public
     db.commit()
+    job_views.drop(job_id)
+    leaderboard.boards.clear()  # what others may see has changed
     return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))

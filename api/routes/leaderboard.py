@@ -8,11 +8,14 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import HTMLResponse, Response
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, selectinload
+from starlette.concurrency import run_in_threadpool
 
-from api import deps
+from api.cache import TTLCache
 from api.security import Caller, optional_caller
 from api.schemas import DatasetOut, Leaderboard, LeaderboardGroup, LeaderboardRow, ModelOut
+from store.db import session_scope
 from store.models import CandidateRecord, DatasetRecord, Job, ModelRecord
+from store.settings import get_settings
 
 router = APIRouter(tags=["leaderboard"])
 PAGES = Path(__file__).resolve().parent.parent / "pages"
@@ -40,9 +43,26 @@ def _mark_front(rows: list[LeaderboardRow]) -> None:
 
 
 @router.get("/api/leaderboard", response_model=Leaderboard, summary="Validated candidates per model and data set")
-def leaderboard(model_id: str | None = None, dataset_id: str | None = None, who: Caller = Depends(optional_caller),
-                db: Session = Depends(deps.db)) -> Leaderboard:
+async def leaderboard(model_id: str | None = None, dataset_id: str | None = None,
+                      who: Caller = Depends(optional_caller)) -> Response:
     """What the caller may see: their own jobs and every public job (anonymous callers: public only)."""
+    key = (who.owner, model_id, dataset_id)
+    body = boards.get(key)
+    if body is TTLCache.MISSING:
+        body = await run_in_threadpool(_board_json, who, model_id, dataset_id)
+        boards.put(key, body)
+    return Response(body, media_type="application/json")
+
+
+boards = TTLCache(ttl_s=2.0)
+
+
+def _board_json(who: Caller, model_id: str | None, dataset_id: str | None) -> bytes:
+    with session_scope(get_settings().resolved_database_url()) as db:
+        return _board(db, who, model_id, dataset_id).model_dump_json().encode()
+
+
+def _board(db: Session, who: Caller, model_id: str | None, dataset_id: str | None) -> Leaderboard:
     q = (select(CandidateRecord, Job).join(Job, CandidateRecord.job_id == Job.id)
          .where(Job.status == "succeeded", CandidateRecord.pareto.is_(True))
          .options(selectinload(CandidateRecord.validation)))
