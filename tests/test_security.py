@@ -257,3 +257,19 @@ def test_rate_limit_active_jobs_and_time_limit(tmp_path):
             assert bob.get("/jobs").status_code == 200  # one key's flood does not block another
     finally:
         s.stop()
+
+
+def test_a_search_over_the_memory_limit_fails_with_that_reason(tmp_path):
+    s = Stack(tmp_path / "memory", backend="postgres", worker_max_memory_mb=1300, heartbeat_s=1)
+    s.start(workers=1)
+    try:
+        with s.client("alice") as alice:
+            # Imprinting keeps every layer's activations for the calibration images: far over 1.3 GB here.
+            r = post_job(alice, method="imprinting", budget={"avg_wbits": 3},
+                         options={**QUICK, "calib_size": 4096, "val_samples": 2000})
+            assert r.status_code == 202, r.text
+            job = s.wait_job(r.json()["id"], timeout=300)
+        assert job["status"] == "failed" and "out of memory (limit 1300 MB" in job["error"], job
+        assert s.workers[0].poll() is None  # the worker survived its task
+    finally:
+        s.stop()

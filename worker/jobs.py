@@ -296,7 +296,9 @@ def _reason(e: BaseException, settings: Settings) -> str:
         cause = cause.__cause__ or cause.__context__
     if any(isinstance(c, (SoftTimeLimitExceeded, JobTimedOut)) for c in chain):
         return f"the search exceeded the time limit of {settings.task_time_limit_s} s"
-    if any(isinstance(c, MemoryError) for c in chain):
+    # torch reports a failed allocation as RuntimeError from its CPU allocator, Python as MemoryError.
+    if any(isinstance(c, MemoryError) or (isinstance(c, RuntimeError) and "can't allocate memory" in str(c))
+           for c in chain):
         return f"the search ran out of memory (limit {settings.worker_max_memory_mb} MB per task)"
     if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
         return "the artifact store is full (no space left on device)"
