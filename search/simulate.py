@@ -119,6 +119,19 @@ class Simulator:
             self._weight_cache[key] = quantize_weight(self._float_weights[layer], bits, scheme, clip).dequantize()
         return self._weight_cache[key]
 
+    def weight_codes(self, layer: str, bits: int, scheme: str = "uniform", clip: str = "mse"):
+        """The QuantizedWeight (codes and scales) behind quantized_weight(): what the kernels pack."""
+        return quantize_weight(self._float_weights[layer], bits, scheme, clip)
+
+    def layer_bias(self, layer: str, bits: int | None, scheme: str = "uniform", clip: str = "mse",
+                   bias_correction: bool = True) -> torch.Tensor | None:
+        """The bias the simulation uses for this layer at these bits (corrected when enabled); None if none."""
+        if layer not in self._bias_targets:
+            return None
+        if bias_correction and bits is not None:
+            return self.corrected_bias(layer, bits, scheme, clip)
+        return self._float_biases[layer]
+
     def corrected_bias(self, layer: str, bits: int, scheme: str = "uniform", clip: str = "mse") -> torch.Tensor:
         """The layer's float bias minus the output shift its quantized weights cause (bias_correction.py)."""
         key = (layer, bits, scheme, clip)
