@@ -74,6 +74,16 @@ def lowbit_conv2d(x: torch.Tensor, planes: torch.Tensor, qsum: torch.Tensor, sca
     ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
     wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
     codes = quantize_input(x, a_scale, a_zp, a_qmax).float()
+    if g > 1 and b * ho * wo > SMALL_BATCH:
+        # Grouped and depthwise layers: im2col would multiply the work by the kernel area for tiny GEMMs.
+        # Unpack the weights to their integer values and convolve the integer-valued codes (minus the zero
+        # point, so the zero padding is exact) with torch's conv: the same integer sums, exact below 2^24.
+        bits = planes.shape[-1]
+        alpha, off = affine_for(bits)
+        wint = alpha * extension().unpack_planes(planes)[..., :k].to(torch.int16) - off
+        wint = wint.float().reshape(g * ng, c // g, kernel[0], kernel[1])
+        acc = F.conv2d(codes - a_zp, wint, None, stride, padding, dilation, g)
+        return acc * (scale * a_scale).reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
     # Pad with the zero point: the code of 0.0, which is what a float conv pads a fake-quantized input with.
     codes = F.pad(codes, (padding[1], padding[1], padding[0], padding[0]), value=float(a_zp))
     cols = F.unfold(codes, kernel, dilation=dilation, stride=stride)  # [B, C*kh*kw, L], channel-major
