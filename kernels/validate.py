@@ -70,8 +70,10 @@ def validate(model: LoadedModel, config: QuantConfig, inputs: torch.Tensor, labe
         if len(x) < bs:
             x = x.repeat((bs + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))[:bs]
         latency[bs] = median_us(lambda: packed.module(x), repeats)
-    return ValidationReport(
+    report = ValidationReport(
         top1=top1, sim_top1=sim_top1, agreement=float((logits.argmax(1) == sim_logits.argmax(1)).float().mean()),
         max_logit_diff=float((logits - sim_logits).abs().max()), samples=len(inputs), packed_bytes=packed.nbytes,
         buffer_bytes=packed.buffer_bytes, latency_us=latency, threads=torch.get_num_threads(), isa=isa(),
         kernel_layers=len(packed.kernel_layers), layers=len(model.layers))
+    report.packed = packed  # not a field: to_dict() leaves it out; callers may save it
+    return report

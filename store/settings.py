@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(default=60.0, description="a running job without a heartbeat this long is orphaned")
     max_attempts: int = Field(default=3, description="runs of a job before it is failed as lost")
     validate_top_k: int = Field(default=4, description="default number of Pareto candidates validated per job")
+    validate_samples: int = Field(default=10000, description="test images a validation runs on the kernels")
     threads: int = Field(default=0, description="torch threads per task; 0 = torch's default")
 
     rate_limit_per_s: float = Field(default=100.0, description="requests per second per API key (or client address)")

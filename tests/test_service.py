@@ -24,7 +24,8 @@ FAST = {"val_samples": 500, "calib_size": 256, "validate_top_k": 1}
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     s = Stack(tmp_path_factory.mktemp("stack"), backend="postgres", heartbeat_s=1, stale_after_s=6,
-              max_model_bytes=4 * 2**20, max_dataset_bytes=4 * 2**20, max_request_bytes=12 * 2**20)
+              max_model_bytes=4 * 2**20, max_dataset_bytes=4 * 2**20, max_request_bytes=12 * 2**20,
+              validate_samples=1000)
     s.start(workers=1)
     yield s
     s.stop()
@@ -94,6 +95,36 @@ def test_config_download_reevaluates_to_the_stored_accuracy(stack, finished_jobs
     splits = fashion_mnist_splits(calib_size=FAST["calib_size"])
     result = Simulator(model, splits.calib.inputs).evaluate(config, splits.val.subset(slice(0, FAST["val_samples"])))
     assert result.top1 == pytest.approx(rec["val_top1"], abs=1e-6)
+
+
+def test_pareto_candidates_are_validated_on_the_kernels(stack, finished_jobs, tmp_path):
+    import zipfile
+
+    job = finished_jobs["sqnr"]
+    deadline = time.time() + 600
+    with stack.client() as c:
+        while True:
+            validated = [x for x in c.get(f"/jobs/{job['id']}/candidates").json() if x["validation"]]
+            if validated and all(v["validation"]["status"] in ("succeeded", "failed") for v in validated):
+                break
+            assert time.time() < deadline, validated
+            time.sleep(1)
+        assert len(validated) == FAST["validate_top_k"]
+        v = validated[0]["validation"]
+        assert v["status"] == "succeeded", v
+        assert v["samples"] == 1000 and v["agreement"] >= 0.995 and abs(v["top1"] - v["sim_top1"]) <= 0.002
+        assert v["packed_bytes"] > 0 and v["latency_us"]["1"] > 0 and v["isa"] in ("scalar", "avx2", "avx512")
+        resp = c.get(f"/candidates/{validated[0]['id']}/packed")
+        assert resp.status_code == 200
+        (tmp_path / "packed.zip").write_bytes(resp.content)
+        with zipfile.ZipFile(tmp_path / "packed.zip") as zf:
+            assert set(zf.namelist()) == {"model.pt2", "config.json"}
+            zf.extractall(tmp_path / "packed")
+    from kernels.lower import load_packed
+
+    packed = load_packed(tmp_path / "packed")
+    logits = packed(fashion_mnist_splits(calib_size=FAST["calib_size"]).test.inputs[:200])
+    assert logits.shape == (200, 10)
 
 
 def test_leaderboard_json_lists_both_methods(stack, finished_jobs):

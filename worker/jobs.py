@@ -351,7 +351,6 @@ def queue_validations(settings: Settings, job_id: str) -> list[int]:
 
 
 def run_validation(settings: Settings, candidate_id: int) -> str:
-    from kernels.lower import lower
     from kernels.validate import validate
     from search.config import QuantConfig
 
@@ -375,8 +374,9 @@ def run_validation(settings: Settings, candidate_id: int) -> str:
         evalset = splits.test if splits.test is not None else splits.val
         if evalset.labels is None:
             raise ValueError("validation needs labelled data")
+        evalset = evalset.subset(slice(0, settings.validate_samples))
         report = validate(model, config, evalset.inputs, evalset.labels, splits.calib.inputs)
-        packed = lower(model, config, splits.calib.inputs)
+        packed = report.packed
         import tempfile
         from pathlib import Path
 

@@ -1,0 +1,119 @@
+"""Kernel benchmark (not a test): our low-bit ops against stock torch, side by side in one run.
+
+    .venv/bin/python bench/kernels.py [--threads 2] [--repeats 30]
+
+Medians of repeated calls, weights hot (the same call repeated). Prints Markdown tables for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from kernels import ops, packing  # noqa: E402
+from kernels.lower import lower  # noqa: E402
+from search.config import QuantConfig  # noqa: E402
+from search.data import fashion_mnist_splits  # noqa: E402
+from search.model import load_model  # noqa: E402
+from search.quant.weight import quantize_weight  # noqa: E402
+
+
+def med(fn, repeats):
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(ts)
+
+
+def linear_rows(m, k, n, repeats):
+    x, w = torch.randn(m, k), torch.randn(n, k)
+    rows = {"fp32 F.linear": med(lambda: F.linear(x, w), repeats)}
+    packed_dyn = torch.ops.quantized.linear_prepack(torch.quantize_per_tensor(w, 0.02, 0, torch.qint8), None)
+    rows["fbgemm int8 linear_dynamic"] = med(lambda: torch.ops.quantized.linear_dynamic(x, packed_dyn), repeats)
+    if m > 16:
+        xi, wi = torch.randint(-128, 127, (m, k), dtype=torch.int8), torch.randint(-127, 127, (n, k), dtype=torch.int8)
+        wt = wi.t()
+        rows["torch._int_mm (W.t())"] = med(lambda: torch._int_mm(xi, wt), repeats)
+    try:
+        wq = torch.randint(0, 16, (n, k), dtype=torch.int32)
+        w4 = torch._convert_weight_to_int4pack_for_cpu(wq, 1)
+        sz = torch.ones(k // 128, n, 2, dtype=torch.bfloat16)
+        xb = x.bfloat16()
+        rows["int4pack_mm bf16"] = med(lambda: torch._weight_int4pack_mm_for_cpu(xb, w4, 128, sz), repeats)
+    except Exception as e:  # noqa: BLE001
+        rows["int4pack_mm bf16"] = f"n/a ({type(e).__name__})"
+    for bits in range(1, 9):
+        qw = quantize_weight(w, bits, "uniform", "max")
+        p = packing.pack(qw)
+        bias = torch.zeros(1, n)
+        rows[f"bitsearch W{bits}A8"] = med(
+            lambda p=p: ops.lowbit_linear(x, p.planes, p.qsum, p.scale, bias, k, 0.05, 128, 255), repeats)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"ISA {ops.isa()} (supported: {', '.join(ops.supported_isas())}), {args.threads} threads, "
+          f"median of {args.repeats}, microseconds\n")
+    shapes = [(1, 4096, 4096), (64, 1024, 1024), (64, 4096, 4096)]
+    results = {s: linear_rows(*s, args.repeats) for s in shapes}
+    print("| linear | " + " | ".join(f"{m}x{k}x{n}" for m, k, n in shapes) + " |")
+    print("|---" * (len(shapes) + 1) + "|")
+    for name in results[shapes[0]] | results[shapes[1]]:
+        cells = []
+        for s in shapes:
+            v = results[s].get(name, "-")
+            cells.append(f"{v:.0f}" if isinstance(v, float) else str(v))
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+    x, w = torch.randn(1, 64, 56, 56), torch.randn(64, 64, 3, 3)
+    conv = {"fp32 F.conv2d": med(lambda: F.conv2d(x, w, None, 1, 1), args.repeats)}
+    xcl, wcl = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
+    conv["fp32 F.conv2d channels-last"] = med(lambda: F.conv2d(xcl, wcl, None, 1, 1), args.repeats)
+    qconv = torch.ao.nn.quantized.Conv2d(64, 64, 3, padding=1)
+    xq = torch.quantize_per_tensor(x, 0.05, 128, torch.quint8)
+    conv["x86 int8 quantized conv"] = med(lambda: qconv(xq), args.repeats)
+    for bits in (2, 4, 8):
+        qw = quantize_weight(w, bits, "uniform", "max")
+        p = packing.pack(qw)
+        conv[f"bitsearch W{bits}A8"] = med(lambda p=p: ops.lowbit_conv2d(
+            x, p.planes, p.qsum, p.scale, torch.zeros(1, 64), p.k, 0.05, 128, 255, [3, 3], [1, 1], [1, 1], [1, 1]),
+            args.repeats)
+    print("\n| conv 3x3 64->64 at 56x56, batch 1 | us |\n|---|---|")
+    for k_, v in conv.items():
+        print(f"| {k_} | {v:.0f} |")
+
+    splits = fashion_mnist_splits(256)
+    print("\n| model | fp32 b1 us | W4A8 b1 us | fp32 b64 us | W4A8 b64 us | fp32 bytes | W4A8 tensors bytes | "
+          "W4A8 .pt2 bytes |\n|---|---|---|---|---|---|---|---|")
+    for name in ("resnet20-fmnist", "mobilenetv2-fmnist", "mixer-fmnist"):
+        model = load_model(ROOT / "models" / f"{name}.pt2")
+        packed = lower(model, QuantConfig.uniform(model, 4, 8), splits.calib.inputs)
+        x1, x64 = splits.test.inputs[:1], splits.test.inputs[:64]
+        fp32_bytes = sum(t.numel() * 4 for t in model.gm.state_dict().values() if t.is_floating_point())
+        with torch.no_grad():
+            cells = [med(lambda: model.gm(x1), args.repeats), med(lambda: packed.module(x1), args.repeats),
+                     med(lambda: model.gm(x64), 10), med(lambda: packed.module(x64), 10)]
+        print(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) +
+              f" | {fp32_bytes} | {packed.buffer_bytes} | {packed.nbytes} |")
+
+
+if __name__ == "__main__":
+    main()
