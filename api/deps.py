@@ -7,7 +7,7 @@ from typing import Iterator
 from sqlalchemy.orm import Session
 
 from store.artifacts import ArtifactStore
-from store.db import session_factory
+from store.db import session_scope
 from store.settings import Settings, get_settings
 
 
@@ -16,15 +16,8 @@ def settings() -> Settings:
 
 
 def db() -> Iterator[Session]:
-    session = session_factory(get_settings().resolved_database_url())()
-    try:
+    with session_scope(get_settings().resolved_database_url()) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 def artifacts() -> ArtifactStore:

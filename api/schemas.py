@@ -5,40 +5,19 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-BIT_RANGE = "weight bits 1..8; activation bits 2..8 or 16 (float)"
+from search.searches.base import SearchOptions
 
 
-class JobOptions(BaseModel):
-    """The `options` form field of POST /jobs (JSON)."""
+class JobOptions(SearchOptions):
+    """The `options` form field of POST /jobs (JSON): the search's options (bit choices validated there)
+    plus the service's own, with bounds a shared server needs."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    w_bits: list[int] = Field(default_factory=lambda: list(range(2, 9)), description="weight bit choices, 1..8")
-    a_bits: list[int] = Field(default_factory=lambda: [8], description="activation bit choices, 2..8 or 16")
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    scheme: str = Field(default="uniform", pattern="^(uniform|pot|apot)$")
-    clip: str = Field(default="mse", pattern="^(max|mse)$")
-    act_calibration: str = Field(default="mse", pattern="^(minmax|percentile|mse)$")
     calib_size: int = Field(default=1024, ge=16, le=65536, description="calibration images")
     val_samples: int = Field(default=2000, ge=100, le=100000, description="validation images scoring candidates")
     validate_top_k: int = Field(default=4, ge=0, le=64, description="Pareto candidates run on the real kernels")
-    params: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
-
-    @field_validator("w_bits")
-    @classmethod
-    def _w(cls, v: list[int]) -> list[int]:
-        if not v or any(not 1 <= b <= 8 for b in v):
-            raise ValueError("w_bits must be a non-empty list of values in 1..8")
-        return sorted(set(v))
-
-    @field_validator("a_bits")
-    @classmethod
-    def _a(cls, v: list[int]) -> list[int]:
-        if not v or any(not (2 <= b <= 8 or b == 16) for b in v):
-            raise ValueError("a_bits must be a non-empty list of values in 2..8 or 16")
-        return sorted(set(v))
 
     def search_options(self) -> dict:
         """What the worker passes to the search (SearchOptions fields plus calib_size)."""

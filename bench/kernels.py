@@ -8,9 +8,7 @@ Medians of repeated calls, weights hot (the same call repeated). Prints Markdown
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 
 from kernels import ops, packing  # noqa: E402
 from kernels.lower import lower  # noqa: E402
+from kernels.validate import median_us  # noqa: E402
 from search.config import QuantConfig  # noqa: E402
 from search.data import fashion_mnist_splits  # noqa: E402
 from search.model import load_model  # noqa: E402
@@ -28,14 +27,7 @@ from search.quant.weight import quantize_weight  # noqa: E402
 
 
 def med(fn, repeats):
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e6)
-    return statistics.median(ts)
+    return median_us(fn, repeats)
 
 
 def linear_rows(m, k, n, repeats):

@@ -16,7 +16,6 @@ from hypothesis import HealthCheck, settings
 from sqlalchemy import create_engine, text
 from torch import nn
 
-from search.data import LabelledSet, save_dataset_file
 from tests.conftest import TinyNet, export_model
 from tests.hostile import with_guard_code, with_pickled_sample_inputs, with_pickled_weight
 from tests.stack import ROOT, Stack
