@@ -194,8 +194,12 @@ class SearchContext:
         return cand
 
     def best_fitting(self) -> Candidate | None:
-        fitting = [c for c in self.candidates if c.fits]
-        return max(fitting, key=lambda c: c.quality) if fitting else None
+        # Ties in accuracy go to the cheaper config (then the earlier one), the same order mark_pareto uses,
+        # so the recommended candidate is always on the Pareto front.
+        fitting = [(i, c) for i, c in enumerate(self.candidates) if c.fits]
+        if not fitting:
+            return None
+        return min(fitting, key=lambda ic: (-ic[1].quality, getattr(ic[1].cost, self.pareto_metric), ic[0]))[1]
 
     def report(self, step: int, total: int, phase: str) -> None:
         if self._on_progress is None:
