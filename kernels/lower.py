@@ -29,7 +29,7 @@ from search.quant.activation import FLOAT_ACT_BITS
 from search.simulate import Simulator
 
 from . import ops  # noqa: F401  (registers torch.ops.bitsearch.*)
-from .packing import pack
+from .packing import LAYOUT, pack
 
 MODEL_FILE, CONFIG_FILE = "model.pt2", "config.json"
 
@@ -70,7 +70,8 @@ class PackedModel:
         directory.mkdir(parents=True, exist_ok=True)
         torch.export.save(self.export(), str(directory / MODEL_FILE))
         config = self.config.model_dump(mode="json") if isinstance(self.config, QuantConfig) else self.config
-        meta = {"config": config, "input_shape": list(self.input_shape), "static_batch": self.static_batch,
+        meta = {"layout": LAYOUT, "config": config, "input_shape": list(self.input_shape),
+                "static_batch": self.static_batch,
                 "kernel_layers": self.kernel_layers}
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
         return directory
@@ -88,6 +89,9 @@ def load_packed(directory: str | os.PathLike, max_bytes: int = 512 << 20) -> Pac
 
     directory = Path(directory)
     meta = json.loads((directory / CONFIG_FILE).read_text())
+    if meta.get("layout") != LAYOUT:
+        raise ValueError(f"{directory} holds weights packed in layout {meta.get('layout', 'bitsearch.bitplanes/1')!r}; "
+                         f"this version runs {LAYOUT!r}: pack the config again (bitsearch pack)")
     program = read_exported_program(directory / MODEL_FILE, max_bytes=max_bytes)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

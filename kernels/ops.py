@@ -2,12 +2,11 @@
 
 Both ops quantize their float input to uint8 codes exactly as the simulation's
 torch.fake_quantize_per_tensor_affine does (x * float32(1/scale), round half to even, + zero point, clamp),
-then run the packed weights:
-  - up to SMALL_BATCH rows: the bit-plane kernel (csrc/lowbit.cpp), which never unpacks the weights;
-  - more rows: the weights are unpacked to their int8 values and multiplied as integer-valued float32
-    matrices by torch's GEMM (exact integer sums below 2^24; beyond that, float rounding of the order the
-    simulation has anyway). torch._int_mm would keep int32 but runs 20x slower than sgemm on CPU here.
-Dequantization (weight scale x activation scale) and the bias are applied to the int32 sums.
+then run the packed weights (csrc/lowbit.cpp):
+  - up to SMALL_BATCH rows: the bit-plane kernel, which never unpacks the weights;
+  - more rows: the tiled GEMM, which unpacks a tile of weight rows to int16 once and reuses it for every
+    activation row (quantization and im2col happen in one C++ pass).
+Both sum in integers; dequantization (weight scale x activation scale) and the bias are applied to the sums.
 """
 
 from __future__ import annotations
@@ -23,31 +22,39 @@ SMALL_BATCH = 16
 
 
 def quantize_input(x: torch.Tensor, a_scale: float, a_zp: int, a_qmax: int) -> torch.Tensor:
-    inv = float(np.float32(1.0) / np.float32(a_scale))  # what fake_quantize_per_tensor_affine uses
-    return (torch.round(x.float() * inv) + a_zp).clamp_(0, a_qmax).to(torch.uint8)
+    return (torch.round(x.float() * _inverse(a_scale)) + a_zp).clamp_(0, a_qmax).to(torch.uint8)
 
 
-def _gemm(a: torch.Tensor, planes, qsum, scale, bias, k: int, a_scale: float, a_zp: int) -> torch.Tensor:
-    """a: uint8 codes [G, M, K] -> float [G, M, N]."""
-    g, m, _ = a.shape
-    bits = planes.shape[-1]
-    alpha, off = affine_for(bits)
-    combined = scale * a_scale
-    if m <= SMALL_BATCH:
-        pad = (-k) % BLOCK
-        a = F.pad(a, (0, pad)) if pad else a
-        return extension().lowbit_gemv(a.contiguous(), planes, qsum, combined, bias, k, alpha, off, a_zp)
-    w = (alpha * extension().unpack_planes(planes)[..., :k].to(torch.int16) - off).float()  # [G, N, K]
-    acc = torch.bmm(a.float() - a_zp, w.transpose(1, 2))
-    return acc * combined.unsqueeze(1) + bias.unsqueeze(1)
+def _inverse(a_scale: float) -> float:
+    return float(np.float32(1.0) / np.float32(a_scale))  # what fake_quantize_per_tensor_affine uses
+
+
+def _gemv(a: torch.Tensor, planes, qsum, scale, bias, k: int, a_scale: float, a_zp: int) -> torch.Tensor:
+    """a: uint8 codes [G, M, K] with M <= SMALL_BATCH -> float [G, M, N]."""
+    alpha, off = affine_for(planes.shape[-1])
+    pad = (-k) % BLOCK
+    a = F.pad(a, (0, pad)) if pad else a
+    return extension().lowbit_gemv(a.contiguous(), planes, qsum, scale * a_scale, bias, k, alpha, off, a_zp)
+
+
+def _gemm(columns: torch.Tensor, planes, qsum, scale, bias, k: int, a_scale: float, a_zp: int,
+          positions: int) -> torch.Tensor:
+    """columns: uint8 codes [G, M, Kpad] from quantize_columns -> float [M / positions, G*N, positions]."""
+    alpha, off = affine_for(planes.shape[-1])
+    return extension().lowbit_gemm(columns, planes, qsum, scale * a_scale, bias, k, alpha, off, a_zp, positions)
 
 
 @torch.library.custom_op("bitsearch::lowbit_linear", mutates_args=())
 def lowbit_linear(x: torch.Tensor, planes: torch.Tensor, qsum: torch.Tensor, scale: torch.Tensor,
                   bias: torch.Tensor, k: int, a_scale: float, a_zp: int, a_qmax: int) -> torch.Tensor:
     lead = x.shape[:-1]
-    a = quantize_input(x.reshape(-1, x.shape[-1]), a_scale, a_zp, a_qmax).unsqueeze(0)
-    out = _gemm(a, planes, qsum, scale, bias, k, a_scale, a_zp)[0]
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] <= SMALL_BATCH:
+        out = _gemv(quantize_input(rows, a_scale, a_zp, a_qmax).unsqueeze(0), planes, qsum, scale, bias, k,
+                    a_scale, a_zp)[0]
+    else:
+        columns = extension().quantize_columns(rows, _inverse(a_scale), a_zp, a_qmax, 1, [], [], [], [])
+        out = _gemm(columns, planes, qsum, scale, bias, k, a_scale, a_zp, 1).reshape(rows.shape[0], -1)
     return out.reshape(*lead, planes.shape[1])
 
 
@@ -68,22 +75,17 @@ def lowbit_conv2d(x: torch.Tensor, planes: torch.Tensor, qsum: torch.Tensor, sca
     g, ng = planes.shape[0], planes.shape[1]
     ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
     wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
-    codes = quantize_input(x, a_scale, a_zp, a_qmax).float()
     if b * ho * wo > SMALL_BATCH:
-        # Many output positions: unpack the weights to their integer values and convolve the integer-valued
-        # codes (minus the zero point, so zero padding is exact) with torch's conv: the same integer sums,
-        # exact below 2^24, without materialising im2col.
-        bits = planes.shape[-1]
-        alpha, off = affine_for(bits)
-        wint = alpha * extension().unpack_planes(planes)[..., :k].to(torch.int16) - off
-        wint = wint.float().reshape(g * ng, c // g, kernel[0], kernel[1])
-        acc = F.conv2d(codes - a_zp, wint, None, stride, padding, dilation, g)
-        return acc * (scale * a_scale).reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+        columns = extension().quantize_columns(x, _inverse(a_scale), a_zp, a_qmax, g, kernel, stride, padding,
+                                               dilation)
+        return _gemm(columns, planes, qsum, scale, bias, k, a_scale, a_zp, ho * wo).reshape(b, g * ng, ho, wo)
+    codes = quantize_input(x, a_scale, a_zp, a_qmax).float()
     # Pad with the zero point: the code of 0.0, which is what a float conv pads a fake-quantized input with.
     codes = F.pad(codes, (padding[1], padding[1], padding[0], padding[0]), value=float(a_zp))
     cols = F.unfold(codes, kernel, dilation=dilation, stride=stride)  # [B, C*kh*kw, L], channel-major
-    cols = cols.reshape(b, g, -1, ho * wo).permute(1, 0, 3, 2).reshape(g, b * ho * wo, -1)
-    out = _gemm(cols.to(torch.uint8), planes, qsum, scale, bias, k, a_scale, a_zp)  # [G, B*L, Ng]
+    # to the packed rows' (kh, kw, channel) order: [G, B*L, kh*kw*C/G]
+    cols = cols.reshape(b, g, c // g, kernel[0] * kernel[1], ho * wo).permute(1, 0, 4, 3, 2).reshape(g, b * ho * wo, -1)
+    out = _gemv(cols.to(torch.uint8), planes, qsum, scale, bias, k, a_scale, a_zp)  # [G, B*L, Ng]
     return out.reshape(g, b, ho * wo, ng).permute(1, 0, 3, 2).reshape(b, g * ng, ho, wo)
 
 
@@ -97,6 +99,11 @@ def _(x, planes, qsum, scale, bias, k, a_scale, a_zp, a_qmax, kernel, stride, pa
 
 def isa() -> str:
     return extension().get_isa()
+
+
+def gemm_kernel() -> str:
+    """The large-batch GEMM the current ISA runs: scalar, avx2 or avx512-vnni."""
+    return extension().gemm_kernel_name()
 
 
 def set_isa(name: str) -> None:

@@ -2,7 +2,9 @@
 
 A uniform b-bit code c in [-(2^(b-1)-1), 2^(b-1)-1] is stored as the index q = c + off (off = 2^(b-1)-1) and
 read back as w = alpha*q - off with alpha = 1; a binary code c in {-1, +1} as q = (c+1)/2, w = 2q - 1.
+A conv weight [C_out, C_in/G, kh, kw] is packed as rows of K = kh*kw*C_in/G values in (kh, kw, channel) order.
 """
+
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 from search.quant.weight import QuantizedWeight
 
 BLOCK = 64
+LAYOUT = "bitsearch.bitplanes/2"  # /2: conv rows in (kh, kw, channel) order (/1 was channel-major)
 
 
 def affine_for(bits: int) -> tuple[int, int]:
@@ -42,7 +45,10 @@ def indices(qw: QuantizedWeight, groups: int = 1) -> torch.Tensor:
     if qw.scheme != "uniform":
         raise ValueError(f"the bit-plane kernels run uniform codes; scheme {qw.scheme!r} runs on the float path")
     alpha, off = affine_for(qw.bits)
-    codes = qw.codes.reshape(qw.codes.shape[0], -1).to(torch.int16)
+    codes = qw.codes
+    if codes.dim() == 4:  # conv rows in (kh, kw, Cin/g) order, the order of the kernels' channels-last im2col
+        codes = codes.permute(0, 2, 3, 1)
+    codes = codes.reshape(codes.shape[0], -1).to(torch.int16)
     q = (codes + off) // alpha
     return q.to(torch.uint8).reshape(groups, codes.shape[0] // groups, codes.shape[1])
 

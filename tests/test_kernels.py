@@ -56,7 +56,7 @@ def _linear_ref(x, qw, bias, scale, zp):
 @pytest.mark.parametrize("bits", BITS)
 def test_linear_every_isa_matches_scalar_and_float(bits, isa_restored):
     g = torch.Generator().manual_seed(bits)
-    for m, k, n in [(1, 100, 7), (2, 64, 1), (5, 257, 33), (40, 130, 9)]:
+    for m, k, n in [(1, 100, 7), (2, 64, 1), (5, 257, 33), (40, 130, 9), (200, 1000, 70)]:
         qw = _qw((n, k), bits, m + k)
         p = packing.pack(qw)
         x = torch.rand(m, k, generator=g) * 4 - 1
@@ -72,11 +72,29 @@ def test_linear_every_isa_matches_scalar_and_float(bits, isa_restored):
         assert torch.allclose(outs["scalar"], ref, rtol=1e-4, atol=1e-3 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("bits", BITS)
+def test_gemm_path_equals_the_bit_plane_path_exactly(bits, isa_restored):
+    """Many rows take the tiled GEMM (C++ quantization, unpacked weights), one row the bit-plane kernel: both
+    must quantize the input identically and compute the same integer sums, so the floats are equal."""
+    g = torch.Generator().manual_seed(50 + bits)
+    m, k, n = 3 * ops.SMALL_BATCH + 5, 333, 45
+    qw = _qw((n, k), bits, bits)
+    p = packing.pack(qw)
+    x = torch.randn(m, k, generator=g) * 2
+    bias = torch.randn(1, n, generator=g)
+    for isa in isa_restored:
+        ops.set_isa(isa)
+        many = ops.lowbit_linear(x, p.planes, p.qsum, p.scale, bias, k, 3 / 255, 120, 255)
+        one_by_one = torch.cat([ops.lowbit_linear(x[i:i + 1], p.planes, p.qsum, p.scale, bias, k, 3 / 255, 120, 255)
+                                for i in range(m)])
+        assert torch.equal(many, one_by_one), (isa, ops.gemm_kernel())
+
+
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_conv_grouped_depthwise_strided_matches_float(bits, isa_restored):
     g = torch.Generator().manual_seed(100 + bits)
     cases = [(1, 8, 9, 6, 1, 3, 1, 1, 1), (2, 8, 9, 8, 2, 3, 2, 1, 1), (1, 6, 7, 6, 6, 3, 1, 2, 2),
-             (3, 6, 8, 12, 6, 3, 1, 1, 1), (1, 4, 5, 1, 1, 1, 1, 0, 1)]
+             (3, 6, 8, 12, 6, 3, 1, 1, 1), (1, 4, 5, 1, 1, 1, 1, 0, 1), (2, 16, 20, 40, 1, 3, 1, 1, 1)]
     for b, c, h, co, groups, k, s, pad, d in cases:
         qw = _qw((co, c // groups, k, k), bits, c + co + k)
         p = packing.pack(qw, groups)

@@ -17,7 +17,10 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
+#include <cmath>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -205,10 +208,333 @@ torch::Tensor lowbit_gemv(torch::Tensor a, torch::Tensor planes, torch::Tensor q
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Large-batch path: tiled unpack GEMM.
+//
+// With many activation rows, reading every plane once per row (the kernel above) costs bits x more than
+// unpacking a tile of weight rows once and reusing it for all rows. Each task unpacks NT weight rows of one
+// group to integer weights w = alpha*q - off, then multiplies them with a chunk of activation rows.
+//
+// Activations: uint8 codes [G, M, Kpad] (Kpad = nblk * 64, the planes' padded row length); conv padding holds
+// the zero point (the code of 0.0), the K padding holds 0. With wsum[n] = sum_{k<K} w = alpha*qsum - off*K:
+//   sum_k w_k (a_k - zp) = sum_{k<Kpad} w_k a_k - zp * wsum[n]
+// (the K padding has a = 0, so it adds nothing whatever the unpacked padding weights are).
+// Integer products, summed exactly in int32 (|w| <= 127, a <= 255: lanes stay below 2^31 for K <= MAX_GEMM_K):
+//   scalar     int16 weights, plain loops (the reference);
+//   avx2       int16 weights, vpmaddwd on zero-extended codes (vpmaddubsw would saturate at 255 x 127 x 2);
+//   avx512     int8 weights, vpdpbusd (VNNI: u8 x s8, four products per int32 lane, no saturation) when the
+//              CPU has AVX512-VNNI, else the avx2 GEMM.
+// Output: out[(m / L) * (G*N*L) + (g*N + n) * L + m % L] = float(acc) * scale[g,n] + bias[g,n]; L = 1 gives
+// [M, G*N] (linear), L = Ho*Wo gives [B, G*N, Ho, Wo] (conv, m = b*L + position).
+namespace {
+
+constexpr int64_t NT = 32;             // weight rows unpacked per task
+constexpr int64_t MC = 96;             // activation rows per task
+constexpr int64_t MAX_GEMM_K = 65536;  // keeps int32 sums exact
+
+struct GemmArgs {
+  const uint8_t* a;
+  const uint64_t* planes;
+  const int64_t* wsum;
+  const float* scale;
+  const float* bias;
+  float* out;
+  int64_t G, M, N, nblk, bits, alpha, off, zp, L;
+  int64_t kpad() const { return nblk * 64; }
+};
+
+inline void store_result(const GemmArgs& p, int64_t g, int64_t m, int64_t n, int64_t dot) {
+  const int64_t gn = g * p.N + n;
+  const int64_t acc = dot - p.zp * p.wsum[gn];
+  p.out[(m / p.L) * (p.G * p.N * p.L) + gn * p.L + m % p.L] = static_cast<float>(acc) * p.scale[gn] + p.bias[gn];
+}
+
+inline const uint64_t* row_planes(const GemmArgs& p, int64_t g, int64_t n) {
+  return p.planes + (g * p.N + n) * p.nblk * p.bits;
+}
+
+void gemm_task_scalar(const GemmArgs& p, int64_t g, int64_t n0, int64_t rows, int64_t m0, int64_t m1, void* buf) {
+  int16_t* w = static_cast<int16_t*>(buf);
+  const int64_t kpad = p.kpad();
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t* src = row_planes(p, g, n0 + r);
+    for (int64_t j = 0; j < p.nblk; ++j)
+      for (int i = 0; i < 64; ++i) {
+        int64_t q = 0;
+        for (int64_t b = 0; b < p.bits; ++b) q |= ((src[j * p.bits + b] >> i) & 1) << b;
+        w[r * kpad + 64 * j + i] = static_cast<int16_t>(p.alpha * q - p.off);
+      }
+  }
+  for (int64_t m = m0; m < m1; ++m) {
+    const uint8_t* a = p.a + (g * p.M + m) * kpad;
+    for (int64_t r = 0; r < rows; ++r) {
+      int64_t dot = 0;
+      for (int64_t k = 0; k < kpad; ++k) dot += static_cast<int64_t>(a[k]) * w[r * kpad + k];
+      store_result(p, g, m, n0 + r, dot);
+    }
+  }
+}
+
+__attribute__((target("avx2"))) void unpack_rows_avx2(const GemmArgs& p, int64_t g, int64_t n0, int64_t rows,
+                                                      int16_t* w) {
+  const int64_t kpad = p.kpad();
+  const __m256i alpha = _mm256_set1_epi16(static_cast<int16_t>(p.alpha));
+  const __m256i off = _mm256_set1_epi16(static_cast<int16_t>(p.off));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t* src = row_planes(p, g, n0 + r);
+    int16_t* dst = w + r * kpad;
+    for (int64_t j = 0; j < p.nblk; ++j) {
+      __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
+      for (int64_t b = 0; b < p.bits; ++b) {
+        const uint64_t word = src[j * p.bits + b];
+        const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << b));
+        lo = _mm256_or_si256(lo, _mm256_and_si256(expand_mask32(static_cast<uint32_t>(word)), bit));
+        hi = _mm256_or_si256(hi, _mm256_and_si256(expand_mask32(static_cast<uint32_t>(word >> 32)), bit));
+      }
+      const __m256i q[4] = {_mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)),
+                            _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)),
+                            _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi)),
+                            _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1))};
+      for (int c = 0; c < 4; ++c)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 64 * j + 16 * c),
+                            _mm256_sub_epi16(_mm256_mullo_epi16(q[c], alpha), off));
+    }
+  }
+}
+
+__attribute__((target("avx2"))) inline int64_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+// MR activation rows x NR weight rows over the whole row: MR*NR int32 accumulators stay in registers.
+template <int MR, int NR>
+__attribute__((target("avx2"))) void micro_avx2(const GemmArgs& p, int64_t g, int64_t m, int64_t n,
+                                                const int16_t* w) {
+  const int64_t kpad = p.kpad();
+  __m256i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  const uint8_t* a = p.a + (g * p.M + m) * kpad;
+  for (int64_t k = 0; k < kpad; k += 16) {
+    __m256i av[MR];
+    for (int i = 0; i < MR; ++i)
+      av[i] = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i * kpad + k)));
+    for (int j = 0; j < NR; ++j) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * kpad + k));
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(av[i], wv));
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) store_result(p, g, m + i, n + j, hsum_epi32(acc[i][j]));
+}
+
+// Runs the MR x NR micro-kernel over a task's rows, with the smaller kernels for the edges.
+template <int MR, int NR, template <int, int> class Micro, typename W>
+inline void tile_loop(const GemmArgs& p, int64_t g, int64_t n0, int64_t rows, int64_t m0, int64_t m1,
+                      const W* w) {
+  const int64_t kpad = p.kpad();
+  for (int64_t m = m0; m < m1; m += MR) {
+    const int64_t mr = std::min<int64_t>(MR, m1 - m);
+    for (int64_t r = 0; r < rows; r += NR) {
+      const int64_t nr = std::min<int64_t>(NR, rows - r);
+      const W* wr = w + r * kpad;
+      if (mr == MR && nr == NR) { Micro<MR, NR>::run(p, g, m, n0 + r, wr); continue; }
+      for (int64_t i = 0; i < mr; ++i)  // edges: one activation row at a time
+        for (int64_t j = 0; j < nr; ++j) Micro<1, 1>::run(p, g, m + i, n0 + r + j, wr + j * kpad);
+    }
+  }
+}
+
+template <int MR, int NR>
+struct MicroAvx2 {
+  static void run(const GemmArgs& p, int64_t g, int64_t m, int64_t n, const int16_t* w) {
+    micro_avx2<MR, NR>(p, g, m, n, w);
+  }
+};
+
+__attribute__((target("avx2"))) void gemm_task_avx2(const GemmArgs& p, int64_t g, int64_t n0, int64_t rows,
+                                                    int64_t m0, int64_t m1, void* buf) {
+  int16_t* w = static_cast<int16_t*>(buf);
+  unpack_rows_avx2(p, g, n0, rows, w);
+  tile_loop<3, 4, MicroAvx2>(p, g, n0, rows, m0, m1, w);
+}
+
+// AVX-512 VNNI: weights unpacked to int8 with one masked byte add per plane (the plane word is the mask).
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void unpack_rows_vnni(const GemmArgs& p, int64_t g,
+                                                                             int64_t n0, int64_t rows, int8_t* w) {
+  const int64_t kpad = p.kpad();
+  const __m512i off = _mm512_set1_epi8(static_cast<char>(p.off));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint64_t* src = row_planes(p, g, n0 + r);
+    for (int64_t j = 0; j < p.nblk; ++j) {
+      __m512i q = _mm512_setzero_si512();
+      for (int64_t b = 0; b < p.bits; ++b)
+        q = _mm512_mask_add_epi8(q, src[j * p.bits + b], q, _mm512_set1_epi8(static_cast<char>(1 << b)));
+      if (p.alpha == 2) q = _mm512_add_epi8(q, q);
+      _mm512_storeu_si512(w + r * kpad + 64 * j, _mm512_sub_epi8(q, off));
+    }
+  }
+}
+
+template <int MR, int NR>
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_vnni(const GemmArgs& p, int64_t g, int64_t m,
+                                                                        int64_t n, const int8_t* w) {
+  const int64_t kpad = p.kpad();
+  __m512i acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
+  const uint8_t* a = p.a + (g * p.M + m) * kpad;
+  for (int64_t k = 0; k < kpad; k += 64) {
+    __m512i av[MR];
+    for (int i = 0; i < MR; ++i) av[i] = _mm512_loadu_si512(a + i * kpad + k);
+    for (int j = 0; j < NR; ++j) {
+      const __m512i wv = _mm512_loadu_si512(w + j * kpad + k);
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], wv);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) store_result(p, g, m + i, n + j, _mm512_reduce_add_epi32(acc[i][j]));
+}
+
+template <int MR, int NR>
+struct MicroVnni {
+  static void run(const GemmArgs& p, int64_t g, int64_t m, int64_t n, const int8_t* w) {
+    micro_vnni<MR, NR>(p, g, m, n, w);
+  }
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemm_task_vnni(const GemmArgs& p, int64_t g,
+                                                                           int64_t n0, int64_t rows, int64_t m0,
+                                                                           int64_t m1, void* buf) {
+  int8_t* w = static_cast<int8_t*>(buf);
+  unpack_rows_vnni(p, g, n0, rows, w);
+  tile_loop<4, 4, MicroVnni>(p, g, n0, rows, m0, m1, w);
+}
+
+using GemmTask = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int64_t, void*);
+
+bool has_vnni() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni");
+}
+
+GemmTask gemm_for(const std::string& isa) {
+  kernel_for(isa);
+  if (isa == "scalar") return gemm_task_scalar;
+  if (isa == "avx512" && has_vnni()) return gemm_task_vnni;
+  return gemm_task_avx2;
+}
+
+}  // namespace
+
+std::string gemm_kernel_name() {
+  const std::string& isa = active_isa();
+  if (isa == "scalar") return "scalar";
+  return isa == "avx512" && has_vnni() ? "avx512-vnni" : "avx2";
+}
+
+// a: uint8 codes [G, M, Kpad]; planes: int64 [G, N, nblk, bits]; qsum: int64 [G, N]; scale, bias: float [G, N].
+torch::Tensor lowbit_gemm(torch::Tensor a, torch::Tensor planes, torch::Tensor qsum, torch::Tensor scale,
+                          torch::Tensor bias, int64_t k, int64_t alpha, int64_t off, int64_t zp, int64_t L) {
+  TORCH_CHECK(a.dtype() == torch::kUInt8 && a.dim() == 3, "activations must be uint8 [G, M, Kpad]");
+  TORCH_CHECK(planes.dtype() == torch::kInt64 && planes.dim() == 4, "planes must be int64 [G, N, nblk, bits]");
+  const int64_t G = a.size(0), M = a.size(1), N = planes.size(1), nblk = planes.size(2);
+  TORCH_CHECK(planes.size(0) == G && a.size(2) == nblk * 64, "activation and weight shapes do not match");
+  TORCH_CHECK(a.size(2) <= MAX_GEMM_K, "rows longer than ", MAX_GEMM_K, " are not supported");
+  TORCH_CHECK(L >= 1 && M % L == 0, "M must be a multiple of L");
+  a = a.contiguous();
+  planes = planes.contiguous();
+  auto wsum = (qsum.to(torch::kInt64) * alpha - off * k).contiguous();
+  auto sc = scale.to(torch::kFloat).contiguous();
+  auto bs = bias.to(torch::kFloat).contiguous();
+  auto out = torch::empty({M / L, G * N, L}, torch::kFloat);
+  GemmArgs p{a.data_ptr<uint8_t>(), reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>()),
+             wsum.data_ptr<int64_t>(), sc.data_ptr<float>(), bs.data_ptr<float>(), out.data_ptr<float>(),
+             G, M, N, nblk, planes.size(3), alpha, off, zp, L};
+  const GemmTask task = gemm_for(active_isa());
+  const int64_t ntiles = (N + NT - 1) / NT, mchunks = (M + MC - 1) / MC;
+  at::parallel_for(0, G * ntiles * mchunks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<int16_t> w(NT * nblk * 64);  // int16 or int8 weights, whichever the task unpacks
+    for (int64_t t = lo; t < hi; ++t) {
+      // Consecutive tasks share a weight tile, so a thread's range reuses it from cache.
+      const int64_t mc = t % mchunks, tile = (t / mchunks) % ntiles, g = t / (mchunks * ntiles);
+      const int64_t n0 = tile * NT, m0 = mc * MC;
+      task(p, g, n0, std::min(NT, N - n0), m0, std::min(M, m0 + MC), w.data());
+    }
+  });
+  return out;
+}
+
+// Quantizes float activations to uint8 codes exactly as torch.fake_quantize_per_tensor_affine does (x * inv,
+// round half to even, + zp, clamp) and lays them out for lowbit_gemm, Kpad = K rounded up to 64:
+//   linear (kernel empty): x [M, K] -> [1, M, Kpad];
+//   conv: x [B, C, H, W] -> im2col rows [G, B*Ho*Wo, Kpad], K = kh*kw*C/G in (ki, kj, channel) order; the conv
+//   padding reads as code zp, the code of 0.0, which is what a float conv on fake-quantized input sees.
+torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, int64_t qmax, int64_t groups,
+                               std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+  // The same ATen ops, in the same order, as kernels.ops.quantize_input: identical codes by construction.
+  auto q = x.to(torch::kFloat).mul(inv_scale).round_().add_(zp).clamp_(0, qmax).to(torch::kUInt8).contiguous();
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  if (kernel.empty()) {
+    TORCH_CHECK(x.dim() == 2, "linear input must be [M, K]");
+    const int64_t M = x.size(0), K = x.size(1), Kpad = (K + 63) / 64 * 64;
+    if (Kpad == K) return q.unsqueeze(0);
+    auto out = torch::zeros({1, M, Kpad}, torch::kUInt8);
+    uint8_t* op = out.data_ptr<uint8_t>();
+    at::parallel_for(0, M, 64, [&](int64_t a, int64_t b) {
+      for (int64_t m = a; m < b; ++m) std::memcpy(op + m * Kpad, qp + m * K, K);
+    });
+    return out;
+  }
+  TORCH_CHECK(x.dim() == 4 && kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
+                  dilation.size() == 2, "conv input must be [B, C, H, W] with 2-d kernel/stride/padding/dilation");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  TORCH_CHECK(groups >= 1 && C % groups == 0, "channels do not divide into groups");
+  const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1];
+  const int64_t dh = dilation[0], dw = dilation[1];
+  const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
+  const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
+  const int64_t Cg = C / groups, K = Cg * kh * kw, Kpad = (K + 63) / 64 * 64, L = Ho * Wo;
+  auto nhwc = q.permute({0, 2, 3, 1}).contiguous();  // a kernel tap's channels are then one contiguous run
+  const uint8_t* np = nhwc.data_ptr<uint8_t>();
+  auto out = torch::empty({groups, B * L, Kpad}, torch::kUInt8);
+  uint8_t* op = out.data_ptr<uint8_t>();
+  const int pad_code = static_cast<int>(zp);
+  at::parallel_for(0, groups * B * Ho, 1, [&](int64_t a, int64_t b) {
+    for (int64_t t = a; t < b; ++t) {
+      const int64_t oh = t % Ho, bi = (t / Ho) % B, g = t / (Ho * B);
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        uint8_t* row = op + (g * B * L + bi * L + oh * Wo + ow) * Kpad;
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t ih = oh * sh - ph + i * dh;
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t iw = ow * sw - pw + j * dw;
+            uint8_t* dst = row + (i * kw + j) * Cg;
+            if (ih >= 0 && ih < H && iw >= 0 && iw < W)
+              std::memcpy(dst, np + ((bi * H + ih) * W + iw) * C + g * Cg, Cg);
+            else
+              std::memset(dst, pad_code, Cg);
+          }
+        }
+        std::memset(row + K, 0, Kpad - K);
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_planes", &pack_planes);
   m.def("unpack_planes", &unpack_planes);
   m.def("lowbit_gemv", &lowbit_gemv);
+  m.def("lowbit_gemm", &lowbit_gemm);
+  m.def("quantize_columns", &quantize_columns);
+  m.def("gemm_kernel_name", &gemm_kernel_name);
   m.def("supported_isas", &supported_isas);
   m.def("get_isa", &get_isa);
   m.def("set_isa", &set_isa);
