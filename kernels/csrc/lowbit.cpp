@@ -243,10 +243,14 @@ struct GemmArgs {
   int64_t kpad() const { return nblk * 64; }
 };
 
-inline void store_result(const GemmArgs& p, int64_t g, int64_t m, int64_t n, int64_t dot) {
+// Where activation row m's outputs start; computed once per row (the divisions cost more than a short row's
+// dot products).
+inline float* row_out(const GemmArgs& p, int64_t m) { return p.out + (m / p.L) * (p.G * p.N * p.L) + m % p.L; }
+
+inline void store_result(const GemmArgs& p, float* row, int64_t g, int64_t n, int64_t dot) {
   const int64_t gn = g * p.N + n;
   const int64_t acc = dot - p.zp * p.wsum[gn];
-  p.out[(m / p.L) * (p.G * p.N * p.L) + gn * p.L + m % p.L] = static_cast<float>(acc) * p.scale[gn] + p.bias[gn];
+  row[gn * p.L] = static_cast<float>(acc) * p.scale[gn] + p.bias[gn];
 }
 
 inline const uint64_t* row_planes(const GemmArgs& p, int64_t g, int64_t n) {
@@ -267,10 +271,11 @@ void gemm_task_scalar(const GemmArgs& p, int64_t g, int64_t n0, int64_t rows, in
   }
   for (int64_t m = m0; m < m1; ++m) {
     const uint8_t* a = p.a + (g * p.M + m) * kpad;
+    float* out = row_out(p, m);
     for (int64_t r = 0; r < rows; ++r) {
       int64_t dot = 0;
       for (int64_t k = 0; k < kpad; ++k) dot += static_cast<int64_t>(a[k]) * w[r * kpad + k];
-      store_result(p, g, m, n0 + r, dot);
+      store_result(p, out, g, n0 + r, dot);
     }
   }
 }
@@ -327,8 +332,10 @@ __attribute__((target("avx2"))) void micro_avx2(const GemmArgs& p, int64_t g, in
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(av[i], wv));
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) store_result(p, g, m + i, n + j, hsum_epi32(acc[i][j]));
+  for (int i = 0; i < MR; ++i) {
+    float* out = row_out(p, m + i);
+    for (int j = 0; j < NR; ++j) store_result(p, out, g, n + j, hsum_epi32(acc[i][j]));
+  }
 }
 
 // Runs the MR x NR micro-kernel over a task's rows, with the smaller kernels for the edges.
@@ -379,6 +386,16 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void unpack_rows_vnni(con
   }
 }
 
+// The four horizontal sums of a, b, c, d as one vector [sum a, sum b, sum c, sum d].
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline __m128i hsum4_vnni(__m512i a, __m512i b, __m512i c,
+                                                                                 __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+}
+
 template <int MR, int NR>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_vnni(const GemmArgs& p, int64_t g, int64_t m,
                                                                         int64_t n, const int8_t* w) {
@@ -395,8 +412,17 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_vnni(const Gem
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], wv);
     }
   }
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) store_result(p, g, m + i, n + j, _mm512_reduce_add_epi32(acc[i][j]));
+  for (int i = 0; i < MR; ++i) {
+    float* out = row_out(p, m + i);
+    if (NR == 4) {  // short rows make the horizontal sums a large share: do four at once
+      alignas(16) int32_t sums[4];
+      _mm_store_si128(reinterpret_cast<__m128i*>(sums), hsum4_vnni(acc[i][0], acc[i][1 % NR], acc[i][2 % NR],
+                                                                    acc[i][3 % NR]));
+      for (int j = 0; j < NR; ++j) store_result(p, out, g, n + j, sums[j]);
+    } else {
+      for (int j = 0; j < NR; ++j) store_result(p, out, g, n + j, _mm512_reduce_add_epi32(acc[i][j]));
+    }
+  }
 }
 
 template <int MR, int NR>
