@@ -30,6 +30,42 @@ def med(fn, repeats):
     return median_us(fn, repeats)
 
 
+_EVICT = torch.empty(96 << 20, dtype=torch.uint8)  # three times this machine's L3
+
+
+def cold_us(fn, repeats):
+    """Median of single calls made right after streaming through a buffer larger than the caches."""
+    times = []
+    for _ in range(repeats):
+        _EVICT.add_(1)
+        times.append(median_us(fn, 1, warmup=0))
+    return sorted(times)[len(times) // 2]
+
+
+def stream_gbps() -> float:
+    """Measured read bandwidth (GB/s): a sum over a buffer larger than the caches."""
+    t = torch.ones(64 << 20, dtype=torch.float32)
+    us = median_us(lambda: t.sum(), 10)
+    return t.numel() * 4 / us / 1e3
+
+
+def cold_rows(k, n, repeats):
+    """Batch-1 linear with weights evicted from the caches, and the time to read just the weights."""
+    x, w = torch.randn(1, k), torch.randn(n, k)
+    gbps = stream_gbps()
+    packed_dyn = torch.ops.quantized.linear_prepack(torch.quantize_per_tensor(w, 0.02, 0, torch.qint8), None)
+    rows = {"fp32 F.linear": (cold_us(lambda: F.linear(x, w), repeats), n * k * 4),
+            "fbgemm int8 linear_dynamic": (cold_us(lambda: torch.ops.quantized.linear_dynamic(x, packed_dyn),
+                                                   repeats), n * k)}
+    for bits in (2, 4, 8):
+        p = packing.pack(quantize_weight(w, bits, "uniform", "max"))
+        bias = torch.zeros(1, n)
+        rows[f"bitsearch W{bits}A8"] = (cold_us(
+            lambda p=p: ops.lowbit_linear(x, p.planes, p.qsum, p.scale, bias, k, 0.05, 128, 255), repeats),
+            p.nbytes)
+    return gbps, rows
+
+
 def linear_rows(m, k, n, repeats):
     x, w = torch.randn(m, k), torch.randn(n, k)
     rows = {"fp32 F.linear": med(lambda: F.linear(x, w), repeats)}
@@ -62,8 +98,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"ISA {ops.isa()} (supported: {', '.join(ops.supported_isas())}), {args.threads} threads, "
-          f"median of {args.repeats}, microseconds\n")
+    print(f"ISA {ops.isa()}, GEMM {ops.gemm_kernel()} (supported: {', '.join(ops.supported_isas())}), "
+          f"{args.threads} threads, median of {args.repeats}, microseconds\n")
     shapes = [(1, 4096, 4096), (64, 1024, 1024), (64, 4096, 4096)]
     results = {s: linear_rows(*s, args.repeats) for s in shapes}
     print("| linear | " + " | ".join(f"{m}x{k}x{n}" for m, k, n in shapes) + " |")
@@ -74,6 +110,12 @@ def main():
             v = results[s].get(name, "-")
             cells.append(f"{v:.0f}" if isinstance(v, float) else str(v))
         print(f"| {name} | " + " | ".join(cells) + " |")
+
+    gbps, cold = cold_rows(4096, 4096, args.repeats)
+    print(f"\n| linear 1x4096x4096, weights cold (read bandwidth {gbps:.1f} GB/s) | us | weight bytes | "
+          "bandwidth limit us |\n|---|---|---|---|")
+    for name, (us, nbytes) in cold.items():
+        print(f"| {name} | {us:.0f} | {nbytes} | {nbytes / gbps / 1e3:.0f} |")
 
     x, w = torch.randn(1, 64, 56, 56), torch.randn(64, 64, 3, 3)
     conv = {"fp32 F.conv2d": med(lambda: F.conv2d(x, w, None, 1, 1), args.repeats)}

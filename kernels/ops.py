@@ -4,8 +4,9 @@ Both ops quantize their float input to uint8 codes exactly as the simulation's
 torch.fake_quantize_per_tensor_affine does (x * float32(1/scale), round half to even, + zero point, clamp),
 then run the packed weights (csrc/lowbit.cpp):
   - up to SMALL_BATCH rows: the bit-plane kernel, which never unpacks the weights;
-  - more rows: the tiled GEMM, which unpacks a tile of weight rows to int16 once and reuses it for every
-    activation row (quantization and im2col happen in one C++ pass).
+  - more rows: the tiled GEMM, which unpacks a tile of weight rows once (int8 for AVX-512 VNNI, int16 for
+    AVX2 and the scalar reference) and reuses it for a chunk of activation rows; quantization and the
+    channels-last im2col run in C++ (quantize_columns).
 Both sum in integers; dequantization (weight scale x activation scale) and the bias are applied to the sums.
 """
 
