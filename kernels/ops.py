@@ -6,7 +6,8 @@ then run the packed weights (csrc/lowbit.cpp):
   - up to SMALL_BATCH rows: the bit-plane kernel, which never unpacks the weights;
   - more rows: the tiled GEMM, which unpacks a tile of weight rows once (int8 for AVX-512 VNNI, int16 for
     AVX2 and the scalar reference) and reuses it for a chunk of activation rows; quantization and the
-    channels-last im2col run in C++ (quantize_columns).
+    channels-last im2col run in C++ (quantize_columns);
+  - depthwise convolutions: a direct kernel on the channels-last codes (lowbit_depthwise).
 Both sum in integers; dequantization (weight scale x activation scale) and the bias are applied to the sums.
 """
 
@@ -76,6 +77,10 @@ def lowbit_conv2d(x: torch.Tensor, planes: torch.Tensor, qsum: torch.Tensor, sca
     g, ng = planes.shape[0], planes.shape[1]
     ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
     wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
+    if g == c and ng == 1:  # depthwise: its own kernel, as a GEMM row would be only kh*kw long
+        alpha, off = affine_for(planes.shape[-1])
+        return extension().lowbit_depthwise(x, planes, scale * a_scale, bias, _inverse(a_scale), a_zp, a_qmax,
+                                            alpha, off, kernel, stride, padding, dilation)
     if b * ho * wo > SMALL_BATCH:
         columns = extension().quantize_columns(x, _inverse(a_scale), a_zp, a_qmax, g, kernel, stride, padding,
                                                dilation)

@@ -94,7 +94,8 @@ def test_gemm_path_equals_the_bit_plane_path_exactly(bits, isa_restored):
 def test_conv_grouped_depthwise_strided_matches_float(bits, isa_restored):
     g = torch.Generator().manual_seed(100 + bits)
     cases = [(1, 8, 9, 6, 1, 3, 1, 1, 1), (2, 8, 9, 8, 2, 3, 2, 1, 1), (1, 6, 7, 6, 6, 3, 1, 2, 2),
-             (3, 6, 8, 12, 6, 3, 1, 1, 1), (1, 4, 5, 1, 1, 1, 1, 0, 1), (2, 16, 20, 40, 1, 3, 1, 1, 1)]
+             (3, 6, 8, 12, 6, 3, 1, 1, 1), (1, 4, 5, 1, 1, 1, 1, 0, 1), (2, 16, 20, 40, 1, 3, 1, 1, 1),
+             (2, 8, 9, 8, 8, 3, 2, 1, 1), (2, 8, 9, 16, 8, 3, 1, 1, 1)]  # depthwise strided; multiplier 2
     for b, c, h, co, groups, k, s, pad, d in cases:
         qw = _qw((co, c // groups, k, k), bits, c + co + k)
         p = packing.pack(qw, groups)

@@ -554,6 +554,61 @@ torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, in
   return out;
 }
 
+// Depthwise conv (one input and one output channel per group). A GEMM row here would be kh*kw long, padded to
+// 64, so this runs directly on the channels-last codes instead: per output position, every channel's taps,
+// summed in int32 over channels in the inner loop (contiguous, vectorized by the compiler). Exact integers, so
+// the same result on every ISA. x: float [B, C, H, W]; planes: int64 [C, 1, nblk, bits]; scale, bias: [C].
+torch::Tensor lowbit_depthwise(torch::Tensor x, torch::Tensor planes, torch::Tensor scale, torch::Tensor bias,
+                               double inv_scale, int64_t zp, int64_t qmax, int64_t alpha, int64_t off,
+                               std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+  TORCH_CHECK(x.dim() == 4 && planes.dim() == 4 && planes.size(0) == x.size(1) && planes.size(1) == 1,
+              "depthwise needs planes [C, 1, nblk, bits] for input [B, C, H, W]");
+  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t kh = kernel[0], kw = kernel[1], taps = kh * kw;
+  TORCH_CHECK(planes.size(2) * 64 >= taps, "planes are shorter than the kernel");
+  const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
+  const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
+  auto codes = x.to(torch::kFloat).mul(inv_scale).round_().add_(zp).clamp_(0, qmax).to(torch::kUInt8);
+  auto nhwc = codes.permute({0, 2, 3, 1}).contiguous();
+  // [taps, C] int32 weights, so the inner loop over channels reads contiguously.
+  auto w = (unpack_planes(planes).slice(2, 0, taps).reshape({C, taps}).to(torch::kInt32) * alpha - off)
+               .t().contiguous();
+  auto sc = scale.to(torch::kFloat).reshape({C}).contiguous();
+  auto bs = bias.to(torch::kFloat).reshape({C}).contiguous();
+  auto out = torch::empty({B, C, Ho, Wo}, torch::kFloat);
+  const uint8_t* np = nhwc.data_ptr<uint8_t>();
+  const int32_t* wp = w.data_ptr<int32_t>();
+  const float* scp = sc.data_ptr<float>();
+  const float* bp = bs.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int32_t z = static_cast<int32_t>(zp);
+  at::parallel_for(0, B * Ho, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<int32_t> acc(C);
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t oh = t % Ho, bi = t / Ho;
+      for (int64_t ow = 0; ow < Wo; ++ow) {
+        std::fill(acc.begin(), acc.end(), 0);
+        for (int64_t i = 0; i < kh; ++i) {
+          const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
+          if (ih < 0 || ih >= H) continue;  // padding is code zp: a - zp = 0
+          for (int64_t j = 0; j < kw; ++j) {
+            const int64_t iw = ow * stride[1] - padding[1] + j * dilation[1];
+            if (iw < 0 || iw >= W) continue;
+            const uint8_t* a = np + ((bi * H + ih) * W + iw) * C;
+            const int32_t* wt = wp + (i * kw + j) * C;
+            for (int64_t c = 0; c < C; ++c) acc[c] += (static_cast<int32_t>(a[c]) - z) * wt[c];
+          }
+        }
+        for (int64_t c = 0; c < C; ++c)
+          op[((bi * C + c) * Ho + oh) * Wo + ow] = static_cast<float>(acc[c]) * scp[c] + bp[c];
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_planes", &pack_planes);
   m.def("unpack_planes", &unpack_planes);
@@ -561,6 +616,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lowbit_gemm", &lowbit_gemm);
   m.def("quantize_columns", &quantize_columns);
   m.def("gemm_kernel_name", &gemm_kernel_name);
+  m.def("lowbit_depthwise", &lowbit_depthwise);
   m.def("supported_isas", &supported_isas);
   m.def("get_isa", &get_isa);
   m.def("set_isa", &set_isa);
