@@ -15,7 +15,7 @@ import torch
 from search.quant.weight import QuantizedWeight
 
 BLOCK = 64
-LAYOUT = "bitsearch.bitplanes/2"  # /2: conv rows in (kh, kw, channel) order (/1 was channel-major)
+LAYOUT = "bitsearch.bitplanes/3"  # /3: b = 8 as plain bytes; /2: conv rows in (kh, kw, channel) order
 
 
 def affine_for(bits: int) -> tuple[int, int]:
@@ -61,6 +61,9 @@ def pad_k(t: torch.Tensor) -> torch.Tensor:
 
 def pack_reference(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Python reference of the C++ packer (tests compare the two): uint8 [G, N, K] -> int64 planes."""
+    if bits == 8:  # plain bytes int8(q - 128), element i of a block in byte i of its 8 little-endian words
+        b = pad_k(q).to(torch.uint8) ^ 0x80
+        return b.reshape(*b.shape[:-1], -1, BLOCK).view(torch.int64)
     q = pad_k(q).to(torch.int64)
     g, n, kpad = q.shape
     blocks = q.reshape(g, n, kpad // BLOCK, BLOCK)

@@ -6,11 +6,16 @@
 //   element 64j+i. So a row costs exactly b bits per weight (plus the padding of K to 64).
 //   The integer weight is w = alpha * q - off: uniform codes (alpha 1, off 2^(b-1)-1) and binary
 //   sign codes (b = 1: alpha 2, off 1, i.e. w in {-1, +1}).
+//   b = 8 is plain bytes instead: the 8 words of a block hold its 64 indices as bytes (element i in byte i, little
+//   endian), each stored as q ^ 0x80 = int8(q - 128), so an int8 dot product reads them directly. Same tensor
+//   shape [.., nblk, 8] and size, so every caller sees one layout.
 // Activations arrive as uint8 codes a with a zero point zp (affine per-tensor quantization), so
 //   sum_k w_k (a_k - zp) = alpha * sum_p 2^p S_p  - alpha * zp * sum_k q_k  - off * sum_k a_k  + K * off * zp
 // where S_p = sum of a_k over the k whose index has bit p set. S_p is a masked byte sum: the plane word is
 // the mask. AVX-512BW uses it directly as a k-mask; AVX2 expands it to a byte mask; the scalar reference
-// walks the bits. All three compute the same integers, so tests compare them exactly.
+// walks the bits. The AVX-512 VNNI path (below, "avx512vnni") turns each block's planes back into 64 index bytes
+// with one byte permute and one GF2P8AFFINEQB bit transpose, whatever b, and multiplies them with vpdpbusd.
+// All paths compute the same integers, so tests compare them exactly.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -29,6 +34,11 @@ using PlaneSum = int64_t (*)(const uint8_t* a, const uint64_t* planes, int64_t n
 // sum_p 2^p * S_p over one activation row and one packed weight row.
 int64_t plane_sum_scalar(const uint8_t* a, const uint64_t* planes, int64_t nblk, int64_t bits) {
   int64_t total = 0;
+  if (bits == 8) {  // plain bytes
+    const uint8_t* q = reinterpret_cast<const uint8_t*>(planes);
+    for (int64_t k = 0; k < nblk * 64; ++k) total += static_cast<int64_t>(a[k]) * (q[k] ^ 0x80);
+    return total;
+  }
   for (int64_t j = 0; j < nblk; ++j) {
     const uint8_t* blk = a + 64 * j;
     for (int64_t p = 0; p < bits; ++p) {
@@ -52,8 +62,27 @@ __attribute__((target("avx2"))) inline __m256i expand_mask32(uint32_t m) {
   return _mm256_cmpeq_epi8(_mm256_and_si256(v, bit), bit);
 }
 
+// sum a_k * q_k over b = 8 byte-stored indices (q = byte ^ 0x80): both widened to int16, vpmaddwd into int32.
+__attribute__((target("avx2"))) int64_t byte_dot_avx2(const uint8_t* a, const uint64_t* planes, int64_t nblk) {
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(planes);
+  const __m128i flip = _mm_set1_epi8(static_cast<char>(0x80));
+  __m256i acc = _mm256_setzero_si256();
+  for (int64_t k = 0; k < nblk * 64; k += 16) {
+    const __m256i av = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + k)));
+    const __m256i qv = _mm256_cvtepu8_epi16(
+        _mm_xor_si128(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + k)), flip));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(av, qv));  // < 2^31: 2 * 255 * 255 * nblk * 4 per lane
+  }
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+  int64_t total = 0;
+  for (int i = 0; i < 8; ++i) total += lanes[i];
+  return total;
+}
+
 __attribute__((target("avx2"))) int64_t plane_sum_avx2(const uint8_t* a, const uint64_t* planes, int64_t nblk,
                                                        int64_t bits) {
+  if (bits == 8) return byte_dot_avx2(a, planes, nblk);
   const __m256i zero = _mm256_setzero_si256();
   __m256i acc[8];
   for (int p = 0; p < 8; ++p) acc[p] = zero;
@@ -79,6 +108,7 @@ __attribute__((target("avx2"))) int64_t plane_sum_avx2(const uint8_t* a, const u
 
 __attribute__((target("avx512f,avx512bw"))) int64_t plane_sum_avx512(const uint8_t* a, const uint64_t* planes,
                                                                       int64_t nblk, int64_t bits) {
+  if (bits == 8) return byte_dot_avx2(a, planes, nblk);
   const __m512i zero = _mm512_setzero_si512();
   __m512i acc[8];
   for (int p = 0; p < 8; ++p) acc[p] = zero;
@@ -92,12 +122,20 @@ __attribute__((target("avx512f,avx512bw"))) int64_t plane_sum_avx512(const uint8
   return total;
 }
 
+bool cpu_has_vnni_path() {  // everything the avx512vnni kernels use
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("gfni");
+}
+
 std::string& active_isa() {
   static std::string isa = [] {
     __builtin_cpu_init();
     std::string best = "scalar";
     if (__builtin_cpu_supports("avx2")) best = "avx2";
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = "avx512";
+    if (cpu_has_vnni_path()) best = "avx512vnni";
     const char* forced = std::getenv("BITSEARCH_KERNEL_ISA");
     return forced && *forced ? std::string(forced) : best;
   }();
@@ -105,10 +143,127 @@ std::string& active_isa() {
 }
 
 PlaneSum kernel_for(const std::string& isa) {
-  if (isa == "avx512") return plane_sum_avx512;
+  if (isa == "avx512" || isa == "avx512vnni") return plane_sum_avx512;  // avx512vnni's GEMV is lowbit_gemv_vnni
   if (isa == "avx2") return plane_sum_avx2;
   if (isa == "scalar") return plane_sum_scalar;
-  TORCH_CHECK(false, "unknown kernel ISA '", isa, "' (expected scalar, avx2 or avx512)");
+  TORCH_CHECK(false, "unknown kernel ISA '", isa, "' (expected scalar, avx2, avx512 or avx512vnni)");
+}
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vnni,avx512vbmi,gfni")))
+
+// Bit planes -> the block's 64 indices as bytes, for b < 8, in three instructions whatever b:
+//   a masked load of the block's b plane words (qword p = plane p);
+//   a byte permute that puts, in each qword lane t, byte t of plane p at byte 7-p (zero for p >= b);
+//   GF2P8AFFINEQB with that qword as the 8x8 bit matrix A and the unit bytes x_j = 1 << j: bit i of result
+//   byte j is bit j of A.byte[7-i] = bit (8t + j) of plane i, i.e. result byte j of lane t is index 8t + j.
+struct PlaneGather {
+  __m512i perm;
+  __mmask64 keep;
+  __mmask8 words;
+};
+
+PlaneGather plane_gather(int64_t bits) {
+  alignas(64) uint8_t idx[64];
+  uint64_t keep = 0;
+  for (int t = 0; t < 8; ++t)
+    for (int p = 0; p < 8; ++p) {
+      const int dst = 8 * t + 7 - p;
+      idx[dst] = p < bits ? static_cast<uint8_t>(8 * p + t) : 0;
+      if (p < bits) keep |= uint64_t{1} << dst;
+    }
+  PlaneGather g;
+  std::memcpy(&g.perm, idx, 64);
+  g.keep = keep;
+  g.words = static_cast<__mmask8>((1u << bits) - 1);
+  return g;
+}
+
+VNNI_TARGET inline __m512i block_indices(const uint64_t* words, const PlaneGather& g) {
+  const __m512i unit = _mm512_set1_epi64(0x8040201008040201LL);
+  const __m512i v = _mm512_maskz_loadu_epi64(g.words, words);
+  return _mm512_gf2p8affine_epi64_epi8(unit, _mm512_maskz_permutexvar_epi8(g.keep, g.perm, v), 0);
+}
+
+// The four horizontal sums of a, b, c, d as one vector [sum a, sum b, sum c, sum d].
+VNNI_TARGET inline __m128i hsum4_vnni(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+}
+
+// The 64 stored values of one block as bytes. One plane is cheapest as a masked byte move (the plane word is
+// the mask; for two planes the second masked add already costs more than the permute + transpose on Zen 4);
+// b = 8 is stored as bytes.
+template <int BITS>
+VNNI_TARGET inline __m512i block_bytes(const uint64_t* words, const PlaneGather& g) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512(words);
+  } else if constexpr (BITS == 1) {
+    return _mm512_maskz_mov_epi8(words[0], _mm512_set1_epi8(1));
+  } else {
+    return block_indices(words, g);
+  }
+}
+
+// dots[i][r] = sum_k a_i[k] * stored_r[k] for MR activation rows (stride kpad) and NR consecutive weight rows:
+// stored = the index for b < 8, the byte int8(q - 128) for b = 8 (the caller adds 128 * sum a back).
+// Each block's indices are rebuilt once and reused for the MR activation rows. BITS 0: any b in 2..7.
+template <int BITS, int MR, int NR>
+VNNI_TARGET void gemv_tile_vnni(const uint8_t* a, int64_t kpad, const uint64_t* w, int64_t nblk, int64_t bits,
+                                const PlaneGather& g, int64_t (*dots)[4]) {
+  __m512i acc[MR][4];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < 4; ++r) acc[i][r] = _mm512_setzero_si512();
+  const int64_t row_words = nblk * bits;
+  for (int64_t j = 0; j < nblk; ++j) {
+    __m512i av[MR];
+    for (int i = 0; i < MR; ++i) av[i] = _mm512_loadu_si512(a + i * kpad + 64 * j);
+    for (int r = 0; r < NR; ++r) {
+      // Four rows are four streams: prefetch ahead in each (the hardware prefetcher alone falls behind on
+      // weights that come from L3).
+      _mm_prefetch(reinterpret_cast<const char*>(w + r * row_words + (j + 8) * bits), _MM_HINT_T0);
+      const __m512i q = block_bytes<BITS>(w + r * row_words + j * bits, g);
+      for (int i = 0; i < MR; ++i) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], av[i], q);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    alignas(16) int32_t sums[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(sums), hsum4_vnni(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+    for (int r = 0; r < NR; ++r) dots[i][r] = sums[r];
+  }
+}
+
+using GemvTile = void (*)(const uint8_t*, int64_t, const uint64_t*, int64_t, int64_t, const PlaneGather&,
+                          int64_t (*)[4]);
+
+template <int BITS, int MR>
+GemvTile gemv_tile_for(int64_t nr) {
+  switch (nr) {
+    case 1: return gemv_tile_vnni<BITS, MR, 1>;
+    case 2: return gemv_tile_vnni<BITS, MR, 2>;
+    case 3: return gemv_tile_vnni<BITS, MR, 3>;
+    default: return gemv_tile_vnni<BITS, MR, 4>;
+  }
+}
+
+template <int BITS>
+GemvTile gemv_tile_for(int64_t mr, int64_t nr) {
+  switch (mr) {
+    case 1: return gemv_tile_for<BITS, 1>(nr);
+    case 2: return gemv_tile_for<BITS, 2>(nr);
+    case 3: return gemv_tile_for<BITS, 3>(nr);
+    default: return gemv_tile_for<BITS, 4>(nr);
+  }
+}
+
+GemvTile gemv_tile_for(int64_t bits, int64_t mr, int64_t nr) {
+  switch (bits) {
+    case 1: return gemv_tile_for<1>(mr, nr);
+    case 8: return gemv_tile_for<8>(mr, nr);
+    default: return gemv_tile_for<0>(mr, nr);
+  }
 }
 
 }  // namespace
@@ -118,6 +273,7 @@ std::vector<std::string> supported_isas() {
   std::vector<std::string> out{"scalar"};
   if (__builtin_cpu_supports("avx2")) out.push_back("avx2");
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) out.push_back("avx512");
+  if (cpu_has_vnni_path()) out.push_back("avx512vnni");
   return out;
 }
 
@@ -137,6 +293,11 @@ torch::Tensor pack_planes(torch::Tensor q, int64_t bits) {
   auto out = torch::zeros({q.size(0), q.size(1), nblk, bits}, torch::kInt64);
   const uint8_t* src = q.data_ptr<uint8_t>();
   uint64_t* dst = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
+  if (bits == 8) {  // plain bytes, int8(q - 128)
+    uint8_t* bytes = reinterpret_cast<uint8_t*>(dst);
+    for (int64_t i = 0; i < rows * nblk * 64; ++i) bytes[i] = src[i] ^ 0x80;
+    return out;
+  }
   at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r)
       for (int64_t j = 0; j < nblk; ++j)
@@ -157,6 +318,11 @@ torch::Tensor unpack_planes(torch::Tensor planes) {
   auto out = torch::empty({planes.size(0), planes.size(1), nblk * 64}, torch::kUInt8);
   const uint64_t* src = reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>());
   uint8_t* dst = out.data_ptr<uint8_t>();
+  if (bits == 8) {
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(src);
+    for (int64_t i = 0; i < rows * nblk * 64; ++i) dst[i] = bytes[i] ^ 0x80;
+    return out;
+  }
   at::parallel_for(0, rows, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t r = lo; r < hi; ++r)
       for (int64_t j = 0; j < nblk; ++j)
@@ -178,6 +344,7 @@ torch::Tensor lowbit_gemv(torch::Tensor a, torch::Tensor planes, torch::Tensor q
   TORCH_CHECK(planes.dtype() == torch::kInt64 && planes.dim() == 4, "planes must be int64 [G, N, nblk, bits]");
   const int64_t G = a.size(0), M = a.size(1), N = planes.size(1), nblk = planes.size(2), bits = planes.size(3);
   TORCH_CHECK(planes.size(0) == G && a.size(2) == nblk * 64, "activation and weight shapes do not match");
+  TORCH_CHECK(a.size(2) <= 65536, "rows longer than 65536 are not supported");  // int32 lanes stay exact
   a = a.contiguous();
   planes = planes.contiguous();
   auto qs = qsum.to(torch::kInt64).contiguous();
@@ -186,7 +353,6 @@ torch::Tensor lowbit_gemv(torch::Tensor a, torch::Tensor planes, torch::Tensor q
   auto out = torch::empty({G, M, N}, torch::kFloat);
   // Per activation row: sum of codes (for the -off * sum a term).
   auto asum = a.sum(2, /*keepdim=*/false, torch::kInt64).contiguous();
-  const PlaneSum kernel = kernel_for(active_isa());
   const uint8_t* ap = a.data_ptr<uint8_t>();
   const uint64_t* pp = reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>());
   const int64_t* qp = qs.data_ptr<int64_t>();
@@ -194,15 +360,37 @@ torch::Tensor lowbit_gemv(torch::Tensor a, torch::Tensor planes, torch::Tensor q
   const float* scp = sc.data_ptr<float>();
   const float* bp = bs.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  // sum_k a_k q_k -> the dequantized output (identical formula on every path).
+  auto finish = [&](int64_t g, int64_t m, int64_t n, int64_t dot) {
+    const int64_t gn = g * N + n;
+    const int64_t acc = alpha * dot - alpha * zp * qp[gn] - off * asp[g * M + m] + k * off * zp;
+    op[(g * M + m) * N + n] = static_cast<float>(acc) * scp[gn] + bp[gn];
+  };
+  if (active_isa() == "avx512vnni") {
+    const PlaneGather gather = plane_gather(bits);
+    const int64_t quads = (N + 3) / 4;
+    at::parallel_for(0, G * quads, 1, [&](int64_t lo, int64_t hi) {
+      int64_t dots[4][4];
+      for (int64_t t = lo; t < hi; ++t) {
+        const int64_t g = t / quads, n0 = (t % quads) * 4, nr = std::min<int64_t>(4, N - n0);
+        const uint64_t* wp = pp + (g * N + n0) * nblk * bits;
+        for (int64_t m0 = 0; m0 < M; m0 += 4) {
+          const int64_t mr = std::min<int64_t>(4, M - m0);
+          gemv_tile_for(bits, mr, nr)(ap + (g * M + m0) * nblk * 64, nblk * 64, wp, nblk, bits, gather, dots);
+          for (int64_t i = 0; i < mr; ++i)
+            for (int64_t r = 0; r < nr; ++r)
+              finish(g, m0 + i, n0 + r, dots[i][r] + (bits == 8 ? 128 * asp[g * M + m0 + i] : 0));
+        }
+      }
+    });
+    return out;
+  }
+  const PlaneSum kernel = kernel_for(active_isa());
   at::parallel_for(0, G * N, 4, [&](int64_t lo, int64_t hi) {
     for (int64_t gn = lo; gn < hi; ++gn) {
       const int64_t g = gn / N, n = gn % N;
       const uint64_t* wp = pp + gn * nblk * bits;
-      for (int64_t m = 0; m < M; ++m) {
-        int64_t acc = alpha * kernel(ap + (g * M + m) * nblk * 64, wp, nblk, bits) - alpha * zp * qp[gn] -
-                      off * asp[g * M + m] + k * off * zp;
-        op[(g * M + m) * N + n] = static_cast<float>(acc) * scp[gn] + bp[gn];
-      }
+      for (int64_t m = 0; m < M; ++m) finish(g, m, n, kernel(ap + (g * M + m) * nblk * 64, wp, nblk, bits));
     }
   });
   return out;
@@ -265,7 +453,10 @@ void gemm_task_scalar(const GemmArgs& p, int64_t g, int64_t n0, int64_t rows, in
     for (int64_t j = 0; j < p.nblk; ++j)
       for (int i = 0; i < 64; ++i) {
         int64_t q = 0;
-        for (int64_t b = 0; b < p.bits; ++b) q |= ((src[j * p.bits + b] >> i) & 1) << b;
+        if (p.bits == 8)
+          q = reinterpret_cast<const uint8_t*>(src + j * 8)[i] ^ 0x80;
+        else
+          for (int64_t b = 0; b < p.bits; ++b) q |= ((src[j * p.bits + b] >> i) & 1) << b;
         w[r * kpad + 64 * j + i] = static_cast<int16_t>(p.alpha * q - p.off);
       }
   }
@@ -290,7 +481,12 @@ __attribute__((target("avx2"))) void unpack_rows_avx2(const GemmArgs& p, int64_t
     int16_t* dst = w + r * kpad;
     for (int64_t j = 0; j < p.nblk; ++j) {
       __m256i lo = _mm256_setzero_si256(), hi = _mm256_setzero_si256();
-      for (int64_t b = 0; b < p.bits; ++b) {
+      if (p.bits == 8) {
+        const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+        lo = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j * 8)), flip);
+        hi = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + j * 8 + 4)), flip);
+      }
+      for (int64_t b = 0; b < (p.bits == 8 ? 0 : p.bits); ++b) {
         const uint64_t word = src[j * p.bits + b];
         const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << b));
         lo = _mm256_or_si256(lo, _mm256_and_si256(expand_mask32(static_cast<uint32_t>(word)), bit));
@@ -370,7 +566,7 @@ __attribute__((target("avx2"))) void gemm_task_avx2(const GemmArgs& p, int64_t g
 }
 
 // AVX-512 VNNI: weights unpacked to int8 with one masked byte add per plane (the plane word is the mask).
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void unpack_rows_vnni(const GemmArgs& p, int64_t g,
+VNNI_TARGET void unpack_rows_vnni(const GemmArgs& p, int64_t g,
                                                                              int64_t n0, int64_t rows, int8_t* w) {
   const int64_t kpad = p.kpad();
   const __m512i off = _mm512_set1_epi8(static_cast<char>(p.off));
@@ -378,26 +574,19 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void unpack_rows_vnni(con
     const uint64_t* src = row_planes(p, g, n0 + r);
     for (int64_t j = 0; j < p.nblk; ++j) {
       __m512i q = _mm512_setzero_si512();
-      for (int64_t b = 0; b < p.bits; ++b)
-        q = _mm512_mask_add_epi8(q, src[j * p.bits + b], q, _mm512_set1_epi8(static_cast<char>(1 << b)));
+      if (p.bits == 8)  // int8(q - 128) + 1 = q - 127 = q - off, without overflow
+        q = _mm512_xor_si512(_mm512_loadu_si512(src + j * 8), _mm512_set1_epi8(static_cast<char>(0x80)));
+      else
+        for (int64_t b = 0; b < p.bits; ++b)
+          q = _mm512_mask_add_epi8(q, src[j * p.bits + b], q, _mm512_set1_epi8(static_cast<char>(1 << b)));
       if (p.alpha == 2) q = _mm512_add_epi8(q, q);
       _mm512_storeu_si512(w + r * kpad + 64 * j, _mm512_sub_epi8(q, off));
     }
   }
 }
 
-// The four horizontal sums of a, b, c, d as one vector [sum a, sum b, sum c, sum d].
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) inline __m128i hsum4_vnni(__m512i a, __m512i b, __m512i c,
-                                                                                 __m512i d) {
-  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
-  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
-  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
-  const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
-  return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
-}
-
 template <int MR, int NR>
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void micro_vnni(const GemmArgs& p, int64_t g, int64_t m,
+VNNI_TARGET void micro_vnni(const GemmArgs& p, int64_t g, int64_t m,
                                                                         int64_t n, const int8_t* w) {
   const int64_t kpad = p.kpad();
   __m512i acc[MR][NR];
@@ -432,7 +621,7 @@ struct MicroVnni {
   }
 };
 
-__attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemm_task_vnni(const GemmArgs& p, int64_t g,
+VNNI_TARGET void gemm_task_vnni(const GemmArgs& p, int64_t g,
                                                                            int64_t n0, int64_t rows, int64_t m0,
                                                                            int64_t m1, void* buf) {
   int8_t* w = static_cast<int8_t*>(buf);
@@ -442,15 +631,10 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemm_task_vnni(const
 
 using GemmTask = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int64_t, void*);
 
-bool has_vnni() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512vnni");
-}
-
 GemmTask gemm_for(const std::string& isa) {
   kernel_for(isa);
   if (isa == "scalar") return gemm_task_scalar;
-  if (isa == "avx512" && has_vnni()) return gemm_task_vnni;
+  if (isa == "avx512vnni") return gemm_task_vnni;
   return gemm_task_avx2;
 }
 
@@ -459,7 +643,7 @@ GemmTask gemm_for(const std::string& isa) {
 std::string gemm_kernel_name() {
   const std::string& isa = active_isa();
   if (isa == "scalar") return "scalar";
-  return isa == "avx512" && has_vnni() ? "avx512-vnni" : "avx2";
+  return isa == "avx512vnni" ? "avx512-vnni" : "avx2";
 }
 
 // a: uint8 codes [G, M, Kpad]; planes: int64 [G, N, nblk, bits]; qsum: int64 [G, N]; scale, bias: float [G, N].
@@ -494,6 +678,58 @@ torch::Tensor lowbit_gemm(torch::Tensor a, torch::Tensor planes, torch::Tensor q
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Activation quantization, fused: code = clamp(nearbyint(x * inv) + zp, 0, qmax), the float32 arithmetic of
+// torch.fake_quantize_per_tensor_affine (inv = 1.0f / scale, product rounded half to even). The AVX2 loop rounds
+// with vroundps in the same mode, so both give the same codes (the tests compare them with the simulation).
+namespace {
+
+void quantize_span_scalar(const float* x, uint8_t* out, int64_t n, float inv, float zp, float qmax) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = std::nearbyint(x[i] * inv) + zp;
+    const float low = v > 0.0f ? v : 0.0f;  // NaN -> 0, as vmaxps(v, 0) in the AVX2 loop
+    out[i] = static_cast<uint8_t>(low < qmax ? low : qmax);
+  }
+}
+
+__attribute__((target("avx2"))) void quantize_span_avx2(const float* x, uint8_t* out, int64_t n, float inv,
+                                                        float zp, float qmax) {
+  const __m256 vinv = _mm256_set1_ps(inv), vzp = _mm256_set1_ps(zp), vmax = _mm256_set1_ps(qmax);
+  const __m256 zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(v, vzp), zero), vmax);
+    const __m256i c = _mm256_cvttps_epi32(v);  // exact: v is an integer in [0, 255]
+    const __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(c16, c16));
+  }
+  quantize_span_scalar(x + i, out + i, n - i, inv, zp, qmax);
+}
+
+void quantize_span(const float* x, uint8_t* out, int64_t n, float inv, float zp, float qmax) {
+  if (active_isa() == "scalar")
+    quantize_span_scalar(x, out, n, inv, zp, qmax);
+  else
+    quantize_span_avx2(x, out, n, inv, zp, qmax);
+}
+
+}  // namespace
+
+// x float (any shape) -> uint8 codes of the same shape.
+torch::Tensor quantize_codes(const torch::Tensor& x, double inv_scale, int64_t zp, int64_t qmax) {
+  auto xf = x.to(torch::kFloat).contiguous();
+  auto out = torch::empty(xf.sizes(), torch::kUInt8);
+  const float* src = xf.data_ptr<float>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  const float inv = static_cast<float>(inv_scale);
+  at::parallel_for(0, xf.numel(), 16384, [&](int64_t lo, int64_t hi) {
+    quantize_span(src + lo, dst + lo, hi - lo, inv, static_cast<float>(zp), static_cast<float>(qmax));
+  });
+  return out;
+}
+
 // Quantizes float activations to uint8 codes exactly as torch.fake_quantize_per_tensor_affine does (x * inv,
 // round half to even, + zp, clamp) and lays them out for lowbit_gemm, Kpad = K rounded up to 64:
 //   linear (kernel empty): x [M, K] -> [1, M, Kpad];
@@ -502,20 +738,23 @@ torch::Tensor lowbit_gemm(torch::Tensor a, torch::Tensor planes, torch::Tensor q
 torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, int64_t qmax, int64_t groups,
                                std::vector<int64_t> kernel, std::vector<int64_t> stride,
                                std::vector<int64_t> padding, std::vector<int64_t> dilation) {
-  // The same ATen ops, in the same order, as kernels.ops.quantize_input: identical codes by construction.
-  auto q = x.to(torch::kFloat).mul(inv_scale).round_().add_(zp).clamp_(0, qmax).to(torch::kUInt8).contiguous();
-  const uint8_t* qp = q.data_ptr<uint8_t>();
-  if (kernel.empty()) {
+  if (kernel.empty()) {  // linear: quantize each row straight into its padded place
     TORCH_CHECK(x.dim() == 2, "linear input must be [M, K]");
+    auto xf = x.to(torch::kFloat).contiguous();
     const int64_t M = x.size(0), K = x.size(1), Kpad = (K + 63) / 64 * 64;
-    if (Kpad == K) return q.unsqueeze(0);
-    auto out = torch::zeros({1, M, Kpad}, torch::kUInt8);
+    auto out = torch::empty({1, M, Kpad}, torch::kUInt8);
+    const float* src = xf.data_ptr<float>();
     uint8_t* op = out.data_ptr<uint8_t>();
-    at::parallel_for(0, M, 64, [&](int64_t a, int64_t b) {
-      for (int64_t m = a; m < b; ++m) std::memcpy(op + m * Kpad, qp + m * K, K);
+    const float inv = static_cast<float>(inv_scale);
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(K, 1)), [&](int64_t a, int64_t b) {
+      for (int64_t m = a; m < b; ++m) {
+        quantize_span(src + m * K, op + m * Kpad, K, inv, static_cast<float>(zp), static_cast<float>(qmax));
+        std::memset(op + m * Kpad + K, 0, Kpad - K);
+      }
     });
     return out;
   }
+  auto q = quantize_codes(x, inv_scale, zp, qmax);
   TORCH_CHECK(x.dim() == 4 && kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2, "conv input must be [B, C, H, W] with 2-d kernel/stride/padding/dilation");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -570,7 +809,7 @@ torch::Tensor lowbit_depthwise(torch::Tensor x, torch::Tensor planes, torch::Ten
   const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
   const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
-  auto codes = x.to(torch::kFloat).mul(inv_scale).round_().add_(zp).clamp_(0, qmax).to(torch::kUInt8);
+  auto codes = quantize_codes(x, inv_scale, zp, qmax);
   auto nhwc = codes.permute({0, 2, 3, 1}).contiguous();
   // [taps, C] int32 weights, so the inner loop over channels reads contiguously.
   auto w = (unpack_planes(planes).slice(2, 0, taps).reshape({C, taps}).to(torch::kInt32) * alpha - off)
@@ -609,12 +848,84 @@ torch::Tensor lowbit_depthwise(torch::Tensor x, torch::Tensor planes, torch::Ten
   return out;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// The torch ops (registered here, in C++, so a call from a graph costs a dispatcher hop rather than a Python
+// custom-op call; the fake implementations for export/compile are in kernels/ops.py).
+namespace {
+
+constexpr int64_t SMALL_BATCH = 16;  // rows up to which the bit-plane GEMV beats unpacking a tile
+
+std::pair<int64_t, int64_t> affine_for(int64_t bits) {
+  return bits == 1 ? std::make_pair<int64_t, int64_t>(2, 1) : std::make_pair<int64_t, int64_t>(1, (1 << (bits - 1)) - 1);
+}
+
+double inverse_scale(double a_scale) { return 1.0f / static_cast<float>(a_scale); }  // float32, as fake_quantize
+
+// columns: uint8 codes [G, M, Kpad] -> float [M / L, G*N, L] (L = 1 for linear, Ho*Wo for conv).
+torch::Tensor run_columns(const torch::Tensor& columns, const torch::Tensor& planes, const torch::Tensor& qsum,
+                          const torch::Tensor& scale, const torch::Tensor& bias, int64_t k, double a_scale,
+                          int64_t zp, int64_t L) {
+  const auto [alpha, off] = affine_for(planes.size(3));
+  const auto dq = scale.to(torch::kFloat).mul(a_scale);  // float32 product, as the simulation's scale x scale
+  const int64_t G = columns.size(0), M = columns.size(1), N = planes.size(1);
+  if (M > SMALL_BATCH) return lowbit_gemm(columns, planes, qsum, dq, bias, k, alpha, off, zp, L);
+  auto out = lowbit_gemv(columns, planes, qsum, dq, bias, k, alpha, off, zp);  // [G, M, N]
+  return out.reshape({G, M / L, L, N}).permute({1, 0, 3, 2}).reshape({M / L, G * N, L});
+}
+
+}  // namespace
+
+torch::Tensor lowbit_linear_op(const torch::Tensor& x, const torch::Tensor& planes, const torch::Tensor& qsum,
+                               const torch::Tensor& scale, const torch::Tensor& bias, int64_t k, double a_scale,
+                               int64_t a_zp, int64_t a_qmax) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "linear input's last dimension must be ", k);
+  TORCH_CHECK(planes.dim() == 4 && planes.size(0) == 1, "linear weights must be planes [1, N, nblk, bits]");
+  auto rows = x.reshape({-1, k});
+  auto columns = quantize_columns(rows, inverse_scale(a_scale), a_zp, a_qmax, 1, {}, {}, {}, {});
+  auto out = run_columns(columns, planes, qsum, scale, bias, k, a_scale, a_zp, 1);
+  auto shape = x.sizes().vec();
+  shape.back() = planes.size(1);
+  return out.reshape(shape);
+}
+
+torch::Tensor lowbit_conv2d_op(const torch::Tensor& x, const torch::Tensor& planes, const torch::Tensor& qsum,
+                               const torch::Tensor& scale, const torch::Tensor& bias, int64_t k, double a_scale,
+                               int64_t a_zp, int64_t a_qmax, at::IntArrayRef kernel, at::IntArrayRef stride,
+                               at::IntArrayRef padding, at::IntArrayRef dilation) {
+  TORCH_CHECK(x.dim() == 4 && planes.dim() == 4, "conv needs input [B, C, H, W] and planes [G, N/G, nblk, bits]");
+  const int64_t B = x.size(0), C = x.size(1), G = planes.size(0), Ng = planes.size(1);
+  std::vector<int64_t> kv(kernel.begin(), kernel.end()), sv(stride.begin(), stride.end()),
+      pv(padding.begin(), padding.end()), dv(dilation.begin(), dilation.end());
+  if (G == C && Ng == 1) {  // depthwise: a GEMM row would be only kh*kw long
+    const auto [alpha, off] = affine_for(planes.size(3));
+    return lowbit_depthwise(x, planes, scale.to(torch::kFloat).mul(a_scale), bias, inverse_scale(a_scale), a_zp,
+                            a_qmax, alpha, off, kv, sv, pv, dv);
+  }
+  auto columns = quantize_columns(x, inverse_scale(a_scale), a_zp, a_qmax, G, kv, sv, pv, dv);
+  const int64_t L = columns.size(1) / B;
+  const int64_t Ho = (x.size(2) + 2 * pv[0] - dv[0] * (kv[0] - 1) - 1) / sv[0] + 1;
+  return run_columns(columns, planes, qsum, scale, bias, k, a_scale, a_zp, L).reshape({B, G * Ng, Ho, L / Ho});
+}
+
+TORCH_LIBRARY(bitsearch, m) {
+  m.def("lowbit_linear(Tensor x, Tensor planes, Tensor qsum, Tensor scale, Tensor bias, int k, float a_scale, "
+        "int a_zp, int a_qmax) -> Tensor");
+  m.def("lowbit_conv2d(Tensor x, Tensor planes, Tensor qsum, Tensor scale, Tensor bias, int k, float a_scale, "
+        "int a_zp, int a_qmax, int[] kernel, int[] stride, int[] padding, int[] dilation) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bitsearch, CPU, m) {
+  m.impl("lowbit_linear", &lowbit_linear_op);
+  m.impl("lowbit_conv2d", &lowbit_conv2d_op);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_planes", &pack_planes);
   m.def("unpack_planes", &unpack_planes);
   m.def("lowbit_gemv", &lowbit_gemv);
   m.def("lowbit_gemm", &lowbit_gemm);
   m.def("quantize_columns", &quantize_columns);
+  m.def("quantize_codes", &quantize_codes);
   m.def("gemm_kernel_name", &gemm_kernel_name);
   m.def("lowbit_depthwise", &lowbit_depthwise);
   m.def("supported_isas", &supported_isas);
