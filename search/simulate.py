@@ -68,7 +68,11 @@ def evaluate_float(model: LoadedModel, data) -> float:
 
 
 class Simulator:
-    def __init__(self, model: LoadedModel, calib_inputs: torch.Tensor):
+    def __init__(self, model: LoadedModel, calib_inputs: torch.Tensor | None,
+                 stats: dict[str, ActStats] | None = None):
+        """`stats` reuses another simulator's calibration (activation ranges and bias-correction means)
+        instead of calibrating on `calib_inputs`: fine-tuned weights are evaluated with the
+        calibration they were trained under (search/finetune.py)."""
         self.model = model
         with warnings.catch_warnings():  # torch's own pytree deprecation noise on GraphModule copies
             warnings.simplefilter("ignore", FutureWarning)
@@ -101,7 +105,12 @@ class Simulator:
         self._range_cache: dict[tuple, ActRange] = {}
         self._float_logits: dict[tuple, torch.Tensor] = {}
         self.config: QuantConfig | None = None
-        self._calibrate(calib_inputs)
+        if stats is None:
+            self._calibrate(calib_inputs)
+        else:
+            if set(stats) != set(self.quantizers):
+                raise ValueError("calibration statistics are for other layers than this model's")
+            self.stats = stats
 
     @torch.no_grad()
     def _calibrate(self, x: torch.Tensor) -> None:

@@ -26,6 +26,16 @@ METHODS = {
     "imprinting": imprinting_search,
     "haq": haq_search,
 }
+FINETUNE_METHODS = ("imprinting", "haq")  # the methods that take options.finetune
+
+
+def check_method_options(method: str, options: SearchOptions) -> None:
+    """Refuse options the method does not take (fine-tuning outside imprinting and haq)."""
+    if method not in METHODS:
+        raise SearchError(f"unknown search method {method!r}; available: {', '.join(sorted(METHODS))}")
+    if options.finetune.enabled and method not in FINETUNE_METHODS:
+        raise SearchError(f"method {method!r} does not fine-tune; fine-tuning is an option of "
+                          f"{' and '.join(FINETUNE_METHODS)}")
 
 
 def run_search(method: str, model: LoadedModel, data: DataSplits, budget: Budget,
@@ -33,13 +43,13 @@ def run_search(method: str, model: LoadedModel, data: DataSplits, budget: Budget
                latency: LatencyTable | None = None, simulator: Simulator | None = None,
                on_candidate: CandidateCallback | None = None) -> SearchResult:
     """Run `method`; `on_candidate` sees each recorded candidate as it is found (the service stores it then)."""
-    if method not in METHODS:
-        raise SearchError(f"unknown search method {method!r}; available: {', '.join(sorted(METHODS))}")
-    ctx = SearchContext(method, model, data, budget, options or SearchOptions(), on_progress, latency, simulator,
+    options = options or SearchOptions()
+    check_method_options(method, options)
+    ctx = SearchContext(method, model, data, budget, options, on_progress, latency, simulator,
                         on_candidate)
     METHODS[method](ctx)
     return ctx.result()
 
 
-__all__ = ["METHODS", "Candidate", "Progress", "SearchContext", "SearchError", "SearchOptions", "SearchResult",
-           "run_search"]
+__all__ = ["FINETUNE_METHODS", "METHODS", "Candidate", "Progress", "SearchContext", "SearchError", "SearchOptions",
+           "SearchResult", "check_method_options", "run_search"]

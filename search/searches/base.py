@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from ..config import QuantConfig
 from ..cost import Budget, Cost, LatencyTable, check_feasible, cost_of
 from ..data import DataSplits, LabelledSet
+from ..finetune import FineTuneError, FineTuneOptions, training_set
 from ..model import LoadedModel
 from ..quant.activation import FLOAT_ACT_BITS
 from ..simulate import EvalResult, Simulator
@@ -32,6 +33,9 @@ class SearchOptions(BaseModel):
     act_calibration: str = Field(default="mse", pattern="^(minmax|percentile|mse)$")
     val_samples: int = Field(default=2000, ge=100, description="validation images used to score each candidate")
     params: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
+    finetune: FineTuneOptions = Field(default_factory=FineTuneOptions,
+                                      description="STE fine-tuning on the training split (imprinting: between "
+                                      "steps; haq: per episode); off by default")
 
     @field_validator("w_bits")
     @classmethod
@@ -142,6 +146,12 @@ class SearchContext:
         if budget.latency_us is not None and latency is None:
             raise SearchError("a latency budget needs a latency table (bitsearch latency-table, or a table file)")
         check_feasible(model, budget, options.w_bits, options.a_bits, latency, options.scheme)
+        self._finetune_set: LabelledSet | None = None
+        if options.finetune.enabled:  # fail before anything runs
+            try:
+                self._finetune_set = training_set(splits.train, options.finetune, options.seed)
+            except FineTuneError as e:
+                raise SearchError(str(e)) from e
         self.sim = simulator or Simulator(model, splits.calib.inputs)
         self.val: LabelledSet = splits.val.subset(slice(0, options.val_samples))
         self.candidates: list[Candidate] = []
@@ -200,6 +210,17 @@ class SearchContext:
         if not fitting:
             return None
         return min(fitting, key=lambda ic: (-ic[1].quality, getattr(ic[1].cost, self.pareto_metric), ic[0]))[1]
+
+    def finetune_set(self) -> LabelledSet:
+        """The labelled images STE fine-tuning uses (options.finetune; checked when the context is made)."""
+        if self._finetune_set is None:
+            raise SearchError("fine-tuning is off (finetune.epochs and finetune.steps are 0)")
+        return self._finetune_set
+
+    def tick(self, total: int, phase: str) -> None:
+        """Report the last step again from inside a long step (fine-tuning), so a caller can show that the
+        search is alive and cancel it there; the step never moves backwards."""
+        self.report(max(self._last_step, 0), total, phase)
 
     def report(self, step: int, total: int, phase: str) -> None:
         if self._on_progress is None:

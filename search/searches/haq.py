@@ -22,17 +22,29 @@ Where we differ, and why:
   metrics; the original walks back from the last layer. First and last layers are pinned to
   8 bits only when `first_last_8bit` is set (the original always pins them).
 - The reward is measured on a fixed held-out slice of the validation split, after the images the
-  candidates are scored on, without fine-tuning (the original fine-tunes for an epoch and measures
-  on training data). Without labels, the output SQNR in dB / 100 stands in for the accuracy.
+  candidates are scored on (the original measures on training data). Without labels, the output
+  SQNR in dB / 100 stands in for the accuracy.
+- Fine-tuning before the reward (the original fine-tunes for one epoch) is optional and off by
+  default: `SearchOptions.finetune` (epochs, or a number of minibatch steps) fine-tunes a fresh
+  copy of the caller's weights under the episode's config with the straight-through estimator
+  (search/finetune.py), and the reward is that fine-tuned network's accuracy on the reward images.
+  Every episode starts from the caller's weights and draws the same minibatch order (the search's
+  seed), so a config's reward does not depend on when it was reached and the per-config cache and
+  the pluggable `map_fn` stay valid; the caller's model and the context's simulator are not touched.
 - The replay holds 128 episodes; once full, a new episode replaces a random one from the lower 70%
   by reward, so the top 30% stay (NNCF AutoQ).
 - Rewards are cached per config, and episodes are scored through `evaluate_episodes`, whose
   `map_fn` a caller can replace with an executor's map (see `batch_episodes`).
 - Only the ten best configs found (by reward accuracy) and the final noise-free policy's config
   become candidates; scoring every episode on the validation split would cost more than the search.
+  A candidate's `val_top1` is always the config on the CALLER's weights (post-training quantization,
+  as for every method). With fine-tuning on, its `score` is the fine-tuned reward accuracy and
+  `meta.finetuned_val_top1` the fine-tuned network's top-1 on the validation images (measured in the
+  same call as the reward; it never feeds the agent); the fine-tuned weights are not returned.
 
 Options (`params`): episodes (200), warmup (20), reward_samples (512), batch_episodes (1: episodes
-rolled out with the same policy and scored together), first_last_8bit (false).
+rolled out with the same policy and scored together), first_last_8bit (false); fine-tuning is the
+shared `SearchOptions.finetune` block.
 """
 
 from __future__ import annotations
@@ -49,6 +61,7 @@ from torch import nn
 
 from ..cost import layer_costs
 from ..data import LabelledSet
+from ..finetune import finetuned_simulator
 from ..quant.activation import FLOAT_ACT_BITS
 from .base import SearchContext, SearchError
 
@@ -198,20 +211,40 @@ def quality(result) -> float:
     return min(result.sqnr_db, MAX_SQNR_DB) / 100
 
 
-def _config_quality(ctx: SearchContext, data: LabelledSet, config: Config) -> float:
+@dataclass(frozen=True)
+class EpisodeScore:
+    quality: float  # on the reward images: what the reward is made of
+    finetuned_val_top1: float | None = None  # with fine-tuning: the fine-tuned network on the validation images
+
+
+def _config_score(ctx: SearchContext, data: LabelledSet, config: Config,
+                  on_batch: Callable[[], None] | None = None) -> EpisodeScore:
     w, a = (dict(zip(ctx.layer_names, bits)) for bits in config)
-    return quality(ctx.sim.evaluate(ctx.config(w, a), data))
+    qc = ctx.config(w, a)
+    o = ctx.options
+    if not o.finetune.enabled:
+        return EpisodeScore(quality(ctx.sim.evaluate(qc, data)))
+    # A private copy of the caller's weights, fine-tuned under this config, with the search's calibration.
+    sim, _ = finetuned_simulator(ctx.model, ctx.sim.stats, ctx.finetune_set(), o.finetune, o.seed, qc, on_batch)
+    return EpisodeScore(quality(sim.evaluate(qc, data)), sim.evaluate(qc, ctx.val).top1)
+
+
+def score_episodes(ctx: SearchContext, configs: list[Config], map_fn: Callable = map,
+                   data: LabelledSet | None = None, on_batch: Callable[[], None] | None = None) -> list[EpisodeScore]:
+    """Each config's scores on `data` (default: the reward images), after fine-tuning when it is on.
+
+    `map_fn` may be an executor's map. Without fine-tuning the context's simulator swaps weights in
+    place, so workers must not share one simulator (threads need one at a time, processes their own
+    context); with fine-tuning each call builds its own and only reads the context's calibration.
+    """
+    data = data if data is not None else reward_data(ctx)
+    return list(map_fn(partial(_config_score, ctx, data, on_batch=on_batch), configs))
 
 
 def evaluate_episodes(ctx: SearchContext, configs: list[Config], map_fn: Callable = map,
                       data: LabelledSet | None = None) -> list[float]:
-    """The reward accuracy of each config, on `data` (default: the reward images).
-
-    `map_fn` may be an executor's map; the simulator swaps weights in place, so workers
-    must not share one simulator (threads need one at a time, processes their own context).
-    """
-    data = data if data is not None else reward_data(ctx)
-    return list(map_fn(partial(_config_quality, ctx, data), configs))
+    """The reward accuracy of each config (see score_episodes)."""
+    return [s.quality for s in score_episodes(ctx, configs, map_fn, data)]
 
 
 # -- the agent ------------------------------------------------------------------------------------
@@ -384,12 +417,14 @@ def _search(ctx: SearchContext, episodes: int, warmup: int, batch_episodes: int,
         enforcer.enforce(w, a)
         return Episode(w, a, torch.stack(seen), torch.tensor(actions))
 
-    cache: dict[Config, float] = {}  # reward accuracy per config: repeated configs are not re-run
+    cache: dict[Config, EpisodeScore] = {}  # scores per config: repeated configs are not re-run
+    # progress from inside a long fine-tune, only where it runs in this thread
+    tick = (lambda: ctx.tick(episodes, "haq: fine-tune")) if o.finetune.enabled else None
 
-    def score(batch: list[Config]) -> None:
+    def score(batch: list[Config], fn: Callable = map_fn) -> None:
         todo = list(dict.fromkeys(k for k in batch if k not in cache))
         if todo:
-            cache.update(zip(todo, evaluate_episodes(ctx, todo, map_fn, data)))
+            cache.update(zip(todo, score_episodes(ctx, todo, fn, data, tick if fn is map else None)))
 
     found: dict[Config, int] = {}  # config -> first episode that reached it
     done = 0
@@ -401,7 +436,7 @@ def _search(ctx: SearchContext, episodes: int, warmup: int, batch_episodes: int,
         keys = [e.key(names) for e in batch]
         score(keys)
         for episode, key in zip(batch, keys):
-            reward = REWARD_SCALE * (cache[key] - fp_quality)
+            reward = REWARD_SCALE * (cache[key].quality - fp_quality)
             agent.replay.add(episode.states, episode.actions, reward)
             found.setdefault(key, done)
             if done >= warmup - 1:  # train from the last warm-up episode on, one update per step
@@ -411,18 +446,22 @@ def _search(ctx: SearchContext, episodes: int, warmup: int, batch_episodes: int,
             ctx.report(done, episodes, "haq")
 
     final = rollout(0.0, random_actions=False).key(names)
-    if final not in cache:  # a single config: nothing to fan out
-        cache[final] = evaluate_episodes(ctx, [final], data=data)[0]
+    score([final], map)  # a single config: nothing to fan out
     found.setdefault(final, episodes)
+
+    def meta(key: Config) -> dict:
+        tuned = cache[key].finetuned_val_top1
+        return {} if tuned is None else {"finetuned_val_top1": tuned}
+
     # Candidates: the best configs the episodes reached, then the trained policy's own.
-    ranked = sorted((k for k in found if k != final), key=lambda k: (-cache[k], found[k]))
+    ranked = sorted((k for k in found if k != final), key=lambda k: (-cache[k].quality, found[k]))
     added = 0
     for key in ranked:
         if added == TOP_CANDIDATES:
             break
         w, a = (dict(zip(names, bits)) for bits in key)
-        if ctx.add_candidate(w, a, score=cache[key], episode=found[key]) is not None:
+        if ctx.add_candidate(w, a, score=cache[key].quality, episode=found[key], **meta(key)) is not None:
             added += 1
     w, a = (dict(zip(names, bits)) for bits in final)
-    ctx.add_candidate(w, a, score=cache[final], episode=found[final], final_policy=True)
+    ctx.add_candidate(w, a, score=cache[final].quality, episode=found[final], final_policy=True, **meta(final))
     ctx.report(episodes, episodes, "haq")

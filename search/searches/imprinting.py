@@ -18,7 +18,26 @@ Variants and speed-ups (options in `params`):
              Acc_N among them (0 = run all N_max iterations, as in the thesis). Default 8.
   embedding  N, the target embedding length (default 256).
 Only the layers downstream of the lowered one are recomputed (IncrementalRunner).
-The thesis's Algorithm 1 fine-tuning between steps is not implemented.
+
+Algorithm 1 fine-tuning (`SearchOptions.finetune`, off by default; the thesis uses 4 epochs):
+after every bit lowering the quantized network is fine-tuned with the straight-through
+estimator (search/finetune.py) on the training split, under the lowered config, before that
+step's per-layer accuracies are measured. The full-precision shadow weights carry over from
+step to step (step k's network has been fine-tuned k times, along the search's own path, each
+time under the config of that step); the first config (every layer at its widest) is measured
+on the original weights. The caller's model and the context's simulator are never modified.
+Each step then recomputes every layer (all weights changed). Algorithm 1's "choose the model
+with the best performance" among the fine-tune epochs is not done: the last epoch's weights go on.
+
+What a candidate's numbers refer to, with fine-tuning on:
+  val_top1, val_sqnr_db   the config applied to the CALLER's weights (post-training quantization),
+                          like every other method, so configs, Pareto front, recommendation, pack
+                          and validate all mean the same thing; the fine-tuned weights are not
+                          part of the result.
+  score                   Acc_N, the imprinted last-layer accuracy of the fine-tuned network.
+  meta.finetuned_val_top1 the config's simulated top-1 on the validation images with the shadow
+                          weights fine-tuned up to that step (what Algorithm 1 would report);
+  meta.finetune_batches   the minibatches of fine-tuning those weights have had in total.
 """
 
 from __future__ import annotations
@@ -28,6 +47,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..finetune import STEFineTuner
+from ..simulate import Simulator
 from .base import SearchContext, SearchError
 
 
@@ -55,9 +76,12 @@ def imprint_accuracy(train_e: torch.Tensor, train_y: torch.Tensor, test_e: torch
 
 
 class LayerAccuracy:
-    """acc_i for every layer under the simulator's current config, recomputing only what changed."""
+    """acc_i for every layer under the simulator's current config, recomputing only what changed.
 
-    def __init__(self, ctx: SearchContext, embedding: int):
+    `sim` defaults to the context's simulator; imprinting with fine-tuning passes one over the
+    fine-tuned weights."""
+
+    def __init__(self, ctx: SearchContext, embedding: int, sim: Simulator | None = None):
         calib = ctx.splits.calib
         if calib.labels is None:
             raise SearchError("imprinting needs a labelled calibration set")
@@ -68,7 +92,7 @@ class LayerAccuracy:
         self.half = half
         self.num_classes = int(calib.labels.max()) + 1
         self.embedding = embedding
-        self.runner = ctx.sim.incremental(calib.inputs)
+        self.runner = (sim or ctx.sim).incremental(calib.inputs)
         self.names = ctx.layer_names
         self.acc: dict[str, float] = {}
 
@@ -97,17 +121,35 @@ def imprinting_search(ctx: SearchContext) -> None:
     a_bits = ctx.uniform_bits(max(o.a_bits))
     w_bits = ctx.uniform_bits(w_choices[-1])
     n_max = (len(w_choices) - 1) * (len(names) - 2) + 1
-    acc_model = LayerAccuracy(ctx, o.param("embedding", 256))
-    ctx.sim.apply(ctx.config(w_bits, a_bits))
+    embedding = o.param("embedding", 256)
+    acc_model = LayerAccuracy(ctx, embedding)
+    sim = ctx.sim  # the simulator the per-layer accuracies are measured on
+    sim.apply(ctx.config(w_bits, a_bits))
     metric = ctx.pareto_metric
+    tuner = STEFineTuner(ctx.model, ctx.sim.stats, ctx.finetune_set(), o.finetune, o.seed) \
+        if o.finetune.enabled else None
+    tuned_batches = 0
 
-    trajectory = []  # (iteration, w_bits, Acc_N, fits, per-layer acc)
+    trajectory = []  # (iteration, w_bits, Acc_N, fits, per-layer acc, fine-tuning meta)
     changed = None
     best_fit, since_best = -1.0, 0
     for it in range(n_max):
+        if tuner is not None and changed is not None:
+            # Algorithm 1: fine-tune under the lowered config, then measure on the fine-tuned weights.
+            config = ctx.config(w_bits, a_bits)
+            tuned_batches += tuner.fit(config, on_batch=lambda: ctx.tick(n_max, "fine-tune")).batches
+            acc_model = None  # free the old runner's activations before the new one keeps its own
+            sim = tuner.simulator()
+            sim.apply(config)
+            acc_model = LayerAccuracy(ctx, embedding, sim)
+            changed = None  # every weight changed: recompute every layer
         acc = acc_model.update(changed)
         fits = ctx.fits(w_bits, a_bits)
-        trajectory.append((it, dict(w_bits), acc[-1], fits, acc))
+        tuned = {}
+        if tuner is not None and fits:  # the fine-tuned weights change at the next step: score them now
+            tuned = {"finetuned_val_top1": sim.evaluate(ctx.config(w_bits, a_bits), ctx.val).top1,
+                     "finetune_batches": tuned_batches}
+        trajectory.append((it, dict(w_bits), acc[-1], fits, acc, tuned))
         if fits:
             if acc[-1] > best_fit:
                 best_fit, since_best = acc[-1], 0
@@ -132,13 +174,14 @@ def imprinting_search(ctx: SearchContext) -> None:
             idx = min(lowerable, key=lambda i: (diffs[i], i))
         name = names[idx]
         w_bits[name] = w_choices[w_choices.index(w_bits[name]) - 1]
-        ctx.sim.set_layer(name, w_bits[name], a_bits[name], o.scheme, o.clip, o.act_calibration)
+        sim.set_layer(name, w_bits[name], a_bits[name], o.scheme, o.clip, o.act_calibration)
         changed = [name]
 
     # Score on the validation split: the best fitting configs by Acc_N, and a spread of the
     # fitting part of the path for the front (every config on the path is simulated already).
     fitting = [t for t in trajectory if t[3]]
     step = max(1, len(fitting) // max(curve_points, 1))
-    for it, wb, acc_n, _, per_layer in sorted(fitting, key=lambda t: -t[2])[:validate_top] + fitting[::step]:
-        ctx.add_candidate(wb, a_bits, score=acc_n, iteration=it, layer_accuracy=[round(a, 4) for a in per_layer])
+    for it, wb, acc_n, _, per_layer, tuned in sorted(fitting, key=lambda t: -t[2])[:validate_top] + fitting[::step]:
+        ctx.add_candidate(wb, a_bits, score=acc_n, iteration=it, layer_accuracy=[round(a, 4) for a in per_layer],
+                          **tuned)
     ctx.report(n_max, n_max, "validate")
