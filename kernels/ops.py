@@ -11,6 +11,8 @@ does (x * float32(1/scale), round half to even, + zero point, clamp), then runs 
     AVX2 and the scalar reference) and reuses it for a chunk of activation rows; quantization and the
     channels-last im2col run in C++;
   - depthwise convolutions: a direct kernel on the channels-last codes.
+lowbit_conv2d returns its [B, C, H, W] result in channels-last memory (the layout the GEMM writes and the next
+layer's im2col reads), like torch's own conv2d on a channels-last input.
 All paths sum in integers; dequantization (weight scale x activation scale) and the bias are applied to the sums.
 """
 
@@ -52,7 +54,8 @@ def _(x, planes, qsum, scale, bias, k, a_scale, a_zp, a_qmax, kernel, stride, pa
     b, _, h, w = x.shape
     ho = _conv_out(h, kernel[0], stride[0], padding[0], dilation[0])
     wo = _conv_out(w, kernel[1], stride[1], padding[1], dilation[1])
-    return x.new_empty((b, planes.shape[0] * planes.shape[1], ho, wo), dtype=torch.float32)
+    out = x.new_empty((b, planes.shape[0] * planes.shape[1], ho, wo), dtype=torch.float32)
+    return out.to(memory_format=torch.channels_last)  # as the kernels write it
 
 
 def isa() -> str:

@@ -193,6 +193,13 @@ VNNI_TARGET inline __m128i hsum4_vnni(__m512i a, __m512i b, __m512i c, __m512i d
   return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
 }
 
+// acc += u8 x s8 dot products, in place. GCC's _mm512_dpbusd_epi32 copies the accumulator around each use
+// (and spills the copies) in a kernel this size, which halves its speed; the asm statement keeps it in one
+// register.
+VNNI_TARGET inline void dpbusd_inplace(__m512i& acc, __m512i a_u8, __m512i b_s8) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a_u8), "v"(b_s8));
+}
+
 // The 64 stored values of one block as bytes. One plane is cheapest as a masked byte move (the plane word is
 // the mask; for two planes the second masked add already costs more than the permute + transpose on Zen 4);
 // b = 8 is stored as bytes.
@@ -225,7 +232,7 @@ VNNI_TARGET void gemv_tile_vnni(const uint8_t* a, int64_t kpad, const uint64_t* 
       // weights that come from L3).
       _mm_prefetch(reinterpret_cast<const char*>(w + r * row_words + (j + 8) * bits), _MM_HINT_T0);
       const __m512i q = block_bytes<BITS>(w + r * row_words + j * bits, g);
-      for (int i = 0; i < MR; ++i) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], av[i], q);
+      for (int i = 0; i < MR; ++i) dpbusd_inplace(acc[i][r], av[i], q);
     }
   }
   for (int i = 0; i < MR; ++i) {
@@ -412,11 +419,11 @@ torch::Tensor lowbit_gemv(torch::Tensor a, torch::Tensor planes, torch::Tensor q
 //   avx2       int16 weights, vpmaddwd on zero-extended codes (vpmaddubsw would saturate at 255 x 127 x 2);
 //   avx512     int8 weights, vpdpbusd (VNNI: u8 x s8, four products per int32 lane, no saturation) when the
 //              CPU has AVX512-VNNI, else the avx2 GEMM.
-// Output: out[(m / L) * (G*N*L) + (g*N + n) * L + m % L] = float(acc) * scale[g,n] + bias[g,n]; L = 1 gives
-// [M, G*N] (linear), L = Ho*Wo gives [B, G*N, Ho, Wo] (conv, m = b*L + position).
+// Output: out[m, g*N + n] = float(acc) * scale[g,n] + bias[g,n], [M, G*N]: for a conv (m = b*Ho*Wo + position)
+// that is channels-last [B, Ho, Wo, G*N], which the next layer's im2col reads without a transpose.
 namespace {
 
-constexpr int64_t NT = 32;             // weight rows unpacked per task
+constexpr int64_t NT = 64;             // weight rows unpacked per task
 constexpr int64_t MC = 96;             // activation rows per task
 constexpr int64_t MAX_GEMM_K = 65536;  // keeps int32 sums exact
 
@@ -427,18 +434,16 @@ struct GemmArgs {
   const float* scale;
   const float* bias;
   float* out;
-  int64_t G, M, N, nblk, bits, alpha, off, zp, L;
+  int64_t G, M, N, nblk, bits, alpha, off, zp, k;
   int64_t kpad() const { return nblk * 64; }
 };
 
-// Where activation row m's outputs start; computed once per row (the divisions cost more than a short row's
-// dot products).
-inline float* row_out(const GemmArgs& p, int64_t m) { return p.out + (m / p.L) * (p.G * p.N * p.L) + m % p.L; }
+inline float* row_out(const GemmArgs& p, int64_t m) { return p.out + m * p.G * p.N; }
 
 inline void store_result(const GemmArgs& p, float* row, int64_t g, int64_t n, int64_t dot) {
   const int64_t gn = g * p.N + n;
   const int64_t acc = dot - p.zp * p.wsum[gn];
-  row[gn * p.L] = static_cast<float>(acc) * p.scale[gn] + p.bias[gn];
+  row[gn] = static_cast<float>(acc) * p.scale[gn] + p.bias[gn];
 }
 
 inline const uint64_t* row_planes(const GemmArgs& p, int64_t g, int64_t n) {
@@ -565,76 +570,166 @@ __attribute__((target("avx2"))) void gemm_task_avx2(const GemmArgs& p, int64_t g
   tile_loop<3, 4, MicroAvx2>(p, g, n0, rows, m0, m1, w);
 }
 
-// AVX-512 VNNI: weights unpacked to int8 with one masked byte add per plane (the plane word is the mask).
-VNNI_TARGET void unpack_rows_vnni(const GemmArgs& p, int64_t g,
-                                                                             int64_t n0, int64_t rows, int8_t* w) {
-  const int64_t kpad = p.kpad();
-  const __m512i off = _mm512_set1_epi8(static_cast<char>(p.off));
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint64_t* src = row_planes(p, g, n0 + r);
-    for (int64_t j = 0; j < p.nblk; ++j) {
-      __m512i q = _mm512_setzero_si512();
-      if (p.bits == 8)  // int8(q - 128) + 1 = q - 127 = q - off, without overflow
-        q = _mm512_xor_si512(_mm512_loadu_si512(src + j * 8), _mm512_set1_epi8(static_cast<char>(0x80)));
-      else
-        for (int64_t b = 0; b < p.bits; ++b)
-          q = _mm512_mask_add_epi8(q, src[j * p.bits + b], q, _mm512_set1_epi8(static_cast<char>(1 << b)));
-      if (p.alpha == 2) q = _mm512_add_epi8(q, q);
-      _mm512_storeu_si512(w + r * kpad + 64 * j, _mm512_sub_epi8(q, off));
-    }
+// AVX-512 VNNI GEMM, in the layout of int8 GEMM libraries: a weight tile of 16*NZ rows is unpacked as
+// [K/4][16*NZ][4] int8 (four consecutive k of one row per int32 lane), and each activation dword (four k of one
+// row) is broadcast, so one vpdpbusd adds 4 products for 16 output channels; no horizontal sums, and K is walked
+// in steps of 4, not 64. MR activation rows x NZ vectors of 16 channels stay in registers.
+constexpr int64_t VNNI_MAX_K = 32768;  // |sum w (a - zp)| <= 2 * 255 * 127 * K stays within int32
+
+// r[i] = 16 dwords of row i -> r[j] = dword j of every row (a 16 x 16 transpose of 32-bit elements).
+VNNI_TARGET inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0x88);
+    t[4 + i] = _mm512_shuffle_i32x4(r[i], r[4 + i], 0xdd);
+    t[8 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0x88);
+    t[12 + i] = _mm512_shuffle_i32x4(r[8 + i], r[12 + i], 0xdd);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+    r[4 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0x88);
+    r[12 + i] = _mm512_shuffle_i32x4(t[4 + i], t[12 + i], 0xdd);
   }
 }
 
-template <int MR, int NR>
-VNNI_TARGET void micro_vnni(const GemmArgs& p, int64_t g, int64_t m,
-                                                                        int64_t n, const int8_t* w) {
-  const int64_t kpad = p.kpad();
-  __m512i acc[MR][NR];
-  for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_si512();
-  const uint8_t* a = p.a + (g * p.M + m) * kpad;
-  for (int64_t k = 0; k < kpad; k += 64) {
-    __m512i av[MR];
-    for (int i = 0; i < MR; ++i) av[i] = _mm512_loadu_si512(a + i * kpad + k);
-    for (int j = 0; j < NR; ++j) {
-      const __m512i wv = _mm512_loadu_si512(w + j * kpad + k);
-      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], av[i], wv);
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    float* out = row_out(p, m + i);
-    if (NR == 4) {  // short rows make the horizontal sums a large share: do four at once
-      alignas(16) int32_t sums[4];
-      _mm_store_si128(reinterpret_cast<__m128i*>(sums), hsum4_vnni(acc[i][0], acc[i][1 % NR], acc[i][2 % NR],
-                                                                    acc[i][3 % NR]));
-      for (int j = 0; j < NR; ++j) store_result(p, out, g, n + j, sums[j]);
-    } else {
-      for (int j = 0; j < NR; ++j) store_result(p, out, g, n + j, _mm512_reduce_add_epi32(acc[i][j]));
-    }
-  }
-}
-
-template <int MR, int NR>
-struct MicroVnni {
-  static void run(const GemmArgs& p, int64_t g, int64_t m, int64_t n, const int8_t* w) {
-    micro_vnni<MR, NR>(p, g, m, n, w);
-  }
+// Unpacks weight rows n0 .. n0+rows-1 (rows <= 16*nz; missing rows are zero) into tile [k4n][16*NZ][4] int8,
+// w = alpha*q - off, and the tile's epilogue constants (wsum as int32, scale, bias; zero past the last row).
+struct VnniTile {
+  int8_t* w;
+  int32_t wsum[64];
+  float scale[64], bias[64];
 };
 
-VNNI_TARGET void gemm_task_vnni(const GemmArgs& p, int64_t g,
-                                                                           int64_t n0, int64_t rows, int64_t m0,
-                                                                           int64_t m1, void* buf) {
-  int8_t* w = static_cast<int8_t*>(buf);
-  unpack_rows_vnni(p, g, n0, rows, w);
-  tile_loop<4, 4, MicroVnni>(p, g, n0, rows, m0, m1, w);
+template <int BITS>
+VNNI_TARGET void unpack_tile_vnni(const GemmArgs& p, int64_t g, int64_t n0, int64_t rows, int nz, int64_t k4n,
+                                  const PlaneGather& gather, VnniTile& tile) {
+  const __m512i off = _mm512_set1_epi8(static_cast<char>(p.off));
+  const int64_t width = 16 * nz;
+  for (int h = 0; h < nz; ++h) {
+    for (int64_t j = 0; j < p.nblk; ++j) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        const int64_t row = 16 * h + i;
+        if (row >= rows) { r[i] = _mm512_setzero_si512(); continue; }
+        __m512i q = block_bytes<BITS>(row_planes(p, g, n0 + row) + j * p.bits, gather);
+        if constexpr (BITS == 8) q = _mm512_xor_si512(q, _mm512_set1_epi8(static_cast<char>(0x80)));
+        if (p.alpha == 2) q = _mm512_add_epi8(q, q);
+        r[i] = _mm512_sub_epi8(q, off);  // |w| <= 127: no wrap
+      }
+      transpose16x16_epi32(r);  // r[t] = k4 = 16j + t for the 16 rows
+      for (int t = 0; t < 16 && 16 * j + t < k4n; ++t)
+        _mm512_storeu_si512(tile.w + ((16 * j + t) * width + 16 * h) * 4, r[t]);
+    }
+  }
+  for (int64_t i = 0; i < width; ++i) {
+    const bool live = i < rows;
+    const int64_t gn = g * p.N + n0 + i;
+    tile.wsum[i] = live ? static_cast<int32_t>(p.wsum[gn]) : 0;
+    tile.scale[i] = live ? p.scale[gn] : 0.0f;
+    tile.bias[i] = live ? p.bias[gn] : 0.0f;
+  }
+}
+
+// The loops over MR and NZ are fully unrolled so the accumulators are registers.
+template <int MR, int NZ>
+VNNI_TARGET void micro_vnni(const GemmArgs& p, const uint8_t* a, int64_t k4n, const VnniTile& tile, float* out,
+                            int64_t rows) {
+  const int64_t kpad = p.kpad(), ldo = p.G * p.N;
+  __m512i acc[MR][NZ];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int h = 0; h < NZ; ++h) acc[i][h] = _mm512_setzero_si512();
+  const int8_t* w = tile.w;
+  for (int64_t k4 = 0; k4 < k4n; ++k4, w += 64 * NZ) {
+    __m512i wv[NZ];
+#pragma GCC unroll 4
+    for (int h = 0; h < NZ; ++h) wv[h] = _mm512_loadu_si512(w + 64 * h);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      int32_t quad;
+      std::memcpy(&quad, a + i * kpad + 4 * k4, 4);
+      const __m512i av = _mm512_set1_epi32(quad);
+#pragma GCC unroll 4
+      for (int h = 0; h < NZ; ++h) dpbusd_inplace(acc[i][h], av, wv[h]);
+    }
+  }
+  const __m512i zp = _mm512_set1_epi32(static_cast<int32_t>(p.zp));
+#pragma GCC unroll 4
+  for (int h = 0; h < NZ; ++h) {
+    const int64_t live = std::min<int64_t>(16, std::max<int64_t>(0, rows - 16 * h));
+    const __mmask16 keep = static_cast<__mmask16>((1u << live) - 1);
+    const __m512i wsum = _mm512_loadu_si512(tile.wsum + 16 * h);
+    const __m512 scale = _mm512_loadu_ps(tile.scale + 16 * h), bias = _mm512_loadu_ps(tile.bias + 16 * h);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const __m512i v = _mm512_sub_epi32(acc[i][h], _mm512_mullo_epi32(zp, wsum));
+      const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(v), scale), bias);
+      _mm512_mask_storeu_ps(out + i * ldo + 16 * h, keep, y);
+    }
+  }
+}
+
+using MicroVnniFn = void (*)(const GemmArgs&, const uint8_t*, int64_t, const VnniTile&, float*, int64_t);
+
+template <int NZ, int MR>
+constexpr MicroVnniFn micro_vnni_for_mr(int64_t mr) {
+  if constexpr (MR == 1) {
+    return micro_vnni<1, NZ>;
+  } else {
+    return mr == MR ? micro_vnni<MR, NZ> : micro_vnni_for_mr<NZ, MR - 1>(mr);
+  }
+}
+
+// Activation rows per micro-kernel for 16 / 32 / 64 channels: MR x NZ accumulators + NZ weight vectors fit the
+// 32 registers, and the wider the tile the fewer broadcasts per vpdpbusd.
+constexpr int VNNI_MR1 = 16, VNNI_MR2 = 12, VNNI_MR4 = 6;
+
+template <int BITS>
+VNNI_TARGET void gemm_task_vnni_bits(const GemmArgs& p, int64_t g, int64_t n0, int64_t rows, int64_t m0,
+                                     int64_t m1, void* buf) {
+  const int nz = rows > 32 ? 4 : rows > 16 ? 2 : 1;
+  const int64_t k4n = (p.k + 3) / 4;  // past K the activations are 0
+  VnniTile tile;
+  tile.w = static_cast<int8_t*>(buf);
+  unpack_tile_vnni<BITS>(p, g, n0, rows, nz, k4n, plane_gather(p.bits), tile);
+  const int64_t kpad = p.kpad(), step = nz == 4 ? VNNI_MR4 : nz == 2 ? VNNI_MR2 : VNNI_MR1;
+  for (int64_t m = m0; m < m1; m += step) {
+    const int64_t mr = std::min<int64_t>(step, m1 - m);
+    const uint8_t* a = p.a + (g * p.M + m) * kpad;
+    float* out = row_out(p, m) + g * p.N + n0;
+    const MicroVnniFn fn = nz == 4   ? micro_vnni_for_mr<4, VNNI_MR4>(mr)
+                           : nz == 2 ? micro_vnni_for_mr<2, VNNI_MR2>(mr)
+                                     : micro_vnni_for_mr<1, VNNI_MR1>(mr);
+    fn(p, a, k4n, tile, out, rows);
+  }
+}
+
+void gemm_task_vnni(const GemmArgs& p, int64_t g, int64_t n0, int64_t rows, int64_t m0, int64_t m1, void* buf) {
+  switch (p.bits) {
+    case 1: return gemm_task_vnni_bits<1>(p, g, n0, rows, m0, m1, buf);
+    case 8: return gemm_task_vnni_bits<8>(p, g, n0, rows, m0, m1, buf);
+    default: return gemm_task_vnni_bits<0>(p, g, n0, rows, m0, m1, buf);
+  }
 }
 
 using GemmTask = void (*)(const GemmArgs&, int64_t, int64_t, int64_t, int64_t, int64_t, void*);
 
-GemmTask gemm_for(const std::string& isa) {
+GemmTask gemm_for(const std::string& isa, int64_t kpad) {
   kernel_for(isa);
   if (isa == "scalar") return gemm_task_scalar;
-  if (isa == "avx512vnni") return gemm_task_vnni;
+  if (isa == "avx512vnni" && kpad <= VNNI_MAX_K) return gemm_task_vnni;
   return gemm_task_avx2;
 }
 
@@ -647,24 +742,24 @@ std::string gemm_kernel_name() {
 }
 
 // a: uint8 codes [G, M, Kpad]; planes: int64 [G, N, nblk, bits]; qsum: int64 [G, N]; scale, bias: float [G, N].
+// Returns float [M, G*N].
 torch::Tensor lowbit_gemm(torch::Tensor a, torch::Tensor planes, torch::Tensor qsum, torch::Tensor scale,
-                          torch::Tensor bias, int64_t k, int64_t alpha, int64_t off, int64_t zp, int64_t L) {
+                          torch::Tensor bias, int64_t k, int64_t alpha, int64_t off, int64_t zp) {
   TORCH_CHECK(a.dtype() == torch::kUInt8 && a.dim() == 3, "activations must be uint8 [G, M, Kpad]");
   TORCH_CHECK(planes.dtype() == torch::kInt64 && planes.dim() == 4, "planes must be int64 [G, N, nblk, bits]");
   const int64_t G = a.size(0), M = a.size(1), N = planes.size(1), nblk = planes.size(2);
   TORCH_CHECK(planes.size(0) == G && a.size(2) == nblk * 64, "activation and weight shapes do not match");
   TORCH_CHECK(a.size(2) <= MAX_GEMM_K, "rows longer than ", MAX_GEMM_K, " are not supported");
-  TORCH_CHECK(L >= 1 && M % L == 0, "M must be a multiple of L");
   a = a.contiguous();
   planes = planes.contiguous();
   auto wsum = (qsum.to(torch::kInt64) * alpha - off * k).contiguous();
   auto sc = scale.to(torch::kFloat).contiguous();
   auto bs = bias.to(torch::kFloat).contiguous();
-  auto out = torch::empty({M / L, G * N, L}, torch::kFloat);
+  auto out = torch::empty({M, G * N}, torch::kFloat);
   GemmArgs p{a.data_ptr<uint8_t>(), reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>()),
              wsum.data_ptr<int64_t>(), sc.data_ptr<float>(), bs.data_ptr<float>(), out.data_ptr<float>(),
-             G, M, N, nblk, planes.size(3), alpha, off, zp, L};
-  const GemmTask task = gemm_for(active_isa());
+             G, M, N, nblk, planes.size(3), alpha, off, zp, k};
+  const GemmTask task = gemm_for(active_isa(), nblk * 64);
   const int64_t ntiles = (N + NT - 1) / NT, mchunks = (M + MC - 1) / MC;
   at::parallel_for(0, G * ntiles * mchunks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<int16_t> w(NT * nblk * 64);  // int16 or int8 weights, whichever the task unpacks
@@ -754,7 +849,11 @@ torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, in
     });
     return out;
   }
-  auto q = quantize_codes(x, inv_scale, zp, qmax);
+  // Channels-last codes: quantized straight from a channels-last input (what the previous layer's op returns),
+  // else quantized and then transposed as bytes.
+  auto nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.scalar_type() == torch::kFloat
+                  ? quantize_codes(x.permute({0, 2, 3, 1}), inv_scale, zp, qmax)
+                  : quantize_codes(x, inv_scale, zp, qmax).permute({0, 2, 3, 1}).contiguous();
   TORCH_CHECK(x.dim() == 4 && kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2, "conv input must be [B, C, H, W] with 2-d kernel/stride/padding/dilation");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -765,8 +864,7 @@ torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, in
   const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
   const int64_t Cg = C / groups, K = Cg * kh * kw, Kpad = (K + 63) / 64 * 64, L = Ho * Wo;
-  auto nhwc = q.permute({0, 2, 3, 1}).contiguous();  // a kernel tap's channels are then one contiguous run
-  const uint8_t* np = nhwc.data_ptr<uint8_t>();
+  const uint8_t* np = nhwc.data_ptr<uint8_t>();  // a kernel tap's channels are one contiguous run
   auto out = torch::empty({groups, B * L, Kpad}, torch::kUInt8);
   uint8_t* op = out.data_ptr<uint8_t>();
   const int pad_code = static_cast<int>(zp);
@@ -809,14 +907,15 @@ torch::Tensor lowbit_depthwise(torch::Tensor x, torch::Tensor planes, torch::Ten
   const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
   const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
-  auto codes = quantize_codes(x, inv_scale, zp, qmax);
-  auto nhwc = codes.permute({0, 2, 3, 1}).contiguous();
+  auto nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.scalar_type() == torch::kFloat
+                  ? quantize_codes(x.permute({0, 2, 3, 1}), inv_scale, zp, qmax)
+                  : quantize_codes(x, inv_scale, zp, qmax).permute({0, 2, 3, 1}).contiguous();
   // [taps, C] int32 weights, so the inner loop over channels reads contiguously.
   auto w = (unpack_planes(planes).slice(2, 0, taps).reshape({C, taps}).to(torch::kInt32) * alpha - off)
                .t().contiguous();
   auto sc = scale.to(torch::kFloat).reshape({C}).contiguous();
   auto bs = bias.to(torch::kFloat).reshape({C}).contiguous();
-  auto out = torch::empty({B, C, Ho, Wo}, torch::kFloat);
+  auto out = torch::empty({B, Ho, Wo, C}, torch::kFloat);  // channels-last, returned as NCHW strides
   const uint8_t* np = nhwc.data_ptr<uint8_t>();
   const int32_t* wp = w.data_ptr<int32_t>();
   const float* scp = sc.data_ptr<float>();
@@ -840,12 +939,12 @@ torch::Tensor lowbit_depthwise(torch::Tensor x, torch::Tensor planes, torch::Ten
             for (int64_t c = 0; c < C; ++c) acc[c] += (static_cast<int32_t>(a[c]) - z) * wt[c];
           }
         }
-        for (int64_t c = 0; c < C; ++c)
-          op[((bi * C + c) * Ho + oh) * Wo + ow] = static_cast<float>(acc[c]) * scp[c] + bp[c];
+        float* dst = op + ((bi * Ho + oh) * Wo + ow) * C;
+        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(acc[c]) * scp[c] + bp[c];
       }
     }
   });
-  return out;
+  return out.permute({0, 3, 1, 2});
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -861,16 +960,16 @@ std::pair<int64_t, int64_t> affine_for(int64_t bits) {
 
 double inverse_scale(double a_scale) { return 1.0f / static_cast<float>(a_scale); }  // float32, as fake_quantize
 
-// columns: uint8 codes [G, M, Kpad] -> float [M / L, G*N, L] (L = 1 for linear, Ho*Wo for conv).
+// columns: uint8 codes [G, M, Kpad] -> float [M, G*N].
 torch::Tensor run_columns(const torch::Tensor& columns, const torch::Tensor& planes, const torch::Tensor& qsum,
                           const torch::Tensor& scale, const torch::Tensor& bias, int64_t k, double a_scale,
-                          int64_t zp, int64_t L) {
+                          int64_t zp) {
   const auto [alpha, off] = affine_for(planes.size(3));
   const auto dq = scale.to(torch::kFloat).mul(a_scale);  // float32 product, as the simulation's scale x scale
   const int64_t G = columns.size(0), M = columns.size(1), N = planes.size(1);
-  if (M > SMALL_BATCH) return lowbit_gemm(columns, planes, qsum, dq, bias, k, alpha, off, zp, L);
+  if (M > SMALL_BATCH) return lowbit_gemm(columns, planes, qsum, dq, bias, k, alpha, off, zp);
   auto out = lowbit_gemv(columns, planes, qsum, dq, bias, k, alpha, off, zp);  // [G, M, N]
-  return out.reshape({G, M / L, L, N}).permute({1, 0, 3, 2}).reshape({M / L, G * N, L});
+  return G == 1 ? out[0] : out.permute({1, 0, 2}).reshape({M, G * N});
 }
 
 }  // namespace
@@ -882,7 +981,7 @@ torch::Tensor lowbit_linear_op(const torch::Tensor& x, const torch::Tensor& plan
   TORCH_CHECK(planes.dim() == 4 && planes.size(0) == 1, "linear weights must be planes [1, N, nblk, bits]");
   auto rows = x.reshape({-1, k});
   auto columns = quantize_columns(rows, inverse_scale(a_scale), a_zp, a_qmax, 1, {}, {}, {}, {});
-  auto out = run_columns(columns, planes, qsum, scale, bias, k, a_scale, a_zp, 1);
+  auto out = run_columns(columns, planes, qsum, scale, bias, k, a_scale, a_zp);
   auto shape = x.sizes().vec();
   shape.back() = planes.size(1);
   return out.reshape(shape);
@@ -902,9 +1001,11 @@ torch::Tensor lowbit_conv2d_op(const torch::Tensor& x, const torch::Tensor& plan
                             a_qmax, alpha, off, kv, sv, pv, dv);
   }
   auto columns = quantize_columns(x, inverse_scale(a_scale), a_zp, a_qmax, G, kv, sv, pv, dv);
-  const int64_t L = columns.size(1) / B;
   const int64_t Ho = (x.size(2) + 2 * pv[0] - dv[0] * (kv[0] - 1) - 1) / sv[0] + 1;
-  return run_columns(columns, planes, qsum, scale, bias, k, a_scale, a_zp, L).reshape({B, G * Ng, Ho, L / Ho});
+  const int64_t Wo = columns.size(1) / (B * Ho);
+  // [B*Ho*Wo, G*Ng] is channels-last memory: returned as an NCHW tensor with channels-last strides.
+  return run_columns(columns, planes, qsum, scale, bias, k, a_scale, a_zp).view({B, Ho, Wo, G * Ng})
+      .permute({0, 3, 1, 2});
 }
 
 TORCH_LIBRARY(bitsearch, m) {
