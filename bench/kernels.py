@@ -2,13 +2,17 @@
 
     .venv/bin/python bench/kernels.py [--threads 2] [--repeats 30]
 
-Medians of repeated calls, weights hot (the same call repeated). Prints Markdown tables for docs/benchmarks.md.
+Medians of repeated calls, weights hot (the same call repeated). Within each table the candidates are called in
+turn, round after round, so a slow spell of this shared machine hits all of them alike. Prints Markdown tables
+for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -28,6 +32,20 @@ from search.quant.weight import quantize_weight  # noqa: E402
 
 def med(fn, repeats):
     return median_us(fn, repeats)
+
+
+def interleaved_us(fns: dict, repeats: int, warmup: int = 3) -> dict:
+    """Median microseconds of each callable, calling them in turn for `repeats` rounds."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e6)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 _EVICT = torch.empty(96 << 20, dtype=torch.uint8)  # three times this machine's L3
@@ -68,28 +86,24 @@ def cold_rows(k, n, repeats):
 
 def linear_rows(m, k, n, repeats):
     x, w = torch.randn(m, k), torch.randn(n, k)
-    rows = {"fp32 F.linear": med(lambda: F.linear(x, w), repeats)}
+    fns = {"fp32 F.linear": lambda: F.linear(x, w)}
     packed_dyn = torch.ops.quantized.linear_prepack(torch.quantize_per_tensor(w, 0.02, 0, torch.qint8), None)
-    rows["fbgemm int8 linear_dynamic"] = med(lambda: torch.ops.quantized.linear_dynamic(x, packed_dyn), repeats)
+    fns["fbgemm int8 linear_dynamic"] = lambda: torch.ops.quantized.linear_dynamic(x, packed_dyn)
     if m > 16:
         xi, wi = torch.randint(-128, 127, (m, k), dtype=torch.int8), torch.randint(-127, 127, (n, k), dtype=torch.int8)
         wt = wi.t()
-        rows["torch._int_mm (W.t())"] = med(lambda: torch._int_mm(xi, wt), repeats)
-    try:
-        wq = torch.randint(0, 16, (n, k), dtype=torch.int32)
-        w4 = torch._convert_weight_to_int4pack_for_cpu(wq, 1)
-        sz = torch.ones(k // 128, n, 2, dtype=torch.bfloat16)
-        xb = x.bfloat16()
-        rows["int4pack_mm bf16"] = med(lambda: torch._weight_int4pack_mm_for_cpu(xb, w4, 128, sz), repeats)
-    except Exception as e:  # noqa: BLE001
-        rows["int4pack_mm bf16"] = f"n/a ({type(e).__name__})"
+        fns["torch._int_mm (W.t())"] = lambda: torch._int_mm(xi, wt)
+    wq = torch.randint(0, 16, (n, k), dtype=torch.int32)
+    w4 = torch._convert_weight_to_int4pack_for_cpu(wq, 1)
+    sz = torch.ones(k // 128, n, 2, dtype=torch.bfloat16)
+    xb = x.bfloat16()
+    fns["int4pack_mm bf16"] = lambda: torch._weight_int4pack_mm_for_cpu(xb, w4, 128, sz)
+    bias = torch.zeros(1, n)
     for bits in range(1, 9):
-        qw = quantize_weight(w, bits, "uniform", "max")
-        p = packing.pack(qw)
-        bias = torch.zeros(1, n)
-        rows[f"bitsearch W{bits}A8"] = med(
-            lambda p=p: ops.lowbit_linear(x, p.planes, p.qsum, p.scale, bias, k, 0.05, 128, 255), repeats)
-    return rows
+        p = packing.pack(quantize_weight(w, bits, "uniform", "max"))
+        fns[f"bitsearch W{bits}A8"] = lambda p=p: ops.lowbit_linear(x, p.planes, p.qsum, p.scale, bias, k, 0.05, 128,
+                                                                    255)
+    return interleaved_us(fns, repeats)
 
 
 def main():
@@ -118,24 +132,27 @@ def main():
         print(f"| {name} | {us:.0f} | {nbytes} | {nbytes / gbps / 1e3:.0f} |")
 
     x, w = torch.randn(1, 64, 56, 56), torch.randn(64, 64, 3, 3)
-    conv = {"fp32 F.conv2d": med(lambda: F.conv2d(x, w, None, 1, 1), args.repeats)}
+    conv = {"fp32 F.conv2d": lambda: F.conv2d(x, w, None, 1, 1)}
     xcl, wcl = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
-    conv["fp32 F.conv2d channels-last"] = med(lambda: F.conv2d(xcl, wcl, None, 1, 1), args.repeats)
+    conv["fp32 F.conv2d channels-last"] = lambda: F.conv2d(xcl, wcl, None, 1, 1)
     qconv = torch.ao.nn.quantized.Conv2d(64, 64, 3, padding=1)
     xq = torch.quantize_per_tensor(x, 0.05, 128, torch.quint8)
-    conv["x86 int8 quantized conv"] = med(lambda: qconv(xq), args.repeats)
+    conv["x86 int8 quantized conv"] = lambda: qconv(xq)
     for bits in (2, 4, 8):
         qw = quantize_weight(w, bits, "uniform", "max")
         p = packing.pack(qw)
-        conv[f"bitsearch W{bits}A8"] = med(lambda p=p: ops.lowbit_conv2d(
-            x, p.planes, p.qsum, p.scale, torch.zeros(1, 64), p.k, 0.05, 128, 255, [3, 3], [1, 1], [1, 1], [1, 1]),
-            args.repeats)
+        conv[f"bitsearch W{bits}A8"] = lambda p=p: ops.lowbit_conv2d(
+            x, p.planes, p.qsum, p.scale, torch.zeros(1, 64), p.k, 0.05, 128, 255, [3, 3], [1, 1], [1, 1], [1, 1])
+        conv[f"bitsearch W{bits}A8 channels-last input"] = lambda p=p: ops.lowbit_conv2d(
+            xcl, p.planes, p.qsum, p.scale, torch.zeros(1, 64), p.k, 0.05, 128, 255, [3, 3], [1, 1], [1, 1], [1, 1])
+    conv = interleaved_us(conv, args.repeats)
     print("\n| conv 3x3 64->64 at 56x56, batch 1 | us |\n|---|---|")
     for k_, v in conv.items():
         print(f"| {k_} | {v:.0f} |")
 
     splits = fashion_mnist_splits(256)
-    print("\n| model | fp32 b1 us | W4A8 b1 us | fp32 b64 us | W4A8 b64 us | fp32 bytes | W4A8 tensors bytes | "
+    print("\n| model | fp32 b1 us | W4A8 b1 us (speed-up) | fp32 b64 us | W4A8 b64 us (speed-up) | fp32 bytes | "
+          "W4A8 tensors bytes | "
           "W4A8 .pt2 bytes |\n|---|---|---|---|---|---|---|---|")
     for name in ("resnet20-fmnist", "mobilenetv2-fmnist", "mixer-fmnist"):
         model = load_model(ROOT / "models" / f"{name}.pt2")
@@ -143,10 +160,12 @@ def main():
         x1, x64 = splits.test.inputs[:1], splits.test.inputs[:64]
         fp32_bytes = sum(t.numel() * 4 for t in model.gm.state_dict().values() if t.is_floating_point())
         with torch.no_grad():
-            cells = [med(lambda: model.gm(x1), args.repeats), med(lambda: packed.module(x1), args.repeats),
-                     med(lambda: model.gm(x64), 10), med(lambda: packed.module(x64), 10)]
-        print(f"| {name} | " + " | ".join(f"{c:.0f}" for c in cells) +
-              f" | {fp32_bytes} | {packed.buffer_bytes} | {packed.nbytes} |")
+            b1 = interleaved_us({"fp32": lambda: model.gm(x1), "w4a8": lambda: packed.module(x1)}, args.repeats)
+            b64 = interleaved_us({"fp32": lambda: model.gm(x64), "w4a8": lambda: packed.module(x64)},
+                                 max(10, args.repeats // 2))
+        cells = [f"{b1['fp32']:.0f}", f"{b1['w4a8']:.0f} ({b1['fp32'] / b1['w4a8']:.2f}x)",
+                 f"{b64['fp32']:.0f}", f"{b64['w4a8']:.0f} ({b64['fp32'] / b64['w4a8']:.2f}x)"]
+        print(f"| {name} | " + " | ".join(cells) + f" | {fp32_bytes} | {packed.buffer_bytes} | {packed.nbytes} |")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,11 @@ from .packing import LAYOUT, pack
 
 MODEL_FILE, CONFIG_FILE = "model.pt2", "config.json"
 
+# lowbit_conv2d returns channels-last memory, as torch's conv2d does on a channels-last input. Pointwise ops,
+# reshape/flatten and the reductions accept that; a strict view of the exported graph may not, so its input
+# is made contiguous first (a no-op when it already is).
+_STRICT_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default}
+
 
 class PackedModel:
     def __init__(self, module: torch.nn.Module, config: QuantConfig | dict, input_shape: tuple[int, ...],
@@ -165,6 +170,12 @@ def lower(model: LoadedModel, config: QuantConfig, calib_inputs: torch.Tensor | 
                     fq = gm.graph.call_function(torch.ops.aten.fake_quantize_per_tensor_affine.default,
                                                 (x, float(act.scale), int(act.zero_point), 0, int(act.qmax)))
                 node.args = (fq, *node.args[1:])
+    if on_kernels:
+        for node in list(gm.graph.nodes):
+            if node.op == "call_function" and node.target in _STRICT_VIEWS:
+                with gm.graph.inserting_before(node):
+                    dense = gm.graph.call_function(torch.ops.aten.contiguous.default, (node.args[0],))
+                node.args = (dense, *node.args[1:])
     gm.graph.eliminate_dead_code()
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_parameters()):

@@ -148,6 +148,37 @@ def test_lowered_model_survives_export_and_loads_without_the_original(tmp_path, 
     assert torch.allclose(again(x), sim.forward(x), atol=1e-3)
 
 
+class _ConvThenView(torch.nn.Module):
+    """A strict view right after a conv: the lowered conv returns channels-last memory, which view rejects."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, stride=2, padding=1)
+        self.fc = torch.nn.Linear(8 * 14 * 14, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.shape[0], -1))
+
+
+def test_lowered_conv_output_feeds_a_strict_view(tmp_path, fmnist_small):
+    from search.model import load_model
+    from tests.conftest import export_model
+
+    torch.manual_seed(0)
+    model = load_model(export_model(_ConvThenView(), tmp_path / "view.pt2"))
+    assert any(n.target == torch.ops.aten.view.default for n in model.gm.graph.nodes)
+    config = QuantConfig.uniform(model, 4, 8)
+    packed = lower(model, config, fmnist_small.calib.inputs)
+    assert packed.kernel_layers == [l.name for l in model.layers]
+    x = fmnist_small.val.inputs[:40]
+    sim = Simulator(model, fmnist_small.calib.inputs)
+    sim.apply(config)
+    assert torch.allclose(packed(x), sim.forward(x), atol=1e-3)
+    packed.save(tmp_path / "packed")  # export traces the fake ops: their channels-last output must view too
+    assert torch.allclose(load_packed(tmp_path / "packed")(x), sim.forward(x), atol=1e-3)
+
+
 @pytest.mark.parametrize("name", ["resnet20-fmnist", "mobilenetv2-fmnist", "mixer-fmnist"])
 def test_validate_matches_the_simulation_on_every_reference_model(name, fmnist_small):
     from search.model import load_model

@@ -435,6 +435,7 @@ struct GemmArgs {
   const float* bias;
   float* out;
   int64_t G, M, N, nblk, bits, alpha, off, zp, k;
+  int64_t lda;  // activation row stride: kpad, or K rounded up to 4 for the VNNI GEMM
   int64_t kpad() const { return nblk * 64; }
 };
 
@@ -645,7 +646,7 @@ VNNI_TARGET void unpack_tile_vnni(const GemmArgs& p, int64_t g, int64_t n0, int6
 template <int MR, int NZ>
 VNNI_TARGET void micro_vnni(const GemmArgs& p, const uint8_t* a, int64_t k4n, const VnniTile& tile, float* out,
                             int64_t rows) {
-  const int64_t kpad = p.kpad(), ldo = p.G * p.N;
+  const int64_t lda = p.lda, ldo = p.G * p.N;
   __m512i acc[MR][NZ];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
@@ -659,7 +660,7 @@ VNNI_TARGET void micro_vnni(const GemmArgs& p, const uint8_t* a, int64_t k4n, co
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       int32_t quad;
-      std::memcpy(&quad, a + i * kpad + 4 * k4, 4);
+      std::memcpy(&quad, a + i * lda + 4 * k4, 4);
       const __m512i av = _mm512_set1_epi32(quad);
 #pragma GCC unroll 4
       for (int h = 0; h < NZ; ++h) dpbusd_inplace(acc[i][h], av, wv[h]);
@@ -704,10 +705,10 @@ VNNI_TARGET void gemm_task_vnni_bits(const GemmArgs& p, int64_t g, int64_t n0, i
   VnniTile tile;
   tile.w = static_cast<int8_t*>(buf);
   unpack_tile_vnni<BITS>(p, g, n0, rows, nz, k4n, plane_gather(p.bits), tile);
-  const int64_t kpad = p.kpad(), step = nz == 4 ? VNNI_MR4 : nz == 2 ? VNNI_MR2 : VNNI_MR1;
+  const int64_t step = nz == 4 ? VNNI_MR4 : nz == 2 ? VNNI_MR2 : VNNI_MR1;
   for (int64_t m = m0; m < m1; m += step) {
     const int64_t mr = std::min<int64_t>(step, m1 - m);
-    const uint8_t* a = p.a + (g * p.M + m) * kpad;
+    const uint8_t* a = p.a + (g * p.M + m) * p.lda;
     float* out = row_out(p, m) + g * p.N + n0;
     const MicroVnniFn fn = nz == 4   ? micro_vnni_for_mr<4, VNNI_MR4>(mr)
                            : nz == 2 ? micro_vnni_for_mr<2, VNNI_MR2>(mr)
@@ -748,8 +749,12 @@ torch::Tensor lowbit_gemm(torch::Tensor a, torch::Tensor planes, torch::Tensor q
   TORCH_CHECK(a.dtype() == torch::kUInt8 && a.dim() == 3, "activations must be uint8 [G, M, Kpad]");
   TORCH_CHECK(planes.dtype() == torch::kInt64 && planes.dim() == 4, "planes must be int64 [G, N, nblk, bits]");
   const int64_t G = a.size(0), M = a.size(1), N = planes.size(1), nblk = planes.size(2);
-  TORCH_CHECK(planes.size(0) == G && a.size(2) == nblk * 64, "activation and weight shapes do not match");
-  TORCH_CHECK(a.size(2) <= MAX_GEMM_K, "rows longer than ", MAX_GEMM_K, " are not supported");
+  TORCH_CHECK(planes.size(0) == G && a.size(2) >= k && a.size(2) % 4 == 0 && a.size(2) <= nblk * 64,
+              "activation and weight shapes do not match");
+  TORCH_CHECK(nblk * 64 <= MAX_GEMM_K, "rows longer than ", MAX_GEMM_K, " are not supported");
+  const GemmTask task = gemm_for(active_isa(), nblk * 64);
+  if (task != gemm_task_vnni && a.size(2) != nblk * 64)  // only the VNNI GEMM reads rows shorter than the planes
+    a = at::constant_pad_nd(a, {0, nblk * 64 - a.size(2)}, 0);
   a = a.contiguous();
   planes = planes.contiguous();
   auto wsum = (qsum.to(torch::kInt64) * alpha - off * k).contiguous();
@@ -758,8 +763,7 @@ torch::Tensor lowbit_gemm(torch::Tensor a, torch::Tensor planes, torch::Tensor q
   auto out = torch::empty({M, G * N}, torch::kFloat);
   GemmArgs p{a.data_ptr<uint8_t>(), reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>()),
              wsum.data_ptr<int64_t>(), sc.data_ptr<float>(), bs.data_ptr<float>(), out.data_ptr<float>(),
-             G, M, N, nblk, planes.size(3), alpha, off, zp, k};
-  const GemmTask task = gemm_for(active_isa(), nblk * 64);
+             G, M, N, nblk, planes.size(3), alpha, off, zp, k, a.size(2)};
   const int64_t ntiles = (N + NT - 1) / NT, mchunks = (M + MC - 1) / MC;
   at::parallel_for(0, G * ntiles * mchunks, 1, [&](int64_t lo, int64_t hi) {
     std::vector<int16_t> w(NT * nblk * 64);  // int16 or int8 weights, whichever the task unpacks
@@ -830,13 +834,35 @@ torch::Tensor quantize_codes(const torch::Tensor& x, double inv_scale, int64_t z
 //   linear (kernel empty): x [M, K] -> [1, M, Kpad];
 //   conv: x [B, C, H, W] -> im2col rows [G, B*Ho*Wo, Kpad], K = kh*kw*C/G in (ki, kj, channel) order; the conv
 //   padding reads as code zp, the code of 0.0, which is what a float conv on fake-quantized input sees.
+namespace {
+
+// n bytes, n >= 16, in 16-byte pieces (the last one overlapping): inlined moves where a memcpy call of a
+// short, variable length would cost more than the copy.
+inline void copy_run(uint8_t* dst, const uint8_t* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) std::memcpy(dst + i, src + i, 16);
+  if (i < n) std::memcpy(dst + n - 16, src + n - 16, 16);
+}
+
+inline void copy_bytes(uint8_t* dst, const uint8_t* src, int64_t n) {
+  if (n >= 16)
+    copy_run(dst, src, n);
+  else
+    std::memcpy(dst, src, n);
+}
+
+}  // namespace
+
+// row_multiple: rows padded to a multiple of 64 (the GEMV and the unpacking GEMMs read whole plane blocks) or
+// of 4 (the VNNI GEMM reads dwords up to K).
 torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, int64_t qmax, int64_t groups,
                                std::vector<int64_t> kernel, std::vector<int64_t> stride,
-                               std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+                               std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t row_multiple) {
+  TORCH_CHECK(row_multiple == 4 || row_multiple == 64, "row_multiple must be 4 or 64");
   if (kernel.empty()) {  // linear: quantize each row straight into its padded place
     TORCH_CHECK(x.dim() == 2, "linear input must be [M, K]");
     auto xf = x.to(torch::kFloat).contiguous();
-    const int64_t M = x.size(0), K = x.size(1), Kpad = (K + 63) / 64 * 64;
+    const int64_t M = x.size(0), K = x.size(1), Kpad = (K + row_multiple - 1) / row_multiple * row_multiple;
     auto out = torch::empty({1, M, Kpad}, torch::kUInt8);
     const float* src = xf.data_ptr<float>();
     uint8_t* op = out.data_ptr<uint8_t>();
@@ -863,7 +889,10 @@ torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, in
   const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
   const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
-  const int64_t Cg = C / groups, K = Cg * kh * kw, Kpad = (K + 63) / 64 * 64, L = Ho * Wo;
+  const int64_t Cg = C / groups, K = Cg * kh * kw, L = Ho * Wo;
+  const int64_t Kpad = (K + row_multiple - 1) / row_multiple * row_multiple;
+  // With one group and no horizontal dilation, the kw taps of a kernel row are kw adjacent pixels: one run.
+  const bool row_runs = groups == 1 && dw == 1;
   const uint8_t* np = nhwc.data_ptr<uint8_t>();  // a kernel tap's channels are one contiguous run
   auto out = torch::empty({groups, B * L, Kpad}, torch::kUInt8);
   uint8_t* op = out.data_ptr<uint8_t>();
@@ -873,13 +902,19 @@ torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, in
       const int64_t oh = t % Ho, bi = (t / Ho) % B, g = t / (Ho * B);
       for (int64_t ow = 0; ow < Wo; ++ow) {
         uint8_t* row = op + (g * B * L + bi * L + oh * Wo + ow) * Kpad;
+        const int64_t iw0 = ow * sw - pw;
+        const bool inside_w = iw0 >= 0 && iw0 + kw - 1 < W;
         for (int64_t i = 0; i < kh; ++i) {
           const int64_t ih = oh * sh - ph + i * dh;
+          if (row_runs && inside_w && ih >= 0 && ih < H) {
+            copy_bytes(row + i * kw * Cg, np + ((bi * H + ih) * W + iw0) * C, kw * Cg);
+            continue;
+          }
           for (int64_t j = 0; j < kw; ++j) {
             const int64_t iw = ow * sw - pw + j * dw;
             uint8_t* dst = row + (i * kw + j) * Cg;
             if (ih >= 0 && ih < H && iw >= 0 && iw < W)
-              std::memcpy(dst, np + ((bi * H + ih) * W + iw) * C + g * Cg, Cg);
+              copy_bytes(dst, np + ((bi * H + ih) * W + iw) * C + g * Cg, Cg);
             else
               std::memset(dst, pad_code, Cg);
           }
@@ -891,9 +926,104 @@ torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, in
   return out;
 }
 
+namespace {
+
+struct DepthwiseArgs {
+  const uint8_t* codes;  // channels-last [B, H, W, C]
+  const int32_t* w;      // [taps, C]
+  const float* scale;
+  const float* bias;
+  float* out;  // channels-last [B, Ho, Wo, C]
+  int64_t B, C, H, W, Ho, Wo, kh, kw, sh, sw, ph, pw, dh, dw;
+  int32_t zp;
+};
+
+// One output row (all Wo positions, all channels). Plain loops over channels, compiled once per ISA below so
+// the compiler vectorizes them with that ISA's 32-bit multiplies (baseline x86-64 has none); exact integers,
+// so every ISA gives the same result.
+__attribute__((always_inline)) inline void depthwise_row_impl(const DepthwiseArgs& p, int64_t bi, int64_t oh,
+                                                              int32_t* __restrict acc) {
+  const int64_t C = p.C;
+  for (int64_t ow = 0; ow < p.Wo; ++ow) {
+    for (int64_t c = 0; c < C; ++c) acc[c] = 0;
+    for (int64_t i = 0; i < p.kh; ++i) {
+      const int64_t ih = oh * p.sh - p.ph + i * p.dh;
+      if (ih < 0 || ih >= p.H) continue;  // padding is code zp: a - zp = 0
+      for (int64_t j = 0; j < p.kw; ++j) {
+        const int64_t iw = ow * p.sw - p.pw + j * p.dw;
+        if (iw < 0 || iw >= p.W) continue;
+        const uint8_t* __restrict a = p.codes + ((bi * p.H + ih) * p.W + iw) * C;
+        const int32_t* __restrict wt = p.w + (i * p.kw + j) * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += (static_cast<int32_t>(a[c]) - p.zp) * wt[c];
+      }
+    }
+    float* __restrict dst = p.out + ((bi * p.Ho + oh) * p.Wo + ow) * C;
+    for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(acc[c]) * p.scale[c] + p.bias[c];
+  }
+}
+
+void depthwise_row_scalar(const DepthwiseArgs& p, int64_t bi, int64_t oh, int32_t* acc) {
+  depthwise_row_impl(p, bi, oh, acc);
+}
+__attribute__((target("avx2"))) void depthwise_row_avx2(const DepthwiseArgs& p, int64_t bi, int64_t oh,
+                                                        int32_t* acc) {
+  depthwise_row_impl(p, bi, oh, acc);
+}
+// AVX-512: 64 channels at a time with their int32 sums in four registers across all taps (the plain loop
+// above reloads and stores the sums at every tap); the last block masked.
+__attribute__((target("avx512f,avx512bw,avx512vl"))) void depthwise_row_avx512(const DepthwiseArgs& p, int64_t bi,
+                                                                               int64_t oh, int32_t*) {
+  const int64_t C = p.C;
+  const __m512i zp = _mm512_set1_epi32(p.zp);
+  for (int64_t ow = 0; ow < p.Wo; ++ow) {
+    float* dst = p.out + ((bi * p.Ho + oh) * p.Wo + ow) * C;
+    for (int64_t c0 = 0; c0 < C; c0 += 64) {
+      __mmask16 keep[4];
+      for (int u = 0; u < 4; ++u) {
+        const int64_t live = std::min<int64_t>(16, std::max<int64_t>(0, C - c0 - 16 * u));
+        keep[u] = static_cast<__mmask16>((1u << live) - 1);
+      }
+      __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+      for (int64_t i = 0; i < p.kh; ++i) {
+        const int64_t ih = oh * p.sh - p.ph + i * p.dh;
+        if (ih < 0 || ih >= p.H) continue;  // padding is code zp: a - zp = 0
+        for (int64_t j = 0; j < p.kw; ++j) {
+          const int64_t iw = ow * p.sw - p.pw + j * p.dw;
+          if (iw < 0 || iw >= p.W) continue;
+          const uint8_t* a = p.codes + ((bi * p.H + ih) * p.W + iw) * C + c0;
+          const int32_t* wt = p.w + (i * p.kw + j) * C + c0;
+          for (int u = 0; u < 4; ++u) {
+            if (!keep[u]) break;
+            const __m512i av = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(keep[u], a + 16 * u)), zp);
+            acc[u] = _mm512_add_epi32(acc[u], _mm512_mullo_epi32(av, _mm512_maskz_loadu_epi32(keep[u], wt + 16 * u)));
+          }
+        }
+      }
+      for (int u = 0; u < 4; ++u) {
+        if (!keep[u]) break;
+        const int64_t c = c0 + 16 * u;
+        const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(acc[u]), _mm512_maskz_loadu_ps(keep[u], p.scale + c)),
+                                       _mm512_maskz_loadu_ps(keep[u], p.bias + c));
+        _mm512_mask_storeu_ps(dst + c, keep[u], y);
+      }
+    }
+  }
+}
+
+using DepthwiseRow = void (*)(const DepthwiseArgs&, int64_t, int64_t, int32_t*);
+
+DepthwiseRow depthwise_row_for(const std::string& isa) {
+  if (isa == "scalar") return depthwise_row_scalar;
+  if (isa == "avx2") return depthwise_row_avx2;
+  return depthwise_row_avx512;
+}
+
+}  // namespace
+
 // Depthwise conv (one input and one output channel per group). A GEMM row here would be kh*kw long, padded to
 // 64, so this runs directly on the channels-last codes instead: per output position, every channel's taps,
-// summed in int32 over channels in the inner loop (contiguous, vectorized by the compiler). Exact integers, so
+// summed in int32 over channels in the inner loop (contiguous, vectorized by the compiler per ISA). Exact integers, so
 // the same result on every ISA. x: float [B, C, H, W]; planes: int64 [C, 1, nblk, bits]; scale, bias: [C].
 torch::Tensor lowbit_depthwise(torch::Tensor x, torch::Tensor planes, torch::Tensor scale, torch::Tensor bias,
                                double inv_scale, int64_t zp, int64_t qmax, int64_t alpha, int64_t off,
@@ -921,28 +1051,12 @@ torch::Tensor lowbit_depthwise(torch::Tensor x, torch::Tensor planes, torch::Ten
   const float* scp = sc.data_ptr<float>();
   const float* bp = bs.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int32_t z = static_cast<int32_t>(zp);
+  const DepthwiseArgs args{np, wp, scp, bp, op, B, C, H, W, Ho, Wo, kh, kw, stride[0], stride[1], padding[0],
+                           padding[1], dilation[0], dilation[1], static_cast<int32_t>(zp)};
+  const DepthwiseRow row = depthwise_row_for(active_isa());
   at::parallel_for(0, B * Ho, 1, [&](int64_t lo, int64_t hi) {
     std::vector<int32_t> acc(C);
-    for (int64_t t = lo; t < hi; ++t) {
-      const int64_t oh = t % Ho, bi = t / Ho;
-      for (int64_t ow = 0; ow < Wo; ++ow) {
-        std::fill(acc.begin(), acc.end(), 0);
-        for (int64_t i = 0; i < kh; ++i) {
-          const int64_t ih = oh * stride[0] - padding[0] + i * dilation[0];
-          if (ih < 0 || ih >= H) continue;  // padding is code zp: a - zp = 0
-          for (int64_t j = 0; j < kw; ++j) {
-            const int64_t iw = ow * stride[1] - padding[1] + j * dilation[1];
-            if (iw < 0 || iw >= W) continue;
-            const uint8_t* a = np + ((bi * H + ih) * W + iw) * C;
-            const int32_t* wt = wp + (i * kw + j) * C;
-            for (int64_t c = 0; c < C; ++c) acc[c] += (static_cast<int32_t>(a[c]) - z) * wt[c];
-          }
-        }
-        float* dst = op + ((bi * Ho + oh) * Wo + ow) * C;
-        for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(acc[c]) * scp[c] + bp[c];
-      }
-    }
+    for (int64_t t = lo; t < hi; ++t) row(args, t / Ho, t % Ho, acc.data());
   });
   return out.permute({0, 3, 1, 2});
 }
@@ -959,6 +1073,11 @@ std::pair<int64_t, int64_t> affine_for(int64_t bits) {
 }
 
 double inverse_scale(double a_scale) { return 1.0f / static_cast<float>(a_scale); }  // float32, as fake_quantize
+
+// Rows for the VNNI GEMM need only K rounded up to 4; everything else reads whole 64-code plane blocks.
+int64_t row_multiple_for(int64_t rows, const torch::Tensor& planes) {
+  return rows > SMALL_BATCH && active_isa() == "avx512vnni" && planes.size(2) * 64 <= VNNI_MAX_K ? 4 : 64;
+}
 
 // columns: uint8 codes [G, M, Kpad] -> float [M, G*N].
 torch::Tensor run_columns(const torch::Tensor& columns, const torch::Tensor& planes, const torch::Tensor& qsum,
@@ -980,7 +1099,8 @@ torch::Tensor lowbit_linear_op(const torch::Tensor& x, const torch::Tensor& plan
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "linear input's last dimension must be ", k);
   TORCH_CHECK(planes.dim() == 4 && planes.size(0) == 1, "linear weights must be planes [1, N, nblk, bits]");
   auto rows = x.reshape({-1, k});
-  auto columns = quantize_columns(rows, inverse_scale(a_scale), a_zp, a_qmax, 1, {}, {}, {}, {});
+  auto columns = quantize_columns(rows, inverse_scale(a_scale), a_zp, a_qmax, 1, {}, {}, {}, {},
+                                  row_multiple_for(rows.size(0), planes));
   auto out = run_columns(columns, planes, qsum, scale, bias, k, a_scale, a_zp);
   auto shape = x.sizes().vec();
   shape.back() = planes.size(1);
@@ -1000,9 +1120,10 @@ torch::Tensor lowbit_conv2d_op(const torch::Tensor& x, const torch::Tensor& plan
     return lowbit_depthwise(x, planes, scale.to(torch::kFloat).mul(a_scale), bias, inverse_scale(a_scale), a_zp,
                             a_qmax, alpha, off, kv, sv, pv, dv);
   }
-  auto columns = quantize_columns(x, inverse_scale(a_scale), a_zp, a_qmax, G, kv, sv, pv, dv);
   const int64_t Ho = (x.size(2) + 2 * pv[0] - dv[0] * (kv[0] - 1) - 1) / sv[0] + 1;
-  const int64_t Wo = columns.size(1) / (B * Ho);
+  const int64_t Wo = (x.size(3) + 2 * pv[1] - dv[1] * (kv[1] - 1) - 1) / sv[1] + 1;
+  auto columns = quantize_columns(x, inverse_scale(a_scale), a_zp, a_qmax, G, kv, sv, pv, dv,
+                                  row_multiple_for(B * Ho * Wo, planes));
   // [B*Ho*Wo, G*Ng] is channels-last memory: returned as an NCHW tensor with channels-last strides.
   return run_columns(columns, planes, qsum, scale, bias, k, a_scale, a_zp).view({B, Ho, Wo, G * Ng})
       .permute({0, 3, 1, 2});
