@@ -2,7 +2,8 @@
 
 A uniform b-bit code c in [-(2^(b-1)-1), 2^(b-1)-1] is stored as the index q = c + off (off = 2^(b-1)-1) and
 read back as w = alpha*q - off with alpha = 1; a binary code c in {-1, +1} as q = (c+1)/2, w = 2q - 1.
-A conv weight [C_out, C_in/G, kh, kw] is packed as rows of K = kh*kw*C_in/G values in (kh, kw, channel) order.
+A conv weight [C_out, C_in/G, kh, kw] is packed as rows of K = kh*kw*C_in/G values in (kh, kw, channel) order
+(a conv1d weight [C_out, C_in/G, k] in (k, channel) order).
 """
 
 
@@ -48,6 +49,8 @@ def indices(qw: QuantizedWeight, groups: int = 1) -> torch.Tensor:
     codes = qw.codes
     if codes.dim() == 4:  # conv rows in (kh, kw, Cin/g) order, the order of the kernels' channels-last im2col
         codes = codes.permute(0, 2, 3, 1)
+    elif codes.dim() == 3:  # conv1d runs as a [1, k] conv2d: rows in (k, Cin/g) order too
+        codes = codes.permute(0, 2, 1)
     codes = codes.reshape(codes.shape[0], -1).to(torch.int16)
     q = (codes + off) // alpha
     return q.to(torch.uint8).reshape(groups, codes.shape[0] // groups, codes.shape[1])
@@ -62,7 +65,7 @@ def pad_k(t: torch.Tensor) -> torch.Tensor:
 def pack_reference(q: torch.Tensor, bits: int) -> torch.Tensor:
     """Python reference of the C++ packer (tests compare the two): uint8 [G, N, K] -> int64 planes."""
     if bits == 8:  # plain bytes int8(q - 128), element i of a block in byte i of its 8 little-endian words
-        b = pad_k(q).to(torch.uint8) ^ 0x80
+        b = pad_k(q).to(torch.uint8).contiguous() ^ 0x80
         return b.reshape(*b.shape[:-1], -1, BLOCK).view(torch.int64)
     q = pad_k(q).to(torch.int64)
     g, n, kpad = q.shape

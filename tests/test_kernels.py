@@ -95,7 +95,11 @@ def test_conv_grouped_depthwise_strided_matches_float(bits, isa_restored):
     g = torch.Generator().manual_seed(100 + bits)
     cases = [(1, 8, 9, 6, 1, 3, 1, 1, 1), (2, 8, 9, 8, 2, 3, 2, 1, 1), (1, 6, 7, 6, 6, 3, 1, 2, 2),
              (3, 6, 8, 12, 6, 3, 1, 1, 1), (1, 4, 5, 1, 1, 1, 1, 0, 1), (2, 16, 20, 40, 1, 3, 1, 1, 1),
-             (2, 8, 9, 8, 8, 3, 2, 1, 1), (2, 8, 9, 16, 8, 3, 1, 1, 1)]  # depthwise strided; multiplier 2
+             (2, 8, 9, 8, 8, 3, 2, 1, 1), (2, 8, 9, 16, 8, 3, 1, 1, 1),  # depthwise strided; multiplier 2
+             (2, 40, 6, 40, 40, 3, 1, 1, 1),  # depthwise over more than one block of 16 channels, with a tail
+             # one group, C % 4 == 0, many positions: the implicit GEMM (strided, dilated, unpadded, 1x1)
+             (2, 12, 11, 20, 1, 3, 2, 1, 1), (1, 8, 12, 70, 1, 3, 1, 2, 2), (3, 4, 9, 5, 1, 3, 1, 0, 1),
+             (2, 16, 7, 33, 1, 1, 1, 0, 1)]
     for b, c, h, co, groups, k, s, pad, d in cases:
         qw = _qw((co, c // groups, k, k), bits, c + co + k)
         p = packing.pack(qw, groups)
@@ -112,6 +116,23 @@ def test_conv_grouped_depthwise_strided_matches_float(bits, isa_restored):
                        groups)
         assert outs[0].shape == ref.shape
         assert torch.allclose(outs[0], ref, rtol=1e-4, atol=1e-3 * ref.abs().max().item())
+
+
+def test_ops_refuse_bad_arguments():
+    qw = _qw((6, 40), 3, 0)
+    p = packing.pack(qw)
+    with pytest.raises(RuntimeError, match="k = 70"):  # the planes hold one block of 64
+        ops.lowbit_linear(torch.randn(2, 70), p.planes, p.qsum, p.scale, torch.zeros(1, 6), 70, 0.05, 100, 255)
+    with pytest.raises(RuntimeError, match="a_zp"):
+        ops.lowbit_linear(torch.randn(2, 40), p.planes, p.qsum, p.scale, torch.zeros(1, 6), 40, 0.05, 300, 255)
+    cp = packing.pack(_qw((4, 2, 3, 3), 4, 1))
+    args = (torch.randn(1, 2, 6, 6), cp.planes, cp.qsum, cp.scale, torch.zeros(1, 4), cp.k, 0.05, 100, 255)
+    with pytest.raises(RuntimeError, match="stride"):
+        ops.lowbit_conv2d(*args, [3, 3], [0, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="k must be"):
+        ops.lowbit_conv2d(torch.randn(1, 3, 6, 6), *args[1:], [3, 3], [1, 1], [1, 1], [1, 1])
+    with pytest.raises(RuntimeError, match="unknown kernel ISA|cannot run"):
+        ops.set_isa("neon")
 
 
 def test_opcheck_passes_for_both_ops():
@@ -146,6 +167,34 @@ def test_lowered_model_survives_export_and_loads_without_the_original(tmp_path, 
     sim = Simulator(tiny_model, fmnist_small.calib.inputs)
     sim.apply(config)
     assert torch.allclose(again(x), sim.forward(x), atol=1e-3)
+
+
+class _Conv1dNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv1d(28, 12, 5, padding=2)
+        self.fc = torch.nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x.flatten(1, 2))).mean(-1))
+
+
+def test_lowered_conv1d_matches_the_simulation(tmp_path, fmnist_small):
+    """conv1d runs as a [1, k] conv2d: its weights must be packed in the same (tap, channel) row order."""
+    from search.model import load_model
+    from tests.conftest import export_model
+
+    torch.manual_seed(0)
+    model = load_model(export_model(_Conv1dNet(), tmp_path / "conv1d.pt2"))
+    assert [l.op for l in model.layers] == ["conv1d", "linear"]
+    sim = Simulator(model, fmnist_small.calib.inputs)
+    x = fmnist_small.val.inputs[:40]
+    for bits in (3, 8):
+        config = QuantConfig.uniform(model, bits, 8)
+        sim.apply(config)
+        packed = lower(model, config, simulator=sim)
+        assert packed.kernel_layers == [l.name for l in model.layers]
+        assert torch.allclose(packed(x), sim.forward(x), atol=1e-3)
 
 
 class _ConvThenView(torch.nn.Module):

@@ -321,8 +321,9 @@ def _jsonable(meta: dict) -> dict:
 
 def kernels_available() -> bool:
     try:
-        import kernels.validate  # noqa: F401
-    except ImportError:
+        import kernels.validate  # noqa: F401  (loads, and on first use builds, the compiled kernels)
+    except Exception:  # noqa: BLE001  (a failed build raises RuntimeError, not ImportError)
+        log.warning("low-bit kernels unavailable; candidates will not be validated", exc_info=True)
         return False
     return True
 

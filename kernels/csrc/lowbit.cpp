@@ -137,7 +137,13 @@ std::string& active_isa() {
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = "avx512";
     if (cpu_has_vnni_path()) best = "avx512vnni";
     const char* forced = std::getenv("BITSEARCH_KERNEL_ISA");
-    return forced && *forced ? std::string(forced) : best;
+    if (!forced || !*forced) return best;
+    const std::string want(forced);
+    TORCH_CHECK(want == "scalar" || (want == "avx2" && __builtin_cpu_supports("avx2")) ||
+                    (want == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) ||
+                    (want == "avx512vnni" && cpu_has_vnni_path()),
+                "BITSEARCH_KERNEL_ISA=", want, ": this CPU cannot run those kernels");
+    return want;
   }();
   return isa;
 }
@@ -288,6 +294,8 @@ std::string get_isa() { return active_isa(); }
 
 void set_isa(const std::string& isa) {
   kernel_for(isa);
+  const auto ok = supported_isas();
+  TORCH_CHECK(std::find(ok.begin(), ok.end(), isa) != ok.end(), "this CPU cannot run the '", isa, "' kernels");
   active_isa() = isa;
 }
 
@@ -296,6 +304,8 @@ torch::Tensor pack_planes(torch::Tensor q, int64_t bits) {
   TORCH_CHECK(q.dtype() == torch::kUInt8 && q.dim() == 3 && q.size(2) % 64 == 0, "q must be uint8 [G, N, 64*k]");
   TORCH_CHECK(bits >= 1 && bits <= 8, "bits must be in 1..8");
   q = q.contiguous();
+  TORCH_CHECK(q.numel() == 0 || q.max().item<int64_t>() < (bits == 8 ? 255 : 1 << bits),
+              "indices must be below 2^bits (254 at most for 8 bits)");
   const int64_t rows = q.size(0) * q.size(1), nblk = q.size(2) / 64;
   auto out = torch::zeros({q.size(0), q.size(1), nblk, bits}, torch::kInt64);
   const uint8_t* src = q.data_ptr<uint8_t>();
@@ -436,6 +446,10 @@ struct GemmArgs {
   float* out;
   int64_t G, M, N, nblk, bits, alpha, off, zp, k;
   int64_t lda;  // activation row stride: kpad, or K rounded up to 4 for the VNNI GEMM
+  // Implicit conv (VNNI GEMM only): a points at channels-last codes padded with the zero point, [B, Hp, Wp, C];
+  // output position m = (b*Ho + oh)*Wo + ow reads dword k4 at a + b*img + oh*hrow + ow*lda + koff[k4].
+  const int32_t* koff = nullptr;
+  int64_t Ho = 0, Wo = 0, img = 0, hrow = 0;
   int64_t kpad() const { return nblk * 64; }
 };
 
@@ -575,7 +589,8 @@ __attribute__((target("avx2"))) void gemm_task_avx2(const GemmArgs& p, int64_t g
 // [K/4][16*NZ][4] int8 (four consecutive k of one row per int32 lane), and each activation dword (four k of one
 // row) is broadcast, so one vpdpbusd adds 4 products for 16 output channels; no horizontal sums, and K is walked
 // in steps of 4, not 64. MR activation rows x NZ vectors of 16 channels stay in registers.
-constexpr int64_t VNNI_MAX_K = 32768;  // |sum w (a - zp)| <= 2 * 255 * 127 * K stays within int32
+// int32 lanes wrap exactly, so only the final sum must fit: |sum w (a - zp)| <= 127 * 255 * K < 2^31.
+constexpr int64_t VNNI_MAX_K = MAX_GEMM_K;
 
 // r[i] = 16 dwords of row i -> r[j] = dword j of every row (a 16 x 16 transpose of 32-bit elements).
 VNNI_TARGET inline void transpose16x16_epi32(__m512i r[16]) {
@@ -642,8 +657,9 @@ VNNI_TARGET void unpack_tile_vnni(const GemmArgs& p, int64_t g, int64_t n0, int6
   }
 }
 
-// The loops over MR and NZ are fully unrolled so the accumulators are registers.
-template <int MR, int NZ>
+// The loops over MR and NZ are fully unrolled so the accumulators are registers. IMPLICIT: the rows are MR
+// consecutive output positions of one conv output row, read straight from the padded codes (no im2col).
+template <int MR, int NZ, bool IMPLICIT>
 VNNI_TARGET void micro_vnni(const GemmArgs& p, const uint8_t* a, int64_t k4n, const VnniTile& tile, float* out,
                             int64_t rows) {
   const int64_t lda = p.lda, ldo = p.G * p.N;
@@ -660,7 +676,7 @@ VNNI_TARGET void micro_vnni(const GemmArgs& p, const uint8_t* a, int64_t k4n, co
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
       int32_t quad;
-      std::memcpy(&quad, a + i * lda + 4 * k4, 4);
+      std::memcpy(&quad, a + i * lda + (IMPLICIT ? p.koff[k4] : 4 * k4), 4);
       const __m512i av = _mm512_set1_epi32(quad);
 #pragma GCC unroll 4
       for (int h = 0; h < NZ; ++h) dpbusd_inplace(acc[i][h], av, wv[h]);
@@ -684,18 +700,28 @@ VNNI_TARGET void micro_vnni(const GemmArgs& p, const uint8_t* a, int64_t k4n, co
 
 using MicroVnniFn = void (*)(const GemmArgs&, const uint8_t*, int64_t, const VnniTile&, float*, int64_t);
 
-template <int NZ, int MR>
+template <int NZ, int MR, bool IMPLICIT>
 constexpr MicroVnniFn micro_vnni_for_mr(int64_t mr) {
   if constexpr (MR == 1) {
-    return micro_vnni<1, NZ>;
+    return micro_vnni<1, NZ, IMPLICIT>;
   } else {
-    return mr == MR ? micro_vnni<MR, NZ> : micro_vnni_for_mr<NZ, MR - 1>(mr);
+    return mr == MR ? micro_vnni<MR, NZ, IMPLICIT> : micro_vnni_for_mr<NZ, MR - 1, IMPLICIT>(mr);
   }
 }
+
+template <bool IMPLICIT>
+MicroVnniFn micro_vnni_for(int nz, int64_t mr);
 
 // Activation rows per micro-kernel for 16 / 32 / 64 channels: MR x NZ accumulators + NZ weight vectors fit the
 // 32 registers, and the wider the tile the fewer broadcasts per vpdpbusd.
 constexpr int VNNI_MR1 = 16, VNNI_MR2 = 12, VNNI_MR4 = 6;
+
+template <bool IMPLICIT>
+MicroVnniFn micro_vnni_for(int nz, int64_t mr) {
+  return nz == 4   ? micro_vnni_for_mr<4, VNNI_MR4, IMPLICIT>(mr)
+         : nz == 2 ? micro_vnni_for_mr<2, VNNI_MR2, IMPLICIT>(mr)
+                   : micro_vnni_for_mr<1, VNNI_MR1, IMPLICIT>(mr);
+}
 
 template <int BITS>
 VNNI_TARGET void gemm_task_vnni_bits(const GemmArgs& p, int64_t g, int64_t n0, int64_t rows, int64_t m0,
@@ -706,14 +732,18 @@ VNNI_TARGET void gemm_task_vnni_bits(const GemmArgs& p, int64_t g, int64_t n0, i
   tile.w = static_cast<int8_t*>(buf);
   unpack_tile_vnni<BITS>(p, g, n0, rows, nz, k4n, plane_gather(p.bits), tile);
   const int64_t step = nz == 4 ? VNNI_MR4 : nz == 2 ? VNNI_MR2 : VNNI_MR1;
-  for (int64_t m = m0; m < m1; m += step) {
-    const int64_t mr = std::min<int64_t>(step, m1 - m);
-    const uint8_t* a = p.a + (g * p.M + m) * p.lda;
+  for (int64_t m = m0; m < m1;) {
     float* out = row_out(p, m) + g * p.N + n0;
-    const MicroVnniFn fn = nz == 4   ? micro_vnni_for_mr<4, VNNI_MR4>(mr)
-                           : nz == 2 ? micro_vnni_for_mr<2, VNNI_MR2>(mr)
-                                     : micro_vnni_for_mr<1, VNNI_MR1>(mr);
-    fn(p, a, k4n, tile, out, rows);
+    if (p.koff) {  // a micro-kernel's rows stay within one output row
+      const int64_t r = m / p.Wo, ow = m % p.Wo, mr = std::min({step, m1 - m, p.Wo - ow});
+      const uint8_t* a = p.a + (r / p.Ho) * p.img + (r % p.Ho) * p.hrow + ow * p.lda;
+      micro_vnni_for<true>(nz, mr)(p, a, k4n, tile, out, rows);
+      m += mr;
+    } else {
+      const int64_t mr = std::min<int64_t>(step, m1 - m);
+      micro_vnni_for<false>(nz, mr)(p, p.a + (g * p.M + m) * p.lda, k4n, tile, out, rows);
+      m += mr;
+    }
   }
 }
 
@@ -742,6 +772,23 @@ std::string gemm_kernel_name() {
   return isa == "avx512vnni" ? "avx512-vnni" : "avx2";
 }
 
+namespace {
+
+void run_gemm(const GemmArgs& p, GemmTask task) {
+  const int64_t ntiles = (p.N + NT - 1) / NT, mchunks = (p.M + MC - 1) / MC;
+  at::parallel_for(0, p.G * ntiles * mchunks, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<int16_t> w(NT * p.nblk * 64);  // int16 or int8 weights, whichever the task unpacks
+    for (int64_t t = lo; t < hi; ++t) {
+      // Consecutive tasks share a weight tile, so a thread's range reuses it from cache.
+      const int64_t mc = t % mchunks, tile = (t / mchunks) % ntiles, g = t / (mchunks * ntiles);
+      const int64_t n0 = tile * NT, m0 = mc * MC;
+      task(p, g, n0, std::min(NT, p.N - n0), m0, std::min(p.M, m0 + MC), w.data());
+    }
+  });
+}
+
+}  // namespace
+
 // a: uint8 codes [G, M, Kpad]; planes: int64 [G, N, nblk, bits]; qsum: int64 [G, N]; scale, bias: float [G, N].
 // Returns float [M, G*N].
 torch::Tensor lowbit_gemm(torch::Tensor a, torch::Tensor planes, torch::Tensor qsum, torch::Tensor scale,
@@ -764,16 +811,43 @@ torch::Tensor lowbit_gemm(torch::Tensor a, torch::Tensor planes, torch::Tensor q
   GemmArgs p{a.data_ptr<uint8_t>(), reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>()),
              wsum.data_ptr<int64_t>(), sc.data_ptr<float>(), bs.data_ptr<float>(), out.data_ptr<float>(),
              G, M, N, nblk, planes.size(3), alpha, off, zp, k, a.size(2)};
-  const int64_t ntiles = (N + NT - 1) / NT, mchunks = (M + MC - 1) / MC;
-  at::parallel_for(0, G * ntiles * mchunks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<int16_t> w(NT * nblk * 64);  // int16 or int8 weights, whichever the task unpacks
-    for (int64_t t = lo; t < hi; ++t) {
-      // Consecutive tasks share a weight tile, so a thread's range reuses it from cache.
-      const int64_t mc = t % mchunks, tile = (t / mchunks) % ntiles, g = t / (mchunks * ntiles);
-      const int64_t n0 = tile * NT, m0 = mc * MC;
-      task(p, g, n0, std::min(NT, N - n0), m0, std::min(M, m0 + MC), w.data());
-    }
-  });
+  run_gemm(p, task);
+  return out;
+}
+
+// Implicit-GEMM conv on the VNNI GEMM (one group, C a multiple of 4, so each dword of a GEMM row is four channels
+// of one kernel tap): padded: channels-last codes [B, Hp, Wp, C] with the zero point in the border. Returns
+// float [B*Ho*Wo, N]. No im2col: the micro-kernel reads each row's dwords at a per-k4 offset from its position.
+torch::Tensor lowbit_conv_implicit(torch::Tensor padded, torch::Tensor planes, torch::Tensor qsum,
+                                   torch::Tensor scale, torch::Tensor bias, int64_t k, int64_t alpha, int64_t off,
+                                   int64_t zp, std::vector<int64_t> kernel, std::vector<int64_t> stride,
+                                   std::vector<int64_t> dilation, int64_t Ho, int64_t Wo) {
+  TORCH_CHECK(padded.dtype() == torch::kUInt8 && padded.dim() == 4 && padded.is_contiguous(),
+              "padded codes must be contiguous uint8 [B, Hp, Wp, C]");
+  const int64_t B = padded.size(0), Wp = padded.size(2), C = padded.size(3), nblk = planes.size(2);
+  const int64_t kh = kernel[0], kw = kernel[1];
+  TORCH_CHECK(C % 4 == 0 && k == kh * kw * C && planes.size(0) == 1, "implicit conv needs one group, C % 4 == 0");
+  TORCH_CHECK(active_isa() == "avx512vnni" && nblk * 64 <= VNNI_MAX_K, "implicit conv runs on the VNNI GEMM");
+  std::vector<int32_t> koff(k / 4);
+  for (int64_t k4 = 0; k4 < k / 4; ++k4) {
+    const int64_t tap = 4 * k4 / C, c = 4 * k4 % C, i = tap / kw, j = tap % kw;
+    koff[k4] = static_cast<int32_t>((i * dilation[0] * Wp + j * dilation[1]) * C + c);
+  }
+  const int64_t N = planes.size(1), M = B * Ho * Wo;
+  planes = planes.contiguous();
+  auto wsum = (qsum.to(torch::kInt64) * alpha - off * k).contiguous();
+  auto sc = scale.to(torch::kFloat).contiguous();
+  auto bs = bias.to(torch::kFloat).contiguous();
+  auto out = torch::empty({M, N}, torch::kFloat);
+  GemmArgs p{padded.data_ptr<uint8_t>(), reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>()),
+             wsum.data_ptr<int64_t>(), sc.data_ptr<float>(), bs.data_ptr<float>(), out.data_ptr<float>(),
+             1, M, N, nblk, planes.size(3), alpha, off, zp, k, stride[1] * C};
+  p.koff = koff.data();
+  p.Ho = Ho;
+  p.Wo = Wo;
+  p.img = padded.size(1) * Wp * C;
+  p.hrow = stride[0] * Wp * C;
+  run_gemm(p, gemm_task_vnni);
   return out;
 }
 
@@ -818,7 +892,7 @@ void quantize_span(const float* x, uint8_t* out, int64_t n, float inv, float zp,
 
 // x float (any shape) -> uint8 codes of the same shape.
 torch::Tensor quantize_codes(const torch::Tensor& x, double inv_scale, int64_t zp, int64_t qmax) {
-  auto xf = x.to(torch::kFloat).contiguous();
+  auto xf = x.to(torch::kFloat).contiguous();  // float32 inputs, as the models' (a float64 one is rounded first)
   auto out = torch::empty(xf.sizes(), torch::kUInt8);
   const float* src = xf.data_ptr<float>();
   uint8_t* dst = out.data_ptr<uint8_t>();
@@ -827,6 +901,15 @@ torch::Tensor quantize_codes(const torch::Tensor& x, double inv_scale, int64_t z
     quantize_span(src + lo, dst + lo, hi - lo, inv, static_cast<float>(zp), static_cast<float>(qmax));
   });
   return out;
+}
+
+// x [B, C, H, W] float -> channels-last codes [B, H, W, C]: quantized straight from a channels-last input (what
+// the previous layer's op returns), else quantized and then transposed as bytes.
+torch::Tensor nhwc_codes(const torch::Tensor& x, double inv_scale, int64_t zp, int64_t qmax) {
+  TORCH_CHECK(x.dim() == 4, "conv input must be [B, C, H, W]");
+  if (x.is_contiguous(at::MemoryFormat::ChannelsLast))
+    return quantize_codes(x.permute({0, 2, 3, 1}), inv_scale, zp, qmax);
+  return quantize_codes(x, inv_scale, zp, qmax).permute({0, 2, 3, 1}).contiguous();
 }
 
 // Quantizes float activations to uint8 codes exactly as torch.fake_quantize_per_tensor_affine does (x * inv,
@@ -875,11 +958,8 @@ torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, in
     });
     return out;
   }
-  // Channels-last codes: quantized straight from a channels-last input (what the previous layer's op returns),
-  // else quantized and then transposed as bytes.
-  auto nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.scalar_type() == torch::kFloat
-                  ? quantize_codes(x.permute({0, 2, 3, 1}), inv_scale, zp, qmax)
-                  : quantize_codes(x, inv_scale, zp, qmax).permute({0, 2, 3, 1}).contiguous();
+  TORCH_CHECK(x.dim() == 4, "conv input must be [B, C, H, W]");
+  auto nhwc = nhwc_codes(x, inv_scale, zp, qmax);
   TORCH_CHECK(x.dim() == 4 && kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2, "conv input must be [B, C, H, W] with 2-d kernel/stride/padding/dilation");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
@@ -1037,9 +1117,7 @@ torch::Tensor lowbit_depthwise(torch::Tensor x, torch::Tensor planes, torch::Ten
   const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
   const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
   TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
-  auto nhwc = x.is_contiguous(at::MemoryFormat::ChannelsLast) && x.scalar_type() == torch::kFloat
-                  ? quantize_codes(x.permute({0, 2, 3, 1}), inv_scale, zp, qmax)
-                  : quantize_codes(x, inv_scale, zp, qmax).permute({0, 2, 3, 1}).contiguous();
+  auto nhwc = nhwc_codes(x, inv_scale, zp, qmax);
   // [taps, C] int32 weights, so the inner loop over channels reads contiguously.
   auto w = (unpack_planes(planes).slice(2, 0, taps).reshape({C, taps}).to(torch::kInt32) * alpha - off)
                .t().contiguous();
@@ -1074,6 +1152,16 @@ std::pair<int64_t, int64_t> affine_for(int64_t bits) {
 
 double inverse_scale(double a_scale) { return 1.0f / static_cast<float>(a_scale); }  // float32, as fake_quantize
 
+void check_activation_codes(int64_t zp, int64_t qmax) {
+  TORCH_CHECK(qmax >= 1 && qmax <= 255 && zp >= 0 && zp <= qmax, "activation codes must satisfy 0 <= a_zp <= a_qmax "
+              "<= 255, got a_zp ", zp, ", a_qmax ", qmax);
+}
+
+void check_row_length(int64_t k, const torch::Tensor& planes) {
+  TORCH_CHECK(k >= 1 && k <= planes.size(2) * 64 && k > planes.size(2) * 64 - 64,
+              "k = ", k, " does not match the packed rows (", planes.size(2), " blocks of 64)");
+}
+
 // Rows for the VNNI GEMM need only K rounded up to 4; everything else reads whole 64-code plane blocks.
 int64_t row_multiple_for(int64_t rows, const torch::Tensor& planes) {
   return rows > SMALL_BATCH && active_isa() == "avx512vnni" && planes.size(2) * 64 <= VNNI_MAX_K ? 4 : 64;
@@ -1098,6 +1186,8 @@ torch::Tensor lowbit_linear_op(const torch::Tensor& x, const torch::Tensor& plan
                                int64_t a_zp, int64_t a_qmax) {
   TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "linear input's last dimension must be ", k);
   TORCH_CHECK(planes.dim() == 4 && planes.size(0) == 1, "linear weights must be planes [1, N, nblk, bits]");
+  check_activation_codes(a_zp, a_qmax);
+  check_row_length(k, planes);
   auto rows = x.reshape({-1, k});
   auto columns = quantize_columns(rows, inverse_scale(a_scale), a_zp, a_qmax, 1, {}, {}, {}, {},
                                   row_multiple_for(rows.size(0), planes));
@@ -1112,7 +1202,16 @@ torch::Tensor lowbit_conv2d_op(const torch::Tensor& x, const torch::Tensor& plan
                                int64_t a_zp, int64_t a_qmax, at::IntArrayRef kernel, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation) {
   TORCH_CHECK(x.dim() == 4 && planes.dim() == 4, "conv needs input [B, C, H, W] and planes [G, N/G, nblk, bits]");
+  TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
+              "kernel, stride, padding and dilation must have two values");
+  for (int d = 0; d < 2; ++d)
+    TORCH_CHECK(kernel[d] >= 1 && stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0,
+                "kernel, stride and dilation must be >= 1 and padding >= 0");
+  check_activation_codes(a_zp, a_qmax);
   const int64_t B = x.size(0), C = x.size(1), G = planes.size(0), Ng = planes.size(1);
+  TORCH_CHECK(C % G == 0 && k == C / G * kernel[0] * kernel[1], "k must be C/groups * kh * kw = ",
+              C % G == 0 ? C / G * kernel[0] * kernel[1] : -1, " for this input, got ", k);
+  check_row_length(k, planes);
   std::vector<int64_t> kv(kernel.begin(), kernel.end()), sv(stride.begin(), stride.end()),
       pv(padding.begin(), padding.end()), dv(dilation.begin(), dilation.end());
   if (G == C && Ng == 1) {  // depthwise: a GEMM row would be only kh*kw long
@@ -1122,6 +1221,16 @@ torch::Tensor lowbit_conv2d_op(const torch::Tensor& x, const torch::Tensor& plan
   }
   const int64_t Ho = (x.size(2) + 2 * pv[0] - dv[0] * (kv[0] - 1) - 1) / sv[0] + 1;
   const int64_t Wo = (x.size(3) + 2 * pv[1] - dv[1] * (kv[1] - 1) - 1) / sv[1] + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
+  if (G == 1 && C % 4 == 0 && row_multiple_for(B * Ho * Wo, planes) == 4) {  // implicit GEMM: no im2col
+    auto codes = nhwc_codes(x, inverse_scale(a_scale), a_zp, a_qmax);
+    if (pv[0] || pv[1]) codes = at::constant_pad_nd(codes, {0, 0, pv[1], pv[1], pv[0], pv[0]}, a_zp);
+    const auto [alpha, off] = affine_for(planes.size(3));
+    return lowbit_conv_implicit(codes.contiguous(), planes, qsum, scale.to(torch::kFloat).mul(a_scale), bias, k,
+                                alpha, off, a_zp, kv, sv, dv, Ho, Wo)
+        .view({B, Ho, Wo, Ng})
+        .permute({0, 3, 1, 2});
+  }
   auto columns = quantize_columns(x, inverse_scale(a_scale), a_zp, a_qmax, G, kv, sv, pv, dv,
                                   row_multiple_for(B * Ho * Wo, planes));
   // [B*Ho*Wo, G*Ng] is channels-last memory: returned as an NCHW tensor with channels-last strides.
