@@ -2,9 +2,9 @@
 
     .venv/bin/python bench/kernels.py [--threads 2] [--repeats 30]
 
-Medians of repeated calls, weights hot (the same call repeated). Within each table the candidates are called in
-turn, round after round, so a slow spell of this shared machine hits all of them alike. Prints Markdown tables
-for docs/benchmarks.md.
+Medians of repeated calls, weights hot (the same call repeated). Within each table the candidates take turns in
+rounds of a few back-to-back calls, so a slow spell of this shared machine hits all of them alike. Prints
+Markdown tables for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -34,17 +34,18 @@ def med(fn, repeats):
     return median_us(fn, repeats)
 
 
-def interleaved_us(fns: dict, repeats: int, warmup: int = 3) -> dict:
-    """Median microseconds of each callable, calling them in turn for `repeats` rounds."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+def interleaved_us(fns: dict, repeats: int, block: int = 5) -> dict:
+    """Median microseconds of each callable. Rounds of `block` back-to-back calls (after one warm-up call, so the
+    weights are hot), the callables taking turns round after round: a slow spell of this shared machine then
+    hits all of them alike."""
     times = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(max(1, repeats // block)):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
             fn()
-            times[name].append((time.perf_counter() - t0) * 1e6)
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e6)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -162,7 +163,7 @@ def main():
         with torch.no_grad():
             b1 = interleaved_us({"fp32": lambda: model.gm(x1), "w4a8": lambda: packed.module(x1)}, args.repeats)
             b64 = interleaved_us({"fp32": lambda: model.gm(x64), "w4a8": lambda: packed.module(x64)},
-                                 max(10, args.repeats // 2))
+                                 max(10, args.repeats // 2), block=2)
         cells = [f"{b1['fp32']:.0f}", f"{b1['w4a8']:.0f} ({b1['fp32'] / b1['w4a8']:.2f}x)",
                  f"{b64['fp32']:.0f}", f"{b64['w4a8']:.0f} ({b64['fp32'] / b64['w4a8']:.2f}x)"]
         print(f"| {name} | " + " | ".join(cells) + f" | {fp32_bytes} | {packed.buffer_bytes} | {packed.nbytes} |")

@@ -248,6 +248,32 @@ VNNI_TARGET void gemv_tile_vnni(const uint8_t* a, int64_t kpad, const uint64_t* 
   }
 }
 
+// One activation row against one weight row, read as one sequential stream (the prefetcher's best case when
+// the weights come from L3 or DRAM); four accumulators hide vpdpbusd's latency.
+template <int BITS>
+VNNI_TARGET int64_t gemv_row_vnni(const uint8_t* a, const uint64_t* w, int64_t nblk, int64_t bits,
+                                  const PlaneGather& g) {
+  __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                    _mm512_setzero_si512()};
+  int64_t j = 0;
+  for (; j + 4 <= nblk; j += 4)
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u)
+      dpbusd_inplace(acc[u], _mm512_loadu_si512(a + 64 * (j + u)), block_bytes<BITS>(w + (j + u) * bits, g));
+  for (; j < nblk; ++j) dpbusd_inplace(acc[0], _mm512_loadu_si512(a + 64 * j), block_bytes<BITS>(w + j * bits, g));
+  return _mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]), _mm512_add_epi32(acc[2], acc[3])));
+}
+
+using GemvRow = int64_t (*)(const uint8_t*, const uint64_t*, int64_t, int64_t, const PlaneGather&);
+
+GemvRow gemv_row_for(int64_t bits) {
+  switch (bits) {
+    case 1: return gemv_row_vnni<1>;
+    case 8: return gemv_row_vnni<8>;
+    default: return gemv_row_vnni<0>;
+  }
+}
+
 using GemvTile = void (*)(const uint8_t*, int64_t, const uint64_t*, int64_t, int64_t, const PlaneGather&,
                           int64_t (*)[4]);
 
@@ -385,6 +411,19 @@ torch::Tensor lowbit_gemv(torch::Tensor a, torch::Tensor planes, torch::Tensor q
   };
   if (active_isa() == "avx512vnni") {
     const PlaneGather gather = plane_gather(bits);
+    // One activation row and weights larger than the L2 caches: stream each weight row on its own (one
+    // sequential stream per thread keeps the prefetchers ahead; four rows at once are four streams).
+    if (M == 1 && G * N * nblk * bits * 8 > (int64_t{2} << 20)) {
+      const GemvRow row = gemv_row_for(bits);
+      at::parallel_for(0, G * N, 16, [&](int64_t lo, int64_t hi) {
+        for (int64_t gn = lo; gn < hi; ++gn) {
+          const int64_t g = gn / N, n = gn % N;
+          const int64_t dot = row(ap + g * nblk * 64, pp + gn * nblk * bits, nblk, bits, gather);
+          finish(g, 0, n, dot + (bits == 8 ? 128 * asp[g] : 0));
+        }
+      });
+      return out;
+    }
     const int64_t quads = (N + 3) / 4;
     at::parallel_for(0, G * quads, 1, [&](int64_t lo, int64_t hi) {
       int64_t dots[4][4];
