@@ -1,6 +1,6 @@
 // Low-bit weight x 8-bit activation kernels on bit-plane packed weights.
 //
-// Packed layout (one code path for every weight width b = 1..8):
+// Packed layout (one layout for every weight width b = 1..7, and b = 8 as bytes in the same tensor shape):
 //   A weight row of K values is stored as unsigned indices q in [0, 2^b), zero-padded to Kpad = 64 * nblk.
 //   planes[g][n][j][p] (uint64) holds bit p of the 64 indices q[g][n][64j .. 64j+63]; bit i of the word is
 //   element 64j+i. So a row costs exactly b bits per weight (plus the padding of K to 64).
@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
+#include <memory>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -459,15 +460,17 @@ torch::Tensor lowbit_gemv(torch::Tensor a, torch::Tensor planes, torch::Tensor q
 // unpacking a tile of weight rows once and reusing it for all rows. Each task unpacks NT weight rows of one
 // group to integer weights w = alpha*q - off, then multiplies them with a chunk of activation rows.
 //
-// Activations: uint8 codes [G, M, Kpad] (Kpad = nblk * 64, the planes' padded row length); conv padding holds
-// the zero point (the code of 0.0), the K padding holds 0. With wsum[n] = sum_{k<K} w = alpha*qsum - off*K:
+// Activations: uint8 codes [G, M, lda] (lda = Kpad = nblk * 64, the planes' padded row length; the VNNI GEMM
+// also takes K rounded up to 4); conv padding holds the zero point (the code of 0.0), the K padding holds 0.
+// With wsum[n] = sum_{k<K} w = alpha*qsum - off*K:
 //   sum_k w_k (a_k - zp) = sum_{k<Kpad} w_k a_k - zp * wsum[n]
 // (the K padding has a = 0, so it adds nothing whatever the unpacked padding weights are).
 // Integer products, summed exactly in int32 (|w| <= 127, a <= 255: lanes stay below 2^31 for K <= MAX_GEMM_K):
 //   scalar     int16 weights, plain loops (the reference);
 //   avx2       int16 weights, vpmaddwd on zero-extended codes (vpmaddubsw would saturate at 255 x 127 x 2);
-//   avx512     int8 weights, vpdpbusd (VNNI: u8 x s8, four products per int32 lane, no saturation) when the
-//              CPU has AVX512-VNNI, else the avx2 GEMM.
+//   avx512     the avx2 GEMM;
+//   avx512vnni int8 weight tiles in the layout of int8 GEMM libraries, vpdpbusd (u8 x s8, four products per
+//              int32 lane, no saturation) against broadcast activation dwords (below).
 // Output: out[m, g*N + n] = float(acc) * scale[g,n] + bias[g,n], [M, G*N]: for a conv (m = b*Ho*Wo + position)
 // that is channels-last [B, Ho, Wo, G*N], which the next layer's im2col reads without a transpose.
 namespace {
@@ -816,12 +819,13 @@ namespace {
 void run_gemm(const GemmArgs& p, GemmTask task) {
   const int64_t ntiles = (p.N + NT - 1) / NT, mchunks = (p.M + MC - 1) / MC;
   at::parallel_for(0, p.G * ntiles * mchunks, 1, [&](int64_t lo, int64_t hi) {
-    std::vector<int16_t> w(NT * p.nblk * 64);  // int16 or int8 weights, whichever the task unpacks
+    // int16 or int8 weights, whichever the task unpacks; every task writes what it reads, so no zero fill
+    std::unique_ptr<int16_t[]> w(new int16_t[NT * p.nblk * 64]);
     for (int64_t t = lo; t < hi; ++t) {
       // Consecutive tasks share a weight tile, so a thread's range reuses it from cache.
       const int64_t mc = t % mchunks, tile = (t / mchunks) % ntiles, g = t / (mchunks * ntiles);
       const int64_t n0 = tile * NT, m0 = mc * MC;
-      task(p, g, n0, std::min(NT, p.N - n0), m0, std::min(p.M, m0 + MC), w.data());
+      task(p, g, n0, std::min(NT, p.N - n0), m0, std::min(p.M, m0 + MC), w.get());
     }
   });
 }
