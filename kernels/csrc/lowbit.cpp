@@ -1064,22 +1064,31 @@ struct DepthwiseArgs {
 // One output row (all Wo positions, all channels). Plain loops over channels, compiled once per ISA below so
 // the compiler vectorizes them with that ISA's 32-bit multiplies (baseline x86-64 has none); exact integers,
 // so every ISA gives the same result.
+// Calls tap(codes at the input position, its weights) for every kernel tap of output (bi, oh, ow) that falls
+// inside the input; padding taps are skipped, as their code is zp and a - zp = 0.
+template <typename Tap>
+__attribute__((always_inline)) inline void for_each_tap(const DepthwiseArgs& p, int64_t bi, int64_t oh, int64_t ow,
+                                                        Tap&& tap) {
+  for (int64_t i = 0; i < p.kh; ++i) {
+    const int64_t ih = oh * p.sh - p.ph + i * p.dh;
+    if (ih < 0 || ih >= p.H) continue;
+    for (int64_t j = 0; j < p.kw; ++j) {
+      const int64_t iw = ow * p.sw - p.pw + j * p.dw;
+      if (iw < 0 || iw >= p.W) continue;
+      tap(p.codes + ((bi * p.H + ih) * p.W + iw) * p.C, p.w + (i * p.kw + j) * p.C);
+    }
+  }
+}
+
 __attribute__((always_inline)) inline void depthwise_row_impl(const DepthwiseArgs& p, int64_t bi, int64_t oh,
                                                               int32_t* __restrict acc) {
   const int64_t C = p.C;
   for (int64_t ow = 0; ow < p.Wo; ++ow) {
     for (int64_t c = 0; c < C; ++c) acc[c] = 0;
-    for (int64_t i = 0; i < p.kh; ++i) {
-      const int64_t ih = oh * p.sh - p.ph + i * p.dh;
-      if (ih < 0 || ih >= p.H) continue;  // padding is code zp: a - zp = 0
-      for (int64_t j = 0; j < p.kw; ++j) {
-        const int64_t iw = ow * p.sw - p.pw + j * p.dw;
-        if (iw < 0 || iw >= p.W) continue;
-        const uint8_t* __restrict a = p.codes + ((bi * p.H + ih) * p.W + iw) * C;
-        const int32_t* __restrict wt = p.w + (i * p.kw + j) * C;
-        for (int64_t c = 0; c < C; ++c) acc[c] += (static_cast<int32_t>(a[c]) - p.zp) * wt[c];
-      }
-    }
+    for_each_tap(p, bi, oh, ow, [&](const uint8_t* __restrict a, const int32_t* __restrict wt)
+                                    __attribute__((always_inline)) {
+      for (int64_t c = 0; c < C; ++c) acc[c] += (static_cast<int32_t>(a[c]) - p.zp) * wt[c];
+    });
     float* __restrict dst = p.out + ((bi * p.Ho + oh) * p.Wo + ow) * C;
     for (int64_t c = 0; c < C; ++c) dst[c] = static_cast<float>(acc[c]) * p.scale[c] + p.bias[c];
   }
@@ -1108,21 +1117,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl"))) void depthwise_row_avx512(c
       }
       __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
                         _mm512_setzero_si512()};
-      for (int64_t i = 0; i < p.kh; ++i) {
-        const int64_t ih = oh * p.sh - p.ph + i * p.dh;
-        if (ih < 0 || ih >= p.H) continue;  // padding is code zp: a - zp = 0
-        for (int64_t j = 0; j < p.kw; ++j) {
-          const int64_t iw = ow * p.sw - p.pw + j * p.dw;
-          if (iw < 0 || iw >= p.W) continue;
-          const uint8_t* a = p.codes + ((bi * p.H + ih) * p.W + iw) * C + c0;
-          const int32_t* wt = p.w + (i * p.kw + j) * C + c0;
-          for (int u = 0; u < 4; ++u) {
-            if (!keep[u]) break;
-            const __m512i av = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(keep[u], a + 16 * u)), zp);
-            acc[u] = _mm512_add_epi32(acc[u], _mm512_mullo_epi32(av, _mm512_maskz_loadu_epi32(keep[u], wt + 16 * u)));
-          }
+      for_each_tap(p, bi, oh, ow, [&](const uint8_t* codes, const int32_t* weights)
+                                      __attribute__((target("avx512f,avx512bw,avx512vl"))) {
+        const uint8_t* a = codes + c0;
+        const int32_t* wt = weights + c0;
+        for (int u = 0; u < 4; ++u) {
+          if (!keep[u]) break;
+          const __m512i av = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(keep[u], a + 16 * u)), zp);
+          acc[u] = _mm512_add_epi32(acc[u], _mm512_mullo_epi32(av, _mm512_maskz_loadu_epi32(keep[u], wt + 16 * u)));
         }
-      }
+      });
       for (int u = 0; u < 4; ++u) {
         if (!keep[u]) break;
         const int64_t c = c0 + 16 * u;
