@@ -30,10 +30,6 @@ from search.model import load_model  # noqa: E402
 from search.quant.weight import quantize_weight  # noqa: E402
 
 
-def med(fn, repeats):
-    return median_us(fn, repeats)
-
-
 def interleaved_us(fns: dict, repeats: int, block: int = 5) -> dict:
     """Median microseconds of each callable. Rounds of `block` back-to-back calls (after one warm-up call, so the
     weights are hot), the callables taking turns round after round: a slow spell of this shared machine then

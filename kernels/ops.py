@@ -18,26 +18,15 @@ All paths sum in integers; dequantization (weight scale x activation scale) and 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .build import extension
 
-SMALL_BATCH = 16  # kept equal to SMALL_BATCH in csrc/lowbit.cpp
-
-extension()  # loads the library: defines torch.ops.bitsearch.* with their CPU kernels
+# Loading the library defines torch.ops.bitsearch.* with their CPU kernels.
+SMALL_BATCH = extension().SMALL_BATCH  # rows up to which the ops run the GEMV rather than the GEMM
 
 lowbit_linear = torch.ops.bitsearch.lowbit_linear.default
 lowbit_conv2d = torch.ops.bitsearch.lowbit_conv2d.default
-
-
-def quantize_input(x: torch.Tensor, a_scale: float, a_zp: int, a_qmax: int) -> torch.Tensor:
-    """The ops' activation codes, computed the way the simulation computes them (for tests and tools)."""
-    return (torch.round(x.float() * _inverse(a_scale)) + a_zp).clamp_(0, a_qmax).to(torch.uint8)
-
-
-def _inverse(a_scale: float) -> float:
-    return float(np.float32(1.0) / np.float32(a_scale))  # what fake_quantize_per_tensor_affine uses
 
 
 @torch.library.register_fake("bitsearch::lowbit_linear")

@@ -123,27 +123,31 @@ __attribute__((target("avx512f,avx512bw"))) int64_t plane_sum_avx512(const uint8
   return total;
 }
 
-bool cpu_has_vnni_path() {  // everything the avx512vnni kernels use
+// The ISAs this CPU can run, narrowest first; avx512vnni needs everything its kernels use.
+std::vector<std::string> cpu_isas() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
-         __builtin_cpu_supports("gfni");
+  std::vector<std::string> out{"scalar"};
+  if (__builtin_cpu_supports("avx2")) out.push_back("avx2");
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) {
+    out.push_back("avx512");
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vbmi") &&
+        __builtin_cpu_supports("gfni"))
+      out.push_back("avx512vnni");
+  }
+  return out;
+}
+
+bool cpu_runs(const std::string& isa) {
+  const auto ok = cpu_isas();
+  return std::find(ok.begin(), ok.end(), isa) != ok.end();
 }
 
 std::string& active_isa() {
   static std::string isa = [] {
-    __builtin_cpu_init();
-    std::string best = "scalar";
-    if (__builtin_cpu_supports("avx2")) best = "avx2";
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) best = "avx512";
-    if (cpu_has_vnni_path()) best = "avx512vnni";
     const char* forced = std::getenv("BITSEARCH_KERNEL_ISA");
-    if (!forced || !*forced) return best;
+    if (!forced || !*forced) return cpu_isas().back();
     const std::string want(forced);
-    TORCH_CHECK(want == "scalar" || (want == "avx2" && __builtin_cpu_supports("avx2")) ||
-                    (want == "avx512" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) ||
-                    (want == "avx512vnni" && cpu_has_vnni_path()),
-                "BITSEARCH_KERNEL_ISA=", want, ": this CPU cannot run those kernels");
+    TORCH_CHECK(cpu_runs(want), "BITSEARCH_KERNEL_ISA=", want, ": this CPU cannot run those kernels");
     return want;
   }();
   return isa;
@@ -308,21 +312,13 @@ GemvTile gemv_tile_for(int64_t bits, int64_t mr, int64_t nr) {
 
 }  // namespace
 
-std::vector<std::string> supported_isas() {
-  __builtin_cpu_init();
-  std::vector<std::string> out{"scalar"};
-  if (__builtin_cpu_supports("avx2")) out.push_back("avx2");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) out.push_back("avx512");
-  if (cpu_has_vnni_path()) out.push_back("avx512vnni");
-  return out;
-}
+std::vector<std::string> supported_isas() { return cpu_isas(); }
 
 std::string get_isa() { return active_isa(); }
 
 void set_isa(const std::string& isa) {
   kernel_for(isa);
-  const auto ok = supported_isas();
-  TORCH_CHECK(std::find(ok.begin(), ok.end(), isa) != ok.end(), "this CPU cannot run the '", isa, "' kernels");
+  TORCH_CHECK(cpu_runs(isa), "this CPU cannot run the '", isa, "' kernels");
   active_isa() = isa;
 }
 
@@ -412,6 +408,10 @@ torch::Tensor lowbit_gemv(torch::Tensor a, torch::Tensor planes, torch::Tensor q
   };
   if (active_isa() == "avx512vnni") {
     const PlaneGather gather = plane_gather(bits);
+    // The VNNI kernels return sum a * stored; b = 8 stores q - 128, so add 128 * sum a back.
+    auto finish_stored = [&](int64_t g, int64_t m, int64_t n, int64_t dot) {
+      finish(g, m, n, dot + (bits == 8 ? 128 * asp[g * M + m] : 0));
+    };
     // One activation row and weights larger than the L2 caches: stream each weight row on its own (one
     // sequential stream per thread keeps the prefetchers ahead; four rows at once are four streams).
     if (M == 1 && G * N * nblk * bits * 8 > (int64_t{2} << 20)) {
@@ -420,7 +420,7 @@ torch::Tensor lowbit_gemv(torch::Tensor a, torch::Tensor planes, torch::Tensor q
         for (int64_t gn = lo; gn < hi; ++gn) {
           const int64_t g = gn / N, n = gn % N;
           const int64_t dot = row(ap + g * nblk * 64, pp + gn * nblk * bits, nblk, bits, gather);
-          finish(g, 0, n, dot + (bits == 8 ? 128 * asp[g] : 0));
+          finish_stored(g, 0, n, dot);
         }
       });
       return out;
@@ -436,7 +436,7 @@ torch::Tensor lowbit_gemv(torch::Tensor a, torch::Tensor planes, torch::Tensor q
           gemv_tile_for(bits, mr, nr)(ap + (g * M + m0) * nblk * 64, nblk * 64, wp, nblk, bits, gather, dots);
           for (int64_t i = 0; i < mr; ++i)
             for (int64_t r = 0; r < nr; ++r)
-              finish(g, m0 + i, n0 + r, dots[i][r] + (bits == 8 ? 128 * asp[g * M + m0 + i] : 0));
+              finish_stored(g, m0 + i, n0 + r, dots[i][r]);
         }
       }
     });
@@ -751,9 +751,6 @@ constexpr MicroVnniFn micro_vnni_for_mr(int64_t mr) {
   }
 }
 
-template <bool IMPLICIT>
-MicroVnniFn micro_vnni_for(int nz, int64_t mr);
-
 // Activation rows per micro-kernel for 16 / 32 / 64 channels: MR x NZ accumulators + NZ weight vectors fit the
 // 32 registers, and the wider the tile the fewer broadcasts per vpdpbusd.
 constexpr int VNNI_MR1 = 16, VNNI_MR2 = 12, VNNI_MR4 = 6;
@@ -816,6 +813,16 @@ std::string gemm_kernel_name() {
 
 namespace {
 
+// Per output channel: wsum = sum_k w = alpha * qsum - off * K (int64), scale and bias (float).
+struct GemmConstants {
+  torch::Tensor wsum, scale, bias;
+  GemmConstants(const torch::Tensor& qsum, const torch::Tensor& sc, const torch::Tensor& bs, int64_t k,
+                int64_t alpha, int64_t off)
+      : wsum((qsum.to(torch::kInt64) * alpha - off * k).contiguous()),
+        scale(sc.to(torch::kFloat).contiguous()),
+        bias(bs.to(torch::kFloat).contiguous()) {}
+};
+
 void run_gemm(const GemmArgs& p, GemmTask task) {
   const int64_t ntiles = (p.N + NT - 1) / NT, mchunks = (p.M + MC - 1) / MC;
   at::parallel_for(0, p.G * ntiles * mchunks, 1, [&](int64_t lo, int64_t hi) {
@@ -847,12 +854,10 @@ torch::Tensor lowbit_gemm(torch::Tensor a, torch::Tensor planes, torch::Tensor q
     a = at::constant_pad_nd(a, {0, nblk * 64 - a.size(2)}, 0);
   a = a.contiguous();
   planes = planes.contiguous();
-  auto wsum = (qsum.to(torch::kInt64) * alpha - off * k).contiguous();
-  auto sc = scale.to(torch::kFloat).contiguous();
-  auto bs = bias.to(torch::kFloat).contiguous();
+  const GemmConstants c(qsum, scale, bias, k, alpha, off);
   auto out = torch::empty({M, G * N}, torch::kFloat);
   GemmArgs p{a.data_ptr<uint8_t>(), reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>()),
-             wsum.data_ptr<int64_t>(), sc.data_ptr<float>(), bs.data_ptr<float>(), out.data_ptr<float>(),
+             c.wsum.data_ptr<int64_t>(), c.scale.data_ptr<float>(), c.bias.data_ptr<float>(), out.data_ptr<float>(),
              G, M, N, nblk, planes.size(3), alpha, off, zp, k, a.size(2)};
   run_gemm(p, task);
   return out;
@@ -878,12 +883,10 @@ torch::Tensor lowbit_conv_implicit(torch::Tensor padded, torch::Tensor planes, t
   }
   const int64_t N = planes.size(1), M = B * Ho * Wo;
   planes = planes.contiguous();
-  auto wsum = (qsum.to(torch::kInt64) * alpha - off * k).contiguous();
-  auto sc = scale.to(torch::kFloat).contiguous();
-  auto bs = bias.to(torch::kFloat).contiguous();
+  const GemmConstants c(qsum, scale, bias, k, alpha, off);
   auto out = torch::empty({M, N}, torch::kFloat);
   GemmArgs p{padded.data_ptr<uint8_t>(), reinterpret_cast<const uint64_t*>(planes.data_ptr<int64_t>()),
-             wsum.data_ptr<int64_t>(), sc.data_ptr<float>(), bs.data_ptr<float>(), out.data_ptr<float>(),
+             c.wsum.data_ptr<int64_t>(), c.scale.data_ptr<float>(), c.bias.data_ptr<float>(), out.data_ptr<float>(),
              1, M, N, nblk, planes.size(3), alpha, off, zp, k, stride[1] * C};
   p.koff = koff.data();
   p.Ho = Ho;
@@ -955,6 +958,11 @@ torch::Tensor nhwc_codes(const torch::Tensor& x, double inv_scale, int64_t zp, i
   return quantize_codes(x, inv_scale, zp, qmax).permute({0, 2, 3, 1}).contiguous();
 }
 
+// Output length of a conv along one dimension.
+inline int64_t conv_out(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation) {
+  return (size + 2 * padding - dilation * (kernel - 1) - 1) / stride + 1;
+}
+
 // Quantizes float activations to uint8 codes exactly as torch.fake_quantize_per_tensor_affine does (x * inv,
 // round half to even, + zp, clamp) and lays them out for lowbit_gemm, Kpad = K rounded up to 64:
 //   linear (kernel empty): x [M, K] -> [1, M, Kpad];
@@ -1001,21 +1009,19 @@ torch::Tensor quantize_columns(torch::Tensor x, double inv_scale, int64_t zp, in
     });
     return out;
   }
-  TORCH_CHECK(x.dim() == 4, "conv input must be [B, C, H, W]");
-  auto nhwc = nhwc_codes(x, inv_scale, zp, qmax);
   TORCH_CHECK(x.dim() == 4 && kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 &&
                   dilation.size() == 2, "conv input must be [B, C, H, W] with 2-d kernel/stride/padding/dilation");
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   TORCH_CHECK(groups >= 1 && C % groups == 0, "channels do not divide into groups");
   const int64_t kh = kernel[0], kw = kernel[1], sh = stride[0], sw = stride[1], ph = padding[0], pw = padding[1];
   const int64_t dh = dilation[0], dw = dilation[1];
-  const int64_t Ho = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
-  const int64_t Wo = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
+  const int64_t Ho = conv_out(H, kh, sh, ph, dh), Wo = conv_out(W, kw, sw, pw, dw);
   TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
   const int64_t Cg = C / groups, K = Cg * kh * kw, L = Ho * Wo;
   const int64_t Kpad = (K + row_multiple - 1) / row_multiple * row_multiple;
   // With one group and no horizontal dilation, the kw taps of a kernel row are kw adjacent pixels: one run.
   const bool row_runs = groups == 1 && dw == 1;
+  auto nhwc = nhwc_codes(x, inv_scale, zp, qmax);
   const uint8_t* np = nhwc.data_ptr<uint8_t>();  // a kernel tap's channels are one contiguous run
   auto out = torch::empty({groups, B * L, Kpad}, torch::kUInt8);
   uint8_t* op = out.data_ptr<uint8_t>();
@@ -1161,8 +1167,8 @@ torch::Tensor lowbit_depthwise(torch::Tensor x, torch::Tensor planes, torch::Ten
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t kh = kernel[0], kw = kernel[1], taps = kh * kw;
   TORCH_CHECK(planes.size(2) * 64 >= taps, "planes are shorter than the kernel");
-  const int64_t Ho = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) / stride[0] + 1;
-  const int64_t Wo = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) / stride[1] + 1;
+  const int64_t Ho = conv_out(H, kh, stride[0], padding[0], dilation[0]);
+  const int64_t Wo = conv_out(W, kw, stride[1], padding[1], dilation[1]);
   TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
   auto nhwc = nhwc_codes(x, inv_scale, zp, qmax);
   // [taps, C] int32 weights, so the inner loop over channels reads contiguously.
@@ -1199,6 +1205,9 @@ std::pair<int64_t, int64_t> affine_for(int64_t bits) {
 
 double inverse_scale(double a_scale) { return 1.0f / static_cast<float>(a_scale); }  // float32, as fake_quantize
 
+// Weight scale x activation scale: the float32 product, as the simulation's.
+torch::Tensor dequant_scale(const torch::Tensor& scale, double a_scale) { return scale.to(torch::kFloat).mul(a_scale); }
+
 void check_activation_codes(int64_t zp, int64_t qmax) {
   TORCH_CHECK(qmax >= 1 && qmax <= 255 && zp >= 0 && zp <= qmax, "activation codes must satisfy 0 <= a_zp <= a_qmax "
               "<= 255, got a_zp ", zp, ", a_qmax ", qmax);
@@ -1219,7 +1228,7 @@ torch::Tensor run_columns(const torch::Tensor& columns, const torch::Tensor& pla
                           const torch::Tensor& scale, const torch::Tensor& bias, int64_t k, double a_scale,
                           int64_t zp) {
   const auto [alpha, off] = affine_for(planes.size(3));
-  const auto dq = scale.to(torch::kFloat).mul(a_scale);  // float32 product, as the simulation's scale x scale
+  const auto dq = dequant_scale(scale, a_scale);
   const int64_t G = columns.size(0), M = columns.size(1), N = planes.size(1);
   if (M > SMALL_BATCH) return lowbit_gemm(columns, planes, qsum, dq, bias, k, alpha, off, zp);
   auto out = lowbit_gemv(columns, planes, qsum, dq, bias, k, alpha, off, zp);  // [G, M, N]
@@ -1263,17 +1272,17 @@ torch::Tensor lowbit_conv2d_op(const torch::Tensor& x, const torch::Tensor& plan
       pv(padding.begin(), padding.end()), dv(dilation.begin(), dilation.end());
   if (G == C && Ng == 1) {  // depthwise: a GEMM row would be only kh*kw long
     const auto [alpha, off] = affine_for(planes.size(3));
-    return lowbit_depthwise(x, planes, scale.to(torch::kFloat).mul(a_scale), bias, inverse_scale(a_scale), a_zp,
+    return lowbit_depthwise(x, planes, dequant_scale(scale, a_scale), bias, inverse_scale(a_scale), a_zp,
                             a_qmax, alpha, off, kv, sv, pv, dv);
   }
-  const int64_t Ho = (x.size(2) + 2 * pv[0] - dv[0] * (kv[0] - 1) - 1) / sv[0] + 1;
-  const int64_t Wo = (x.size(3) + 2 * pv[1] - dv[1] * (kv[1] - 1) - 1) / sv[1] + 1;
+  const int64_t Ho = conv_out(x.size(2), kv[0], sv[0], pv[0], dv[0]);
+  const int64_t Wo = conv_out(x.size(3), kv[1], sv[1], pv[1], dv[1]);
   TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
   if (G == 1 && C % 4 == 0 && row_multiple_for(B * Ho * Wo, planes) == 4) {  // implicit GEMM: no im2col
     auto codes = nhwc_codes(x, inverse_scale(a_scale), a_zp, a_qmax);
     if (pv[0] || pv[1]) codes = at::constant_pad_nd(codes, {0, 0, pv[1], pv[1], pv[0], pv[0]}, a_zp);
     const auto [alpha, off] = affine_for(planes.size(3));
-    return lowbit_conv_implicit(codes.contiguous(), planes, qsum, scale.to(torch::kFloat).mul(a_scale), bias, k,
+    return lowbit_conv_implicit(codes.contiguous(), planes, qsum, dequant_scale(scale, a_scale), bias, k,
                                 alpha, off, a_zp, kv, sv, dv, Ho, Wo)
         .view({B, Ho, Wo, Ng})
         .permute({0, 3, 1, 2});
@@ -1307,6 +1316,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gemm_kernel_name", &gemm_kernel_name);
   m.def("lowbit_depthwise", &lowbit_depthwise);
   m.def("supported_isas", &supported_isas);
+  m.attr("SMALL_BATCH") = SMALL_BATCH;
   m.def("get_isa", &get_isa);
   m.def("set_isa", &set_isa);
 }
