@@ -171,3 +171,27 @@ def check_compatible(model: ModelRecord, dataset: DatasetRecord) -> None:
     if dataset.num_classes is not None and dataset.num_classes > model.num_outputs:
         raise HTTPException(422, f"the data set has labels up to {dataset.num_classes - 1} but the model has "
                                  f"{model.num_outputs} outputs")
+
+
+def check_finetune(method: str, options, builtin_data: bool, settings: Settings) -> None:
+    """Fine-tuning options the job could not honour are refused before anything is stored, not when the
+    worker starts the job."""
+    from search.data import FASHION_MNIST_TRAIN
+    from search.searches import SearchError, check_method_options
+
+    try:
+        check_method_options(method, options)
+    except SearchError as e:
+        raise HTTPException(422, f"invalid options: {e}") from e
+    ft = options.finetune
+    if not ft.enabled:
+        return
+    if not builtin_data:
+        raise HTTPException(422, "invalid options: fine-tuning needs a labelled training set; only the built-in "
+                                 "data sets have one (an uploaded data set is calibration, validation and test only)")
+    train_images = FASHION_MNIST_TRAIN if ft.samples is None else min(ft.samples, FASHION_MNIST_TRAIN)
+    images = ft.steps * ft.batch_size if ft.steps else ft.epochs * train_images
+    if images > settings.max_finetune_images:
+        raise HTTPException(422, f"invalid options: one fine-tune would run {images} training images, over this "
+                                 f"server's limit of {settings.max_finetune_images}; lower finetune epochs, steps "
+                                 "or samples")

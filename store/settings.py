@@ -43,6 +43,8 @@ class Settings(BaseSettings):
     rate_limit_per_s: float = Field(default=100.0, description="requests per second per API key (or client address)")
     rate_limit_burst: int = Field(default=200, description="requests a key may send at once before the rate applies")
     max_active_jobs: int = Field(default=4, description="queued + running jobs per owner")
+    max_finetune_images: int = Field(default=240_000, description="training images one fine-tune may run through "
+                                     "(epochs x samples, or steps x batch size); the thesis's 4 epochs of 60k fit")
     key_cache_s: float = Field(default=30.0, description="how long a key lookup is cached (revocation delay)")
 
     def resolved_database_url(self) -> str:

@@ -225,6 +225,19 @@ def test_bad_requests_get_clear_4xx_and_store_nothing(stack, tmp_path):
     r = submit(stack, "sqnr", {"avg_wbits": 3}, data_name=None, files=files)
     assert r.status_code == 422 and "labels up to 21" in r.json()["detail"]
 
+    r = submit(stack, "sqnr", {"avg_wbits": 3}, {**FAST, "finetune": {"epochs": 1}})
+    assert r.status_code == 422 and "'sqnr' does not fine-tune" in r.json()["detail"]
+    r = submit(stack, "imprinting", {"avg_wbits": 3}, {**FAST, "finetune": {"epochs": 40}})
+    assert r.status_code == 422 and "2200000 training images" in r.json()["detail"]
+    r = submit(stack, "haq", {"avg_wbits": 3}, {**FAST, "finetune": {"steps": 10**6}})
+    assert r.status_code == 422 and "limit of 240000" in r.json()["detail"]
+    unlabelled_train = tmp_path / "calib.safetensors"
+    save_dataset_file(LabelledSet(torch.randn(8, 1, 28, 28), torch.arange(8)), unlabelled_train)
+    files = {"data": ("calib.safetensors", unlabelled_train.read_bytes(), "application/octet-stream")}
+    r = submit(stack, "imprinting", {"avg_wbits": 3}, {**FAST, "finetune": {"epochs": 1}}, data_name=None,
+               files=files)
+    assert r.status_code == 422 and "only the built-in data sets have one" in r.json()["detail"]
+
     after = sorted(p.name for p in models_dir.iterdir()) if models_dir.exists() else []
     assert after == before  # nothing half-stored: no new model, no leftover temporary file
     with stack.client() as c:

@@ -96,6 +96,7 @@ def create_job(
         raise HTTPException(400, "give exactly one of `model` (a .pt2 upload) and `model_id`")
     if sum(x is not None for x in (data, data_name, dataset_id)) != 1:
         raise HTTPException(400, "give exactly one of `data` (a safetensors upload), `data_name` and `dataset_id`")
+    intake.check_finetune(method, opts, data_name is not None or dataset_id in intake.BUILTIN, settings)
 
     active = db.scalar(select(func.count()).select_from(Job).where(
         Job.owner == who.owner, Job.status.in_(("queued", "running"))))
