@@ -45,6 +45,7 @@ METHOD_PARAMS = {
     "sqnr-analytic": {"mode": "analytic"},
     "imprinting": {"variant": "faithful"},
     "imprinting-cost": {"variant": "cost_aware"},
+    "imprinting-noise": {"variant": "noise_aware"},
     "haq": {"episodes": 200},
 }
 
