@@ -59,15 +59,18 @@ def test_searches_beat_uniform_at_the_same_budget(tiny_model, fmnist, tiny_sim):
         assert _run(method_key, tiny_model, fmnist, tiny_sim, budget).recommended.val_top1 > uniform, method_key
 
 
-@pytest.mark.parametrize("method,params,bitops", [
-    ("sqnr", {"sweep_points": 2}, 4_000_000),
-    ("haq", {"episodes": 12, "warmup": 4, "reward_samples": 256}, 4_000_000),
+@pytest.mark.parametrize("method,params,bitops,avg_wbits", [
+    ("sqnr", {"sweep_points": 2}, 4_000_000, None),
+    ("haq", {"episodes": 12, "warmup": 4, "reward_samples": 256}, 4_000_000, None),
     # imprinting never lowers the first and last layer: at 8/8 bits they alone cost 3.6 M BitOPs here
-    ("imprinting", {"variant": "noise_aware", "patience": 4}, 6_000_000),
+    ("imprinting", {"variant": "noise_aware", "patience": 4}, 6_000_000, None),
+    # avg_wbits is the budget's main metric but BitOPs is the limit that binds
+    ("imprinting", {"variant": "noise_aware", "patience": 4}, 6_000_000, 7.0),
 ])
-def test_activation_bits_can_be_searched(method, params, bitops, tiny_model, fmnist, tiny_sim):
+def test_activation_bits_can_be_searched(method, params, bitops, avg_wbits, tiny_model, fmnist, tiny_sim):
     options = SearchOptions(a_bits=[4, 6, 8], val_samples=500, params=params)
-    result = run_search(method, tiny_model, fmnist, Budget(bitops=bitops), options, simulator=tiny_sim)
+    budget = Budget(bitops=bitops, avg_wbits=avg_wbits)
+    result = run_search(method, tiny_model, fmnist, budget, options, simulator=tiny_sim)
     used = {b for c in result.candidates for b in c.config.a_bits().values()}
     assert used <= {4, 6, 8} and len(used) > 1
     assert all(c.cost.bitops <= bitops for c in result.candidates)
@@ -139,3 +142,21 @@ def test_imprinting_accuracy_rises_with_depth_and_ends_near_the_true_accuracy(fm
     assert sum(acc[-5:]) / 5 > sum(acc[:5]) / 5 + 0.1
     true_acc = evaluate_float(model, splits.test)
     assert abs(acc[-1] - true_acc) < 0.05, (acc[-1], true_acc)
+
+
+def test_refill_gives_the_leftover_budget_back_until_no_raise_fits(tiny_model, fmnist, tiny_sim):
+    from search.searches.imprinting import refill
+
+    budget = Budget(avg_wbits=4.5)
+    ctx = SearchContext("imprinting", tiny_model, fmnist, budget, SearchOptions(val_samples=500), simulator=tiny_sim)
+    names = ctx.layer_names
+    w_bits, a_bits = ctx.uniform_bits(3), ctx.uniform_bits(8)
+    noise = lambda name, bits: 10 ** (-tiny_sim.weight_sqnr_db(name, bits) / 10)  # noqa: E731
+    importance = {i: 1.0 for i in range(1, len(names) - 1)}
+    wb, ab = refill(ctx, w_bits, a_bits, importance, noise, None, False)
+    assert ab == a_bits and ctx.fits(wb, ab)
+    assert ctx.cost(wb, ab).avg_wbits > ctx.cost(w_bits, a_bits).avg_wbits
+    assert wb[names[0]] == 3 and wb[names[-1]] == 3  # the first and last layer are not Algorithm 2's to change
+    for i in importance:  # no inner layer can take one more bit
+        if wb[names[i]] < 8:
+            assert not ctx.fits({**wb, names[i]: wb[names[i]] + 1}, ab)

@@ -20,12 +20,17 @@ Variants and speed-ups (options in `params`):
              afterwards). noise_aware lowers the layer with the least expected damage per unit
              cost saved, damage = importance x growth of its weight quantization noise:
                  max(diff_i, 1/n_score) * (1/gamma_i(b - 1) - 1/gamma_i(b)) / cost saved,
+             the cost saved summed over the budget's limits that are still broken, each as a
+             fraction of its limit (all limits once the config fits),
              with diff_i from the imprinting curve and gamma_i the weight SQNR (cached per
              layer and width). A layer's next step costs about 4x its last, so the bits
              spread over the layers by importance instead of piling up. When activation bits
              are searched (more than one a_bits choice), lowering a layer's input activation
              is a move too, priced the same way with the activation's SQNR; the other variants
-             keep every activation at the widest choice.
+             keep every activation at the widest choice. The best configs that fit are then
+             refilled: one lowering can overshoot the budget by a whole layer's cost, so inner
+             layers are raised again, most profitable first, while the config still fits
+             (`refill`), and the refilled configs are measured and validated too.
   remeasure  measure the per-layer curve every this many steps while the config is above the
              budget (configs that fit are always measured: they are the candidates). Default 1
              (every step, as in the thesis) for faithful and cost_aware, 0 (only the first,
@@ -163,6 +168,7 @@ def imprinting_search(ctx: SearchContext) -> None:
     def act_noise(name: str, bits: int) -> float:
         return 0.0 if bits >= FLOAT_ACT_BITS else 10 ** (-ctx.sim.activation_sqnr_db(name, bits, o.act_calibration) / 10)
 
+    inner = range(1, len(names) - 1)  # the layers Algorithm 2 may change
     remeasure = o.param("remeasure", 0 if variant == "noise_aware" else 1)
     trajectory = []  # (iteration, w_bits, a_bits, Acc_N, fits, per-layer acc, fine-tuning meta)
     changed = None
@@ -190,13 +196,14 @@ def imprinting_search(ctx: SearchContext) -> None:
                 tuned = {"finetuned_val_top1": sim.evaluate(ctx.config(w_bits, a_bits), ctx.val).top1,
                          "finetune_batches": tuned_batches}
             trajectory.append((it, w_bits, a_bits, acc[-1], fits, acc, tuned))
+            if it == 0:
+                curve0 = acc  # the full-precision curve
             if fits:
                 if acc[-1] > best_fit:
                     best_fit, since_best = acc[-1], 0
                 else:
                     since_best += 1
             ctx.report(it + 1, n_max, "imprint")
-        inner = range(1, len(names) - 1)
         moves = [(i, "w") for i in inner if w_bits[names[i]] > w_choices[0]]
         if variant == "noise_aware":
             moves += [(i, "a") for i in inner if a_bits[names[i]] > a_choices[0]]
@@ -216,8 +223,17 @@ def imprinting_search(ctx: SearchContext) -> None:
         def saved(move):
             return base - getattr(ctx.cost(*lowered(move)), metric)
 
+        def saved_towards_budget(move):
+            """The move's saving on every limit still broken (all of them once the config fits), each
+            as a fraction of its limit: with bitops and avg_wbits limits, lowering an activation pays
+            for itself only while the BitOPs are over."""
+            new = ctx.cost(*lowered(move))
+            over = [m for m, v in limits.items() if getattr(current, m) > v] or list(limits)
+            return sum((getattr(current, m) - getattr(new, m)) / limits[m] for m in over)
+
         if variant == "noise_aware":
             floor = 1.0 / len(acc_model.score_y)
+            current, limits = ctx.cost(w_bits, a_bits), ctx.budget.limits()
 
             def damage_per_cost(move):
                 i, kind = move
@@ -226,7 +242,7 @@ def imprinting_search(ctx: SearchContext) -> None:
                     growth = weight_noise(names[i], wb[names[i]]) - weight_noise(names[i], w_bits[names[i]])
                 else:
                     growth = act_noise(names[i], ab[names[i]]) - act_noise(names[i], a_bits[names[i]])
-                cost_saved = saved(move)
+                cost_saved = saved_towards_budget(move)
                 return max(diffs[i], floor) * growth / cost_saved if cost_saved > 0 else math.inf
 
             move = min(moves, key=lambda m: (damage_per_cost(m), m))
@@ -239,11 +255,61 @@ def imprinting_search(ctx: SearchContext) -> None:
         sim.set_layer(name, w_bits[name], a_bits[name], o.scheme, o.clip, o.act_calibration)
         changed = [name]
 
-    # Score on the validation split: the best fitting configs by Acc_N, and a spread of the
-    # fitting part of the path for the front (every config on the path is simulated already).
     fitting = [t for t in trajectory if t[4]]
+    best = sorted(fitting, key=lambda t: -t[3])[:validate_top]
+    if variant == "noise_aware" and tuner is None:
+        # One lowering can overshoot the budget by a whole layer's cost: give what is left back to
+        # the layers that profit most, then measure the refilled configs like the path's.
+        importance = {i: max(abs(curve0[i] - curve0[i - 1]), 1.0 / len(acc_model.score_y)) for i in inner}
+        at = (w_bits, a_bits)
+        for t in list(best):
+            wb, ab = refill(ctx, t[1], t[2], importance, weight_noise, act_noise, a_steps > 0)
+            if (wb, ab) == (t[1], t[2]):
+                continue
+            diff = [n for n in names if (wb[n], ab[n]) != (at[0][n], at[1][n])]
+            for n in diff:
+                sim.set_layer(n, wb[n], ab[n], o.scheme, o.clip, o.act_calibration)
+            acc = acc_model.update(diff)
+            at = (wb, ab)
+            best.append((t[0], wb, ab, acc[-1], True, acc, {"refilled": True}))
+
+    # Score on the validation split: the best fitting configs by Acc_N (and their refills), and a
+    # spread of the fitting part of the path for the front (every config on the path is simulated).
     step = max(1, len(fitting) // max(curve_points, 1))
-    for it, wb, ab, acc_n, _, per_layer, tuned in sorted(fitting, key=lambda t: -t[3])[:validate_top] + fitting[::step]:
+    for it, wb, ab, acc_n, _, per_layer, tuned in best + fitting[::step]:
         ctx.add_candidate(wb, ab, score=acc_n, iteration=it, layer_accuracy=[round(a, 4) for a in per_layer],
                           **tuned)
     ctx.report(n_max, n_max, "validate")
+
+
+def refill(ctx: SearchContext, w_bits: dict[str, int], a_bits: dict[str, int], importance: dict[int, float],
+           weight_noise, act_noise, with_activations: bool) -> tuple[dict[str, int], dict[str, int]]:
+    """Raise inner layers one width at a time while the config still fits: each time the one whose
+    importance x noise removed, per unit of cost added (summed over the budget's limits as fractions
+    of them), is largest. The reverse of noise_aware's lowering step."""
+    o, names, limits = ctx.options, ctx.layer_names, ctx.budget.limits()
+    w_bits, a_bits = dict(w_bits), dict(a_bits)
+    while True:
+        current = ctx.cost(w_bits, a_bits)
+        best, best_value = None, 0.0
+        for i, weight in importance.items():
+            name = names[i]
+            for kind in ("w", "a") if with_activations else ("w",):
+                bits, choices, noise = (w_bits, o.w_bits, weight_noise) if kind == "w" else (a_bits, o.a_bits, act_noise)
+                k = choices.index(bits[name])
+                if k + 1 == len(choices):
+                    continue
+                raised = dict(bits)
+                raised[name] = choices[k + 1]
+                wb, ab = (raised, a_bits) if kind == "w" else (w_bits, raised)
+                cost = ctx.cost(wb, ab)
+                if not ctx.budget.fits(cost):
+                    continue
+                added = sum((getattr(cost, m) - getattr(current, m)) / v for m, v in limits.items())
+                gain = weight * (noise(name, bits[name]) - noise(name, raised[name]))
+                value = gain / added if added > 0 else math.inf
+                if best is None or value > best_value:
+                    best, best_value = (wb, ab), value
+        if best is None:
+            return w_bits, a_bits
+        w_bits, a_bits = best
