@@ -31,6 +31,7 @@ Variants and speed-ups (options in `params`):
              refilled: one lowering can overshoot the budget by a whole layer's cost, so inner
              layers are raised again, most profitable first, while the config still fits
              (`refill`), and the refilled configs are measured and validated too.
+  refills    how many of the best fitting configs (by Acc_N) noise_aware refills. Default 2.
   remeasure  measure the per-layer curve every this many steps while the config is above the
              budget (configs that fit are always measured: they are the candidates). Default 1
              (every step, as in the thesis) for faithful and cost_aware, 0 (only the first,
@@ -142,6 +143,7 @@ def imprinting_search(ctx: SearchContext) -> None:
     patience = o.param("patience", 8)
     validate_top = o.param("validate_top", 4)
     curve_points = o.param("curve_points", 6)
+    refills = o.param("refills", 2)
     names = ctx.layer_names
     if len(names) < 3:
         raise SearchError("imprinting needs at least 3 quantizable layers (the first and last are never lowered)")
@@ -262,7 +264,7 @@ def imprinting_search(ctx: SearchContext) -> None:
         # the layers that profit most, then measure the refilled configs like the path's.
         importance = {i: max(abs(curve0[i] - curve0[i - 1]), 1.0 / len(acc_model.score_y)) for i in inner}
         at = (w_bits, a_bits)
-        for t in list(best):
+        for t in best[:refills]:
             wb, ab = refill(ctx, t[1], t[2], importance, weight_noise, act_noise, a_steps > 0)
             if (wb, ab) == (t[1], t[2]):
                 continue
