@@ -72,6 +72,7 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
+from ..cost import Cost
 from ..finetune import STEFineTuner
 from ..quant.activation import FLOAT_ACT_BITS
 from ..simulate import Simulator
@@ -170,6 +171,8 @@ def imprinting_search(ctx: SearchContext) -> None:
     def act_noise(name: str, bits: int) -> float:
         return 0.0 if bits >= FLOAT_ACT_BITS else 10 ** (-ctx.sim.activation_sqnr_db(name, bits, o.act_calibration) / 10)
 
+    noise_of = {"w": weight_noise, "a": act_noise} if a_steps else {"w": weight_noise}  # the kinds of move
+    floor = 1.0 / len(acc_model.score_y)  # an importance of at least one scored image
     inner = range(1, len(names) - 1)  # the layers Algorithm 2 may change
     remeasure = o.param("remeasure", 0 if variant == "noise_aware" else 1)
     trajectory = []  # (iteration, w_bits, a_bits, Acc_N, fits, per-layer acc, fine-tuning meta)
@@ -180,7 +183,6 @@ def imprinting_search(ctx: SearchContext) -> None:
         fits = ctx.fits(w_bits, a_bits)
         if changed is not None and tuner is None and not fits and (remeasure == 0 or it % remeasure):
             pending += changed  # above the budget and not due: go on with the last curve
-            ctx.report(it + 1, n_max, "imprint")
         else:
             if tuner is not None and changed is not None:
                 # Algorithm 1: fine-tune under the lowered config, then measure on the fine-tuned weights.
@@ -205,14 +207,13 @@ def imprinting_search(ctx: SearchContext) -> None:
                     best_fit, since_best = acc[-1], 0
                 else:
                     since_best += 1
-            ctx.report(it + 1, n_max, "imprint")
+        ctx.report(it + 1, n_max, "imprint")
         moves = [(i, "w") for i in inner if w_bits[names[i]] > w_choices[0]]
-        if variant == "noise_aware":
+        if "a" in noise_of:
             moves += [(i, "a") for i in inner if a_bits[names[i]] > a_choices[0]]
         if not moves or (patience and since_best >= patience):
             break
         diffs = {i: abs(acc[i] - acc[i - 1]) for i, _ in moves}
-        base = getattr(ctx.cost(w_bits, a_bits), metric)
 
         def lowered(move):
             """(w_bits, a_bits) with the move made."""
@@ -222,34 +223,29 @@ def imprinting_search(ctx: SearchContext) -> None:
             new[names[i]] = choices[choices.index(bits[names[i]]) - 1]
             return (new, a_bits) if kind == "w" else (w_bits, new)
 
-        def saved(move):
-            return base - getattr(ctx.cost(*lowered(move)), metric)
-
-        def saved_towards_budget(move):
-            """The move's saving on every limit still broken (all of them once the config fits), each
-            as a fraction of its limit: with bitops and avg_wbits limits, lowering an activation pays
-            for itself only while the BitOPs are over."""
-            new = ctx.cost(*lowered(move))
-            over = [m for m, v in limits.items() if getattr(current, m) > v] or list(limits)
-            return sum((getattr(current, m) - getattr(new, m)) / limits[m] for m in over)
-
+        current = ctx.cost(w_bits, a_bits)
         if variant == "noise_aware":
-            floor = 1.0 / len(acc_model.score_y)
-            current, limits = ctx.cost(w_bits, a_bits), ctx.budget.limits()
+            # The saving on every limit still broken (all of them once the config fits): with bitops
+            # and avg_wbits limits, lowering an activation pays for itself only while BitOPs are over.
+            limits = ctx.budget.limits()
+            over = [m for m, v in limits.items() if getattr(current, m) > v] or list(limits)
 
             def damage_per_cost(move):
                 i, kind = move
                 wb, ab = lowered(move)
-                if kind == "w":
-                    growth = weight_noise(names[i], wb[names[i]]) - weight_noise(names[i], w_bits[names[i]])
-                else:
-                    growth = act_noise(names[i], ab[names[i]]) - act_noise(names[i], a_bits[names[i]])
-                cost_saved = saved_towards_budget(move)
+                new_bits, old_bits = (wb, w_bits) if kind == "w" else (ab, a_bits)
+                name = names[i]
+                growth = noise_of[kind](name, new_bits[name]) - noise_of[kind](name, old_bits[name])
+                cost_saved = limit_fraction(current, ctx.cost(wb, ab), limits, over)
                 return max(diffs[i], floor) * growth / cost_saved if cost_saved > 0 else math.inf
 
             move = min(moves, key=lambda m: (damage_per_cost(m), m))
         elif variant == "cost_aware":
-            move = min(moves, key=lambda m: (diffs[m[0]] / saved(m) if saved(m) > 0 else math.inf, m))
+            def gain_per_cost(move):
+                saved = getattr(current, metric) - getattr(ctx.cost(*lowered(move)), metric)
+                return diffs[move[0]] / saved if saved > 0 else math.inf
+
+            move = min(moves, key=lambda m: (gain_per_cost(m), m))
         else:
             move = min(moves, key=lambda m: (diffs[m[0]], m))
         w_bits, a_bits = lowered(move)
@@ -262,10 +258,10 @@ def imprinting_search(ctx: SearchContext) -> None:
     if variant == "noise_aware" and tuner is None:
         # One lowering can overshoot the budget by a whole layer's cost: give what is left back to
         # the layers that profit most, then measure the refilled configs like the path's.
-        importance = {i: max(abs(curve0[i] - curve0[i - 1]), 1.0 / len(acc_model.score_y)) for i in inner}
+        importance = {i: max(abs(curve0[i] - curve0[i - 1]), floor) for i in inner}
         at = (w_bits, a_bits)
         for t in best[:refills]:
-            wb, ab = refill(ctx, t[1], t[2], importance, weight_noise, act_noise, a_steps > 0)
+            wb, ab = refill(ctx, t[1], t[2], importance, noise_of)
             if (wb, ab) == (t[1], t[2]):
                 continue
             diff = [n for n in names if (wb[n], ab[n]) != (at[0][n], at[1][n])]
@@ -284,11 +280,17 @@ def imprinting_search(ctx: SearchContext) -> None:
     ctx.report(n_max, n_max, "validate")
 
 
+def limit_fraction(before: Cost, after: Cost, limits: dict[str, float], metrics) -> float:
+    """How much cost goes from `before` to `after` on `metrics`, each as a fraction of its limit."""
+    return sum((getattr(before, m) - getattr(after, m)) / limits[m] for m in metrics)
+
+
 def refill(ctx: SearchContext, w_bits: dict[str, int], a_bits: dict[str, int], importance: dict[int, float],
-           weight_noise, act_noise, with_activations: bool) -> tuple[dict[str, int], dict[str, int]]:
+           noise_of: dict) -> tuple[dict[str, int], dict[str, int]]:
     """Raise inner layers one width at a time while the config still fits: each time the one whose
     importance x noise removed, per unit of cost added (summed over the budget's limits as fractions
-    of them), is largest. The reverse of noise_aware's lowering step."""
+    of them), is largest. The reverse of noise_aware's lowering step. `noise_of` maps the kinds of
+    move ("w", and "a" when activation bits are searched) to noise(layer, bits)."""
     o, names, limits = ctx.options, ctx.layer_names, ctx.budget.limits()
     w_bits, a_bits = dict(w_bits), dict(a_bits)
     while True:
@@ -296,8 +298,8 @@ def refill(ctx: SearchContext, w_bits: dict[str, int], a_bits: dict[str, int], i
         best, best_value = None, 0.0
         for i, weight in importance.items():
             name = names[i]
-            for kind in ("w", "a") if with_activations else ("w",):
-                bits, choices, noise = (w_bits, o.w_bits, weight_noise) if kind == "w" else (a_bits, o.a_bits, act_noise)
+            for kind, noise in noise_of.items():
+                bits, choices = (w_bits, o.w_bits) if kind == "w" else (a_bits, o.a_bits)
                 k = choices.index(bits[name])
                 if k + 1 == len(choices):
                     continue
@@ -307,7 +309,7 @@ def refill(ctx: SearchContext, w_bits: dict[str, int], a_bits: dict[str, int], i
                 cost = ctx.cost(wb, ab)
                 if not ctx.budget.fits(cost):
                     continue
-                added = sum((getattr(cost, m) - getattr(current, m)) / v for m, v in limits.items())
+                added = limit_fraction(cost, current, limits, limits)
                 gain = weight * (noise(name, bits[name]) - noise(name, raised[name]))
                 value = gain / added if added > 0 else math.inf
                 if best is None or value > best_value:
