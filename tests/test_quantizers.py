@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from search.quant.activation import ActStats, calibrate_range, fake_quantize_activation
+from search.quant.activation import ActRange, ActStats, calibrate_range, fake_quantize_activation
 from search.quant.weight import quantize_weight, weight_levels, weight_sqnr_db
 
 
@@ -93,6 +93,24 @@ def test_unsigned_range_after_relu_uses_pact_form():
     alpha = r.hi
     pact = torch.round(x.clamp(0, alpha) * 15 / alpha) * alpha / 15
     assert torch.allclose(fake_quantize_activation(x, r), pact, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6, 8])
+def test_activation_fake_quant_is_bit_identical_to_torchs_op(bits):
+    """The kernels quantize inputs as torch.fake_quantize_per_tensor_affine does; the simulation must too."""
+    g = torch.Generator().manual_seed(bits)
+    for trial in range(12):
+        x = torch.randn(4, 8, 33, 17, generator=g) * float(torch.rand(1, generator=g) * 6 + 0.01)
+        if trial % 3 == 0:
+            x = x.relu()
+        lo = 0.0 if trial % 3 == 0 else float(x.min()) * float(torch.rand(1, generator=g) * 0.5 + 0.5)
+        hi = float(x.max()) * float(torch.rand(1, generator=g) * 0.5 + 0.5)
+        # values exactly on rounding boundaries too: k + 0.5 steps from zero
+        r = ActRange(lo, hi, bits)
+        x.view(-1)[:64] = (torch.arange(64) - 32 + 0.5) * r.scale
+        ref = torch.fake_quantize_per_tensor_affine(x, r.scale, r.zero_point, 0, r.qmax)
+        ours = fake_quantize_activation(x, r)
+        assert torch.equal(ours, ref), (trial, int((ours != ref).sum()))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
