@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from conftest import reference_model
@@ -14,6 +16,7 @@ FAST = {
     "random": {"count": 6},
     "sqnr": {"mode": "exact", "sweep_points": 3},
     "sqnr-analytic": {"mode": "analytic", "sweep_points": 3},
+    "sqnr-measured": {"mode": "exact", "sweep_points": 3, "propagation": "measured"},
     "imprinting": {"variant": "faithful", "patience": 4},
     "imprinting-cost": {"variant": "cost_aware", "patience": 4},
     "imprinting-noise": {"variant": "noise_aware", "patience": 4},
@@ -121,6 +124,52 @@ def test_exact_sqnr_never_models_less_output_sqnr_than_analytic(avg_wbits, tiny_
     assert noise.output_sqnr_db(*exact) >= noise.output_sqnr_db(*analytic) - 1e-9
 
 
+def test_sqnr_damage_table_matches_a_whole_forward(tiny_model, fmnist, tiny_sim):
+    """measure_damage recomputes only the layers downstream of the one it changes; the entries must
+    equal what running the whole network under each config gives."""
+    from search.searches.sqnr import _nmse, measure_damage
+
+    ctx = SearchContext("sqnr", tiny_model, fmnist, Budget(avg_wbits=3), SearchOptions(w_bits=[2, 3], val_samples=500),
+                        simulator=tiny_sim)
+    names = ctx.layer_names
+    base_w, base_a = ctx.uniform_bits(3), ctx.uniform_bits(8)
+    table = measure_damage(ctx, base_w, base_a)
+    x = fmnist.calib.inputs[:64]
+
+    def damage(w_bits):
+        tiny_sim.set_float()
+        runner = tiny_sim.incremental(x)
+        runner.run()
+        ref = {n: runner.layer_output(n).clone() for n in names}
+        ref_out = runner.output().clone()
+        for n in names:
+            tiny_sim.set_layer(n, w_bits[n], 8)
+        runner.run()
+        features = sum(_nmse(runner.layer_output(n), ref[n]) for n in names) / len(names)
+        out = features + 2.0 * _nmse(runner.output(), ref_out)
+        tiny_sim.set_float()
+        return out
+
+    base = damage(base_w)
+    for n in names:
+        assert table.w_noise[n][2] - table.w_noise[n][3] == pytest.approx(damage({**base_w, n: 2}) - base, rel=1e-4)
+
+
+def test_sqnr_relinearizes_around_its_allocation_and_spends_the_budget(tiny_model, fmnist, tiny_sim):
+    budget = Budget(avg_wbits=2.25)  # the tiny model's fc1 holds most weights: a tight budget moves the others
+    result = _run("sqnr", tiny_model, fmnist, tiny_sim, budget)
+    rounds = [c for c in result.candidates if c.meta.get("relinearized")]
+    assert rounds and all(c.fits and c.meta["limit"] == 2.25 for c in rounds)
+    assert all(math.isfinite(c.score) for c in result.candidates)
+    ctx = SearchContext("sqnr", tiny_model, fmnist, budget, SearchOptions(val_samples=500), simulator=tiny_sim)
+    for c in result.candidates:  # refilled: no layer can take the next width within the candidate's limit
+        w, a = c.config.w_bits(), c.config.a_bits()
+        limits = {"avg_wbits": c.meta["limit"]}
+        for n, b in w.items():
+            if b < 8:
+                assert ctx.cost({**w, n: b + 1}, a).avg_wbits > limits["avg_wbits"] * (1 + 1e-9)
+
+
 @pytest.mark.slow
 def test_imprinting_accuracy_rises_with_depth_and_ends_near_the_true_accuracy(fmnist):
     from scipy.stats import spearmanr
@@ -145,7 +194,7 @@ def test_imprinting_accuracy_rises_with_depth_and_ends_near_the_true_accuracy(fm
 
 
 def test_refill_gives_the_leftover_budget_back_until_no_raise_fits(tiny_model, fmnist, tiny_sim):
-    from search.searches.imprinting import refill
+    from search.searches.widen import refill
 
     budget = Budget(avg_wbits=4.5)
     ctx = SearchContext("imprinting", tiny_model, fmnist, budget, SearchOptions(val_samples=500), simulator=tiny_sim)
@@ -153,7 +202,7 @@ def test_refill_gives_the_leftover_budget_back_until_no_raise_fits(tiny_model, f
     w_bits, a_bits = ctx.uniform_bits(3), ctx.uniform_bits(8)
     noise = lambda name, bits: 10 ** (-tiny_sim.weight_sqnr_db(name, bits) / 10)  # noqa: E731
     importance = {i: 1.0 for i in range(1, len(names) - 1)}
-    wb, ab = refill(ctx, w_bits, a_bits, importance, {"w": noise})
+    wb, ab = refill(ctx, w_bits, a_bits, {names[i]: v for i, v in importance.items()}, {"w": noise})
     assert ab == a_bits and ctx.fits(wb, ab)
     assert ctx.cost(wb, ab).avg_wbits > ctx.cost(w_bits, a_bits).avg_wbits
     assert wb[names[0]] == 3 and wb[names[-1]] == 3  # the first and last layer are not Algorithm 2's to change

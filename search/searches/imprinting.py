@@ -72,11 +72,11 @@ from functools import lru_cache
 import torch
 import torch.nn.functional as F
 
-from ..cost import Cost
 from ..finetune import STEFineTuner
 from ..quant.activation import FLOAT_ACT_BITS
 from ..simulate import Simulator
 from .base import SearchContext, SearchError
+from .widen import limit_fraction, refill
 
 
 def embed(features: torch.Tensor, target_length: int) -> torch.Tensor:
@@ -261,7 +261,7 @@ def imprinting_search(ctx: SearchContext) -> None:
         importance = {i: max(abs(curve0[i] - curve0[i - 1]), floor) for i in inner}
         at = (w_bits, a_bits)
         for t in best[:refills]:
-            wb, ab = refill(ctx, t[1], t[2], importance, noise_of)
+            wb, ab = refill(ctx, t[1], t[2], {names[i]: v for i, v in importance.items()}, noise_of)
             if (wb, ab) == (t[1], t[2]):
                 continue
             diff = [n for n in names if (wb[n], ab[n]) != (at[0][n], at[1][n])]
@@ -278,42 +278,3 @@ def imprinting_search(ctx: SearchContext) -> None:
         ctx.add_candidate(wb, ab, score=acc_n, iteration=it, layer_accuracy=[round(a, 4) for a in per_layer],
                           **tuned)
     ctx.report(n_max, n_max, "validate")
-
-
-def limit_fraction(before: Cost, after: Cost, limits: dict[str, float], metrics) -> float:
-    """How much cost goes from `before` to `after` on `metrics`, each as a fraction of its limit."""
-    return sum((getattr(before, m) - getattr(after, m)) / limits[m] for m in metrics)
-
-
-def refill(ctx: SearchContext, w_bits: dict[str, int], a_bits: dict[str, int], importance: dict[int, float],
-           noise_of: dict) -> tuple[dict[str, int], dict[str, int]]:
-    """Raise inner layers one width at a time while the config still fits: each time the one whose
-    importance x noise removed, per unit of cost added (summed over the budget's limits as fractions
-    of them), is largest. The reverse of noise_aware's lowering step. `noise_of` maps the kinds of
-    move ("w", and "a" when activation bits are searched) to noise(layer, bits)."""
-    o, names, limits = ctx.options, ctx.layer_names, ctx.budget.limits()
-    w_bits, a_bits = dict(w_bits), dict(a_bits)
-    while True:
-        current = ctx.cost(w_bits, a_bits)
-        best, best_value = None, 0.0
-        for i, weight in importance.items():
-            name = names[i]
-            for kind, noise in noise_of.items():
-                bits, choices = (w_bits, o.w_bits) if kind == "w" else (a_bits, o.a_bits)
-                k = choices.index(bits[name])
-                if k + 1 == len(choices):
-                    continue
-                raised = dict(bits)
-                raised[name] = choices[k + 1]
-                wb, ab = (raised, a_bits) if kind == "w" else (w_bits, raised)
-                cost = ctx.cost(wb, ab)
-                if not ctx.budget.fits(cost):
-                    continue
-                added = limit_fraction(cost, current, limits, limits)
-                gain = weight * (noise(name, bits[name]) - noise(name, raised[name]))
-                value = gain / added if added > 0 else math.inf
-                if best is None or value > best_value:
-                    best, best_value = (wb, ab), value
-        if best is None:
-            return w_bits, a_bits
-        w_bits, a_bits = best

@@ -10,10 +10,25 @@ their bits are searched) and then allocate bits two ways:
             gamma_i* = gamma_min * (sum_j S_j / kappa_j) * kappa_i / S_i, rounded to the allowed
             bit choices, with gamma_min raised until the budget is met.
 
-One addition to the paper: a tensor's noise does not reach the output unchanged. We measure,
-per tensor, how much of it does (quantize that tensor alone at a reference width on a few
-calibration images and compare output noise with tensor noise) and weigh 1/gamma_i by that
-transfer factor. `propagation: "none"` gives the paper's unweighted sum.
+Additions to the paper, chosen by `propagation`:
+
+  features  (default) a tensor's noise is measured where it lands, not where it starts: quantize
+            that tensor alone at each width on a few calibration images and take the noise
+            (1/SQNR) it causes at every layer output, averaged over the layers, plus
+            `output_weight` times the noise at the network output. Each layer's own SQNR
+            misjudges deep and shortcut layers at low widths; their damage downstream does not
+            (the sensitivity Sony MCT's mixed precision measures).
+  measured  per tensor, how much of its noise reaches the output at one reference width (a
+            transfer factor) weighs 1/gamma_i.
+  none      the paper's unweighted sum.
+
+With `features`, the allocation at the budget is then re-linearised (`relinearize` rounds):
+the damage is measured again with the other layers at the solution's widths rather than
+unquantized (at 2-3 bits the layers' noise does not add up independently), and the program is
+solved again; every round's allocation is a candidate, so validation picks between them.
+Every allocation finally spends what its widths leave of the budget (widen.refill): while a layer
+can be widened within the limits, the widening that removes most noise per unit of cost is taken.
+Rounding (analytic) or ties (exact, where 64 images measure two widths alike) leave some.
 
 Both modes sweep the budget's main limit from the cheapest config up to the given limit,
 so one job yields a trade-off curve (a Pareto front) rather than one point.
@@ -32,6 +47,7 @@ from ..cost import layer_costs, unquantized_bytes
 from ..quant.activation import FLOAT_ACT_BITS
 from ..quant.weight import sqnr_db
 from .base import SearchContext, SearchError
+from .widen import refill, within
 
 ADDITIVE_METRICS = ("avg_wbits", "weight_bytes", "bitops", "latency_us")
 
@@ -64,11 +80,102 @@ def _transfer(ctx: SearchContext, x: torch.Tensor, ref: torch.Tensor, name: str,
     return out_noise / 10 ** (-tensor_db / 10)
 
 
+PROPAGATIONS = ("features", "measured", "none")
+
+
+def propagation_of(ctx: SearchContext) -> str:
+    propagation = ctx.options.param("propagation", "features")
+    if propagation not in PROPAGATIONS:
+        raise SearchError(f"sqnr option propagation must be one of {', '.join(map(repr, PROPAGATIONS))}, "
+                          f"got {propagation!r}")
+    return propagation
+
+
+def _nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float(((out - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
+
+
+def _non_increasing(noise_by_bits: dict[int, float]) -> dict[int, float]:
+    """A wider tensor is never modelled noisier than a narrower one (64 images can say otherwise)."""
+    out, running = {}, 0.0
+    for b in sorted(noise_by_bits, reverse=True):
+        running = max(running, noise_by_bits[b])
+        out[b] = running
+    return out
+
+
+def measure_damage(ctx: SearchContext, base_w: dict[str, int | None], base_a: dict[str, int | None],
+                   progress: tuple[int, int] | None = None) -> NoiseModel:
+    """Noise each tensor causes downstream at each width, the others at base_w / base_a (None: float).
+
+    The damage of a config is the mean noise (1/SQNR) over every layer output plus
+    `output_weight` x the noise of the network output, against the unquantized network; a
+    tensor's entry is how much changing it alone changes that damage, shifted so its least is
+    (nearly) 0: each layer takes one choice, so a per-layer constant does not move the allocation.
+    """
+    o = ctx.options
+    sim = ctx.sim
+    names = ctx.layer_names
+    output_weight = o.param("output_weight", 2.0)
+    x = ctx.splits.calib.inputs[: o.param("propagation_samples", 64)]
+    scheme, clip, calibration = o.scheme, o.clip, o.act_calibration
+    search_act = len(o.a_bits) > 1
+    sim.set_float()
+    runner = sim.incremental(x)
+    runner.run()
+    ref_layers = {n: runner.layer_output(n).clone() for n in names}
+    ref_out = runner.output().clone()
+
+    def set_layer(name, w, a):
+        sim.set_layer(name, w, a, scheme, clip, calibration)
+
+    def damage(affected: list[str]) -> float:
+        # only the layers downstream of the changed one differ from the base config
+        changed = sum(_nmse(runner.layer_output(m), ref_layers[m]) - base_nmse[m] for m in affected)
+        return (base_total + changed) / len(names) + output_weight * _nmse(runner.output(), ref_out)
+
+    try:
+        for n in names:
+            set_layer(n, base_w[n], base_a[n])
+        runner.run()
+        base_nmse = {n: _nmse(runner.layer_output(n), ref_layers[n]) for n in names}
+        base_total = sum(base_nmse.values())
+        w_noise, a_noise = {}, {}
+        for step, n in enumerate(names):
+            affected = runner.affected_layers([n])
+            w_noise[n] = {}
+            for b in o.w_bits:
+                set_layer(n, b, base_a[n])
+                runner.run([n])
+                w_noise[n][b] = damage(affected)
+            a_noise[n] = {}
+            if search_act:
+                for b in o.a_bits:
+                    if b < FLOAT_ACT_BITS:
+                        set_layer(n, base_w[n], b)
+                        runner.run([n])
+                        a_noise[n][b] = damage(affected)
+            set_layer(n, base_w[n], base_a[n])
+            runner.run([n])
+            if progress is not None:
+                ctx.report(progress[0] + step + 1, progress[1], "measure")
+    finally:
+        sim.set_float()
+    for table in (*w_noise.values(), *a_noise.values()):
+        if table:
+            least = min(table.values())
+            table.update({b: v - least + 1e-12 for b, v in _non_increasing(table).items()})
+    return NoiseModel(w_noise, a_noise)
+
+
 def measure_noise(ctx: SearchContext, total_steps: int | None = None) -> NoiseModel:
     o = ctx.options
-    propagation = o.param("propagation", "measured")
-    if propagation not in ("measured", "none"):
-        raise SearchError(f"sqnr option propagation must be 'measured' or 'none', got {propagation!r}")
+    propagation = propagation_of(ctx)
+    if propagation == "features":
+        top_a = max(o.a_bits)
+        base_a = {n: None if top_a >= FLOAT_ACT_BITS else top_a for n in ctx.layer_names}
+        return measure_damage(ctx, {n: None for n in ctx.layer_names}, base_a,
+                              (0, total_steps or len(ctx.model.layers)))
     samples = o.param("propagation_samples", 256)
     x = ctx.splits.calib.inputs[:samples]
     ref = ctx.sim.float_logits(x)
@@ -198,8 +305,7 @@ def analytic_allocation(ctx: SearchContext, noise: NoiseModel, gamma_min_db: flo
 def _solve_analytic(ctx: SearchContext, noise: NoiseModel, limits: dict[str, float]) -> tuple[dict, dict] | None:
     """The largest target output SQNR whose rounded allocation meets the limits (bisection)."""
     def fits(alloc):
-        cost = ctx.cost(*alloc)
-        return all(getattr(cost, m) is None or getattr(cost, m) <= v * (1 + 1e-9) for m, v in limits.items())
+        return within(ctx.cost(*alloc), limits)
 
     lo, hi = -40.0, 120.0
     if not fits(analytic_allocation(ctx, noise, lo)):
@@ -225,14 +331,40 @@ def sqnr_search(ctx: SearchContext) -> None:
     mode = ctx.options.param("mode", "exact")
     if mode not in ("exact", "analytic"):
         raise SearchError(f"sqnr option mode must be 'exact' or 'analytic', got {mode!r}")
+    propagation = propagation_of(ctx)
     points = ctx.options.param("sweep_points", 6)
+    rounds = ctx.options.param("relinearize", 2) if propagation == "features" else 0
     sweep = sweep_limits(ctx, points)
-    total = len(ctx.model.layers) + len(sweep)
+    layers = len(ctx.model.layers)
+    total = layers * (1 + rounds) + len(sweep)
     noise = measure_noise(ctx, total)
     solve = solve_exact if mode == "exact" else _solve_analytic
-    for step, limits in enumerate(sweep, start=len(ctx.model.layers)):
-        alloc = solve(ctx, noise, limits)
-        if alloc is not None:
-            ctx.add_candidate(*alloc, score=noise.output_sqnr_db(*alloc), mode=mode,
-                              modelled_sqnr_db=noise.output_sqnr_db(*alloc), limit=limits[ctx.pareto_metric])
-        ctx.report(step + 1, total, "allocate")
+
+    def allocate(model: NoiseModel, limits: dict[str, float], **meta) -> tuple[dict, dict] | None:
+        alloc = solve(ctx, model, limits)
+        if alloc is None:
+            return None
+        noise_of = {"w": lambda n, b: model.w_noise[n][b]}
+        if len(ctx.options.a_bits) > 1:
+            noise_of["a"] = lambda n, b: model.a_noise[n].get(b, 0.0)
+        alloc = refill(ctx, *alloc, {n: 1.0 for n in ctx.layer_names}, noise_of, limits)
+        modelled = noise.output_sqnr_db(*alloc)  # every round scored by the same (first) model
+        ctx.add_candidate(*alloc, score=modelled, mode=mode, modelled_sqnr_db=modelled,
+                          limit=limits[ctx.pareto_metric], **meta)
+        return alloc
+
+    at_budget = None
+    for step, limits in enumerate(sweep):
+        alloc = allocate(noise, limits)
+        at_budget = alloc if step == 0 else at_budget
+        ctx.report(layers + step + 1, total, "allocate")
+    seen = [at_budget]
+    for r in range(rounds):
+        if at_budget is None:
+            break
+        around = measure_damage(ctx, *at_budget, (layers * (1 + r) + len(sweep), total))
+        at_budget = allocate(around, sweep[0], relinearized=r + 1)
+        if at_budget in seen:  # a fixed point: more rounds give the same allocation
+            break
+        seen.append(at_budget)
+    ctx.report(total, total, "allocate")
