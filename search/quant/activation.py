@@ -47,8 +47,11 @@ def fake_quantize_activation(x: torch.Tensor, r: ActRange) -> torch.Tensor:
     Bit for bit what torch.fake_quantize_per_tensor_affine computes on the CPU (its kernel takes
     the float32 reciprocal of the float32 scale, rounds, then adds z), so the kernels, which follow
     that op, see the same codes. Written as one multiply and in-place steps because the fused op
-    is 2-3x slower here, and this runs on every layer input of every simulated forward.
+    is 2-3x slower here, and this runs on every layer input of every simulated forward. Under
+    autograd (fine-tuning) the fused op is used: its gradient passes inside the range, round's is 0.
     """
+    if x.requires_grad:  # STE fine-tuning: torch's op carries the straight-through gradient
+        return torch.fake_quantize_per_tensor_affine(x, r.scale, r.zero_point, 0, r.qmax)
     scale = float(np.float32(r.scale))
     inv_scale = float(np.float32(1.0) / np.float32(scale))
     z = r.zero_point
