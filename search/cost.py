@@ -27,6 +27,18 @@ from .quant.activation import FLOAT_ACT_BITS
 METRICS = ("avg_wbits", "weight_bytes", "bitops", "act_bytes", "latency_us")
 
 
+LIMIT_SLACK = 1e-9  # relative: a cost equal to its limit up to float rounding meets it
+
+
+def over_limit(value: float, limit: float) -> bool:
+    return value > limit * (1 + LIMIT_SLACK)
+
+
+def within(cost: "Cost", limits: dict[str, float]) -> bool:
+    """Every limit met; `limits` may be other than a Budget's (a search's swept limits)."""
+    return all(getattr(cost, m) is not None and not over_limit(getattr(cost, m), v) for m, v in limits.items())
+
+
 class BudgetError(ValueError):
     """A malformed or infeasible budget."""
 
@@ -136,7 +148,7 @@ class Budget(BaseModel):
             value = getattr(cost, metric)
             if value is None:
                 raise BudgetError(f"budget limits {metric} but no {metric} figure is available (latency needs a table)")
-            if value > limit * (1 + 1e-9):
+            if over_limit(value, limit):
                 out.append(f"{metric} {value:g} > {limit:g}")
         return out
 
@@ -181,7 +193,7 @@ def check_feasible(model, budget: Budget, w_choices: list[int], a_choices: list[
     problems = []
     for metric, limit in budget.limits().items():
         value = getattr(cheapest, metric)
-        if value is not None and value > limit * (1 + 1e-9):
+        if value is not None and over_limit(value, limit):
             problems.append(f"{metric} <= {limit:g} is infeasible; the smallest feasible value is {value:g} "
                             f"(every layer at W{min(w_choices)}A{min(a_choices)})")
     if problems:

@@ -201,11 +201,11 @@ def test_refill_gives_the_leftover_budget_back_until_no_raise_fits(tiny_model, f
     names = ctx.layer_names
     w_bits, a_bits = ctx.uniform_bits(3), ctx.uniform_bits(8)
     noise = lambda name, bits: 10 ** (-tiny_sim.weight_sqnr_db(name, bits) / 10)  # noqa: E731
-    importance = {i: 1.0 for i in range(1, len(names) - 1)}
-    wb, ab = refill(ctx, w_bits, a_bits, {names[i]: v for i, v in importance.items()}, {"w": noise})
+    inner = {n: 1.0 for n in names[1:-1]}
+    wb, ab = refill(ctx, w_bits, a_bits, inner, {"w": noise})
     assert ab == a_bits and ctx.fits(wb, ab)
     assert ctx.cost(wb, ab).avg_wbits > ctx.cost(w_bits, a_bits).avg_wbits
     assert wb[names[0]] == 3 and wb[names[-1]] == 3  # the first and last layer are not Algorithm 2's to change
-    for i in importance:  # no inner layer can take one more bit
-        if wb[names[i]] < 8:
-            assert not ctx.fits({**wb, names[i]: wb[names[i]] + 1}, ab)
+    for n in inner:  # no inner layer can take one more bit
+        if wb[n] < 8:
+            assert not ctx.fits({**wb, n: wb[n] + 1}, ab)

@@ -59,7 +59,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from ..cost import layer_costs
+from ..cost import layer_costs, over_limit
 from ..data import LabelledSet
 from ..finetune import finetuned_simulator
 from ..quant.activation import FLOAT_ACT_BITS
@@ -165,7 +165,7 @@ class BudgetEnforcer:
         while True:
             cost = ctx.cost(w, a)
             values = {m: getattr(cost, m) for m in self.limits}
-            violated = {m: v for m, v in values.items() if v > self.limits[m] * (1 + 1e-9)}  # Budget's tolerance
+            violated = {m: v for m, v in values.items() if over_limit(v, self.limits[m])}
             if not violated:
                 return
             best, best_key = None, None

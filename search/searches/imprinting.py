@@ -258,10 +258,10 @@ def imprinting_search(ctx: SearchContext) -> None:
     if variant == "noise_aware" and tuner is None:
         # One lowering can overshoot the budget by a whole layer's cost: give what is left back to
         # the layers that profit most, then measure the refilled configs like the path's.
-        importance = {i: max(abs(curve0[i] - curve0[i - 1]), floor) for i in inner}
+        importance = {names[i]: max(abs(curve0[i] - curve0[i - 1]), floor) for i in inner}
         at = (w_bits, a_bits)
         for t in best[:refills]:
-            wb, ab = refill(ctx, t[1], t[2], {names[i]: v for i, v in importance.items()}, noise_of)
+            wb, ab = refill(ctx, t[1], t[2], importance, noise_of)
             if (wb, ab) == (t[1], t[2]):
                 continue
             diff = [n for n in names if (wb[n], ab[n]) != (at[0][n], at[1][n])]

@@ -43,11 +43,11 @@ import numpy as np
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from ..cost import layer_costs, unquantized_bytes
+from ..cost import LIMIT_SLACK, layer_costs, unquantized_bytes, within
 from ..quant.activation import FLOAT_ACT_BITS
 from ..quant.weight import sqnr_db
 from .base import SearchContext, SearchError
-from .widen import refill, within
+from .widen import refill
 
 ADDITIVE_METRICS = ("avg_wbits", "weight_bytes", "bitops", "latency_us")
 
@@ -230,7 +230,7 @@ def solve_exact(ctx: SearchContext, noise: NoiseModel, limits: dict[str, float])
         limit = limits[m] - (unquantized_bytes(ctx.model) if m == "weight_bytes" else 0)
         rows.append(row)
         lbs.append(-np.inf)
-        ubs.append(limit * (1 + 1e-9))
+        ubs.append(limit * (1 + LIMIT_SLACK))
     res = milp(c, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=np.ones(n_vars),
                bounds=Bounds(np.zeros(n_vars), upper), options={"mip_rel_gap": 0.0})
     if res.x is None:
@@ -353,10 +353,10 @@ def sqnr_search(ctx: SearchContext) -> None:
                           limit=limits[ctx.pareto_metric], **meta)
         return alloc
 
-    at_budget = None
     for step, limits in enumerate(sweep):
         alloc = allocate(noise, limits)
-        at_budget = alloc if step == 0 else at_budget
+        if step == 0:
+            at_budget = alloc  # the budget itself: the allocation the rounds below re-linearise
         ctx.report(layers + step + 1, total, "allocate")
     seen = [at_budget]
     for r in range(rounds):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from ..cost import Cost
+from ..cost import Cost, within
 from .base import SearchContext
 
 Noise = Callable[[str, int], float]  # noise(layer name, bits)
@@ -19,11 +19,6 @@ Noise = Callable[[str, int], float]  # noise(layer name, bits)
 def limit_fraction(before: Cost, after: Cost, limits: dict[str, float], metrics) -> float:
     """How much cost goes from `before` to `after` on `metrics`, each as a fraction of its limit."""
     return sum((getattr(before, m) - getattr(after, m)) / limits[m] for m in metrics)
-
-
-def within(cost: Cost, limits: dict[str, float]) -> bool:
-    """Every limit met (the same tolerance as Budget.fits); limits may be a swept, not the set, budget."""
-    return all(getattr(cost, m) is not None and getattr(cost, m) <= v * (1 + 1e-9) for m, v in limits.items())
 
 
 def refill(ctx: SearchContext, w_bits: dict[str, int], a_bits: dict[str, int], weights: dict[str, float],
