@@ -109,6 +109,12 @@ def test_unknown_method_and_bad_options_are_refused(tiny_model, fmnist, tiny_sim
     with pytest.raises(SearchError, match="mode must be 'exact' or 'analytic'"):
         run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params={"mode": "greedy"}),
                    simulator=tiny_sim)
+    with pytest.raises(SearchError, match="propagation_samples must be >= 1"):
+        run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params={"propagation_samples": 0}),
+                   simulator=tiny_sim)
+    with pytest.raises(SearchError, match="propagation must be one of"):
+        run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params={"propagation": "x"}),
+                   simulator=tiny_sim)
     with pytest.raises(ValueError, match="w_bits choices"):
         SearchOptions(w_bits=[0, 4])
 

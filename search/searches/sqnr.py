@@ -334,6 +334,10 @@ def sqnr_search(ctx: SearchContext) -> None:
     propagation = propagation_of(ctx)
     points = ctx.options.param("sweep_points", 6)
     rounds = ctx.options.param("relinearize", 2) if propagation == "features" else 0
+    for name, value, least in (("relinearize", rounds, 0), ("output_weight", ctx.options.param("output_weight", 2.0), 0),
+                               ("propagation_samples", ctx.options.param("propagation_samples", 64), 1)):
+        if value < least:
+            raise SearchError(f"sqnr option {name} must be >= {least}, got {value!r}")
     sweep = sweep_limits(ctx, points)
     layers = len(ctx.model.layers)
     total = layers * (1 + rounds) + len(sweep)
