@@ -17,9 +17,13 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from .archive import DEFAULT_MAX_ARCHIVE_BYTES, ArchiveError, read_exported_program
+from .archive import DEFAULT_MAX_ARCHIVE_BYTES, ArchiveError, brief, read_exported_program
 
 DEFAULT_MAX_LAYERS = 4096
+# Per sample: the model's input, and any tensor the graph computes (an ImageNet CNN's largest activation is
+# about 1 M elements, a 2k-token attention map of 32 heads 128 M). Checked before anything is allocated.
+DEFAULT_MAX_INPUT_ELEMENTS = 1 << 24
+DEFAULT_MAX_TENSOR_ELEMENTS = 1 << 28
 
 aten = torch.ops.aten
 CONV_OPS = {aten.conv1d.default: 1, aten.conv2d.default: 2, aten.convolution.default: None}
@@ -321,8 +325,35 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _check_tensor_sizes(gm: fx.GraphModule, in_shape: tuple[int, ...], max_elements: int) -> None:
+    """Run the graph on fake tensors (shapes only, nothing allocated) and refuse it when any tensor it would
+    compute is over the limit: the sizes an archive declares are metadata, an op with a constant size
+    argument (full, expand, repeat) is not bound by them."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils import _pytree
+
+    class SizeCheck(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            for t in _pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.numel() > max_elements:
+                    raise ModelError(f"node {n.name!r} computes a tensor of shape {list(t.shape)}, over the limit "
+                                     f"of {max_elements} elements")
+            return out
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        x = torch.empty(in_shape)
+        try:
+            SizeCheck(gm).run(x)
+        except ModelError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a graph that cannot run at its own input shape
+            raise ModelError(f"the graph does not run at its input shape {list(in_shape)}: {brief(e)}") from e
+
+
 def load_model(path: str | Path, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
-               max_layers: int = DEFAULT_MAX_LAYERS) -> LoadedModel:
+               max_layers: int = DEFAULT_MAX_LAYERS, max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS,
+               max_tensor_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS) -> LoadedModel:
     """Load a .pt2 archive safely, fold BatchNorm and discover the quantizable layers."""
     path = Path(path)
     ep = read_exported_program(path, max_bytes)
@@ -335,15 +366,22 @@ def load_model(path: str | Path, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
             warnings.simplefilter("ignore", FutureWarning)
             gm = ep.module(check_guards=False)
     except Exception as e:  # noqa: BLE001
-        raise ModelError(f"exported program cannot be turned into a module: {type(e).__name__}: {e}") from e
+        raise ModelError(f"exported program cannot be turned into a module: {brief(e)}") from e
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     in_shape = _shape(placeholders[0])
+    if not in_shape:
+        raise ModelError("the model's input is a scalar; bitsearch needs a batch dimension")
     static_batch = in_shape[0] if isinstance(in_shape[0], int) else None
+    per_sample = _per_sample(in_shape)
+    if math.prod(per_sample) > max_input_elements:
+        raise ModelError(f"the model's input is {list(per_sample)} per sample, over the limit of "
+                         f"{max_input_elements} elements")
     _check_supported(gm)
+    _check_tensor_sizes(gm, (static_batch or 1, *per_sample), max_tensor_elements)
     _fold_batch_norm(gm)
     layers, nodes = _discover_layers(gm, max_layers)
     for name, t in gm.named_parameters():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ModelError(f"model tensor {name!r} holds NaN or Inf values")
 
-    return LoadedModel(path, sha256_file(path), gm, layers, _per_sample(in_shape), static_batch, nodes)
+    return LoadedModel(path, sha256_file(path), gm, layers, per_sample, static_batch, nodes)

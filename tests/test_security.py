@@ -89,9 +89,9 @@ def test_hostile_archives_are_refused_and_never_run(stack, tmp_path, tiny_model_
     with stack.client() as c:
         for name, path in crafted.items():
             r = post_job(c, path)
-            if name == "guard code":
-                # The guard strings are dropped, never executed; what is left is an ordinary model, and the job
-                # is refused only because its input shape does not match Fashion-MNIST's... or accepted.
+            if name in ("guard code", "pickled sample inputs"):
+                # Guard strings are dropped and sample inputs never read: what is left is an ordinary model,
+                # accepted (or refused only for its input shape), and nothing in the file ran.
                 assert r.status_code in (202, 422), (name, r.text)
             else:
                 assert r.status_code == 400 and "pickl" in r.json()["detail"].lower(), (name, r.text)
@@ -107,7 +107,7 @@ def test_hostile_archives_are_refused_and_never_run(stack, tmp_path, tiny_model_
     assert not marker.exists()
     assert not Path("/tmp/evil").exists()
     new = all_files(stack) - before
-    # Only the guard-code model (a valid model once its guards are dropped) may have been stored.
+    # Only the guard-code and sample-inputs models (valid once what could run is dropped) may have been stored.
     assert all("/artifacts/models/" in f and ".incoming" not in f for f in new), new
 
 
