@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -90,19 +91,42 @@ class PackedModel:
 
 
 def load_packed(directory: str | os.PathLike, max_bytes: int = 512 << 20) -> PackedModel:
-    from search.archive import read_exported_program
+    """Read a packed model directory back. It may come from anyone (a download, a shared folder), so it is read
+    as data: the archive through bitsearch's safe reader, the metadata checked for type and size, the graph
+    allowed only aten and bitsearch ops, and every tensor it computes bounded, before it runs."""
+    from search.archive import ArchiveError, read_exported_program
+    from search.model import (ALLOWED_PYTHON_TARGETS, DEFAULT_MAX_INPUT_ELEMENTS, DEFAULT_MAX_TENSOR_ELEMENTS,
+                              check_tensor_sizes)
 
     directory = Path(directory)
-    meta = json.loads((directory / CONFIG_FILE).read_text())
+    try:
+        meta = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArchiveError(f"{directory / CONFIG_FILE} is missing or not JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise ArchiveError(f"{directory / CONFIG_FILE} is not a JSON object")
     if meta.get("layout") != LAYOUT:
         raise ValueError(f"{directory} holds weights packed in layout {meta.get('layout', 'bitsearch.bitplanes/1')!r}; "
                          f"this version runs {LAYOUT!r}: pack the config again (bitsearch pack)")
+    input_shape, static_batch, kernel_layers = meta.get("input_shape"), meta.get("static_batch"), meta.get("kernel_layers")
+    if (not isinstance(input_shape, list) or not all(type(d) is int and d > 0 for d in input_shape)
+            or math.prod(input_shape) > DEFAULT_MAX_INPUT_ELEMENTS
+            or not (static_batch is None or type(static_batch) is int and 0 < static_batch <= 4096)
+            or not isinstance(kernel_layers, list) or not all(isinstance(n, str) for n in kernel_layers)
+            or not isinstance(meta.get("config"), dict)):
+        raise ArchiveError(f"{directory / CONFIG_FILE}: input_shape, static_batch, kernel_layers or config is "
+                           "malformed or out of range")
     program = read_exported_program(directory / MODEL_FILE, max_bytes=max_bytes)
+    for node in program.graph.nodes:
+        target = node.target
+        if node.op == "call_function" and target not in ALLOWED_PYTHON_TARGETS and not (
+                isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "bitsearch")):
+            raise ArchiveError(f"packed model node {node.name!r} calls {target}; only aten and bitsearch ops run")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         module = program.module()
-    return PackedModel(module, meta["config"], tuple(meta["input_shape"]), meta["static_batch"],
-                       meta["kernel_layers"])
+    check_tensor_sizes(module, (static_batch or 1, *input_shape), DEFAULT_MAX_TENSOR_ELEMENTS)
+    return PackedModel(module, meta["config"], tuple(input_shape), static_batch, kernel_layers)
 
 
 def _attr(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:

@@ -325,7 +325,7 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _check_tensor_sizes(gm: fx.GraphModule, in_shape: tuple[int, ...], max_elements: int) -> None:
+def check_tensor_sizes(gm: fx.GraphModule, in_shape: tuple[int, ...], max_elements: int) -> None:
     """Run the graph on fake tensors (shapes only, nothing allocated) and refuse it when any tensor it would
     compute is over the limit: the sizes an archive declares are metadata, an op with a constant size
     argument (full, expand, repeat) is not bound by them."""
@@ -377,7 +377,7 @@ def load_model(path: str | Path, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
         raise ModelError(f"the model's input is {list(per_sample)} per sample, over the limit of "
                          f"{max_input_elements} elements")
     _check_supported(gm)
-    _check_tensor_sizes(gm, (static_batch or 1, *per_sample), max_tensor_elements)
+    check_tensor_sizes(gm, (static_batch or 1, *per_sample), max_tensor_elements)
     _fold_batch_norm(gm)
     layers, nodes = _discover_layers(gm, max_layers)
     for name, t in gm.named_parameters():
