@@ -223,3 +223,57 @@ def test_a_legitimately_shared_weight_still_loads(tmp_path):
 
     loaded = load_model(export_model(Tied(), tmp_path / "tied.pt2", example=(torch.randn(2, 1, 4, 4),)))
     assert len(loaded.layers) == 2
+
+
+# -- the same attacks through the service ------------------------------------------------------------------------
+
+def _memory_kib(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0])
+    return fields
+
+
+@pytest.fixture(scope="module")
+def api_stack(tmp_path_factory):
+    from tests.stack import Stack
+
+    # No worker: nothing here is meant to run; an accepted job would only wait in the queue.
+    s = Stack(tmp_path_factory.mktemp("uploads"), backend="postgres", max_model_bytes=8 * 2**20)
+    s.start(workers=0)
+    yield s
+    s.stop()
+
+
+def _post(client, path: Path):
+    return client.post("/jobs", data={"method": "uniform", "budget": json.dumps({"avg_wbits": 4}),
+                                      "data_name": "fashion-mnist"},
+                       files={"model": (path.name, path.read_bytes(), "application/zip")})
+
+
+def test_uploads_with_code_or_bombs_are_refused_quickly_and_the_api_stays_small(api_stack, named_path, tmp_path):
+    marker = tmp_path / "pwned"
+    attacks = {what: with_renamed(named_path, tmp_path / f"name{i}.pt2", old, code_in_a_name(marker))
+               for i, (what, old, _) in enumerate(RENAMES)}
+    attacks["size expression"] = with_program_edit(named_path, tmp_path / "expr.pt2", _all_exprs(marker))
+    for what, (make, _) in BOMBS.items():
+        attacks[what] = make(named_path, tmp_path / f"bomb_{len(attacks)}.pt2")
+    pid = api_stack.api.pid
+    with api_stack.client() as c:
+        before = _memory_kib(pid)
+        for what, path in attacks.items():
+            start = time.perf_counter()
+            r = _post(c, path)
+            elapsed = time.perf_counter() - start
+            assert r.status_code == 400, (what, r.status_code, r.text)
+            detail = r.json()["detail"]
+            assert "Traceback" not in detail and "/work/" not in detail and str(tmp_path) not in detail, (what, detail)
+            assert elapsed < 2.0, (what, elapsed)
+        after = _memory_kib(pid)
+        assert c.get("/health").json()["database"] == "ok"
+    assert not marker.exists()
+    assert after["VmHWM"] - before["VmHWM"] < 100 * 1024, (before, after)
+    stored = list((api_stack.var_dir / "artifacts").rglob("*")) if (api_stack.var_dir / "artifacts").exists() else []
+    assert not [p for p in stored if p.is_file()], stored
