@@ -1,4 +1,4 @@
-"""Cost model (REFERENCE.md section 2). Every figure is defined here, once:
+"""Cost model (docs/methods.md#cost-model). Every figure is defined here, once:
 
   avg_wbits     sum(params_l * wb_l) / sum(params_l) over quantizable layers
   weight_bytes  sum over layers of ceil(params_l * wb_l / 8)          packed codes

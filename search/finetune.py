@@ -1,4 +1,4 @@
-"""Quantization-aware fine-tuning with the straight-through estimator (REFERENCE.md section 1).
+"""Quantization-aware fine-tuning with the straight-through estimator (docs/methods.md#ste-fine-tuning).
 
 The searches that fine-tune (imprinting's Algorithm 1, HAQ's per-episode fine-tune) share this
 one implementation:

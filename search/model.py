@@ -217,7 +217,7 @@ def _check_supported(gm: fx.GraphModule) -> None:
 
 
 def _fold_batch_norm(gm: fx.GraphModule) -> None:
-    """W' = gamma*W/sqrt(var+eps), b' = gamma*(b-mu)/sqrt(var+eps) + beta (REFERENCE.md section 1)."""
+    """W' = gamma*W/sqrt(var+eps), b' = gamma*(b-mu)/sqrt(var+eps) + beta (docs/methods.md#batchnorm-folding)."""
     for bn in list(gm.graph.nodes):
         if bn.op != "call_function" or bn.target not in BATCH_NORM_OPS:
             continue

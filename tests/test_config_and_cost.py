@@ -1,4 +1,4 @@
-"""Configs (validation against the model) and the cost model (REFERENCE.md section 2)."""
+"""Configs (validation against the model) and the cost model (docs/methods.md#cost-model)."""
 
 from __future__ import annotations
 

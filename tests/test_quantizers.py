@@ -1,4 +1,4 @@
-"""Weight and activation quantizers (REFERENCE.md section 1)."""
+"""Weight and activation quantizers (docs/methods.md#quantizers)."""
 
 from __future__ import annotations
 

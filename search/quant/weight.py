@@ -1,4 +1,4 @@
-"""Per-output-channel weight quantization, b in 1..8 (REFERENCE.md section 1).
+"""Per-output-channel weight quantization, b in 1..8 (docs/methods.md#weight-quantization).
 
 Every scheme is "codes + per-channel scale (+ codebook)":
   uniform  codes are integers in [-(2^(b-1)-1), 2^(b-1)-1], w_q = code * scale; b=2 is ternary.

@@ -1,4 +1,4 @@
-"""HAQ: a DDPG agent picks bits layer by layer (Wang et al., CVPR 2019; REFERENCE.md section 5).
+"""HAQ: a DDPG agent picks bits layer by layer (Wang et al., CVPR 2019; docs/methods.md#haq).
 
 The method, as in the paper and its code (mit-han-lab/haq):
 

@@ -1,4 +1,4 @@
-"""SQNR bit allocation (Lin, Talathi, Annapureddy, ICML 2016; REFERENCE.md section 4).
+"""SQNR bit allocation (Lin, Talathi, Annapureddy, ICML 2016; docs/methods.md#sqnr-allocation).
 
 Quantization noise adds up at the output: 1/gamma_out = sum_i 1/gamma_i over every quantized
 tensor. We measure gamma(layer, bits) for every layer's weights (and input activations when
