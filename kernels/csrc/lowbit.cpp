@@ -25,6 +25,8 @@
 #include <algorithm>
 #include <memory>
 #include <cmath>
+#include <initializer_list>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -1208,14 +1210,98 @@ double inverse_scale(double a_scale) { return 1.0f / static_cast<float>(a_scale)
 // Weight scale x activation scale: the float32 product, as the simulation's.
 torch::Tensor dequant_scale(const torch::Tensor& scale, double a_scale) { return scale.to(torch::kFloat).mul(a_scale); }
 
-void check_activation_codes(int64_t zp, int64_t qmax) {
+// Argument checks at the op entry. The kernels index every tensor through raw pointers with sizes taken from
+// the planes, and a packed model loaded from a file (kernels.lower.load_packed) reaches the ops with whatever
+// tensors and constants the file holds. So every argument is checked here, before any pointer is read: a
+// malformed one is a RuntimeError that names it, never a read out of bounds.
+
+void check_activation(double a_scale, int64_t zp, int64_t qmax) {
   TORCH_CHECK(qmax >= 1 && qmax <= 255 && zp >= 0 && zp <= qmax, "activation codes must satisfy 0 <= a_zp <= a_qmax "
               "<= 255, got a_zp ", zp, ", a_qmax ", qmax);
+  // Checked as a double first: converting one beyond the float range is undefined.
+  TORCH_CHECK(std::isfinite(a_scale) && a_scale > 0 && a_scale <= std::numeric_limits<float>::max() &&
+                  std::isfinite(1.0f / static_cast<float>(a_scale)),
+              "a_scale must be a positive float32 with a finite reciprocal, got ", a_scale);
 }
 
-void check_row_length(int64_t k, const torch::Tensor& planes) {
-  TORCH_CHECK(k >= 1 && k <= planes.size(2) * 64 && k > planes.size(2) * 64 - 64,
-              "k = ", k, " does not match the packed rows (", planes.size(2), " blocks of 64)");
+// A tensor the kernels read as a flat array of `dtype`. Contiguity is required rather than made: a stored
+// buffer is contiguous, and copying a broadcast (stride 0) one would allocate whatever its shape claims.
+void check_dense(const torch::Tensor& t, const char* name, at::ScalarType dtype) {
+  TORCH_CHECK(t.defined(), name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu() && t.layout() == torch::kStrided, name, " must be a dense CPU tensor, got ",
+              t.device(), " ", t.layout());
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous, got strides ", t.strides(), " for shape ", t.sizes());
+}
+
+// x is only converted and copied (any float dtype, any strides: a conv input may be channels-last).
+void check_input(const torch::Tensor& x) {
+  TORCH_CHECK(x.defined(), "x is undefined");
+  TORCH_CHECK(x.device().is_cpu() && x.layout() == torch::kStrided, "x must be a dense CPU tensor, got ",
+              x.device(), " ", x.layout());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ", x.scalar_type());
+}
+
+void check_row_length(int64_t k, int64_t nblk) {
+  TORCH_CHECK(k >= 1 && k <= MAX_GEMM_K, "k = ", k, " is outside 1..", MAX_GEMM_K,
+              " (the row lengths every path sums exactly in int32)");
+  TORCH_CHECK(nblk == (k + 63) / 64, "k = ", k, " does not match the packed rows (", nblk, " blocks of 64, expected ",
+              (k + 63) / 64, ")");
+}
+
+struct PackedShape {
+  int64_t G, N, nblk, bits;
+};
+
+// qsum, scale and bias are read at g * N + n for every group and output channel of the planes.
+void check_per_channel(const torch::Tensor& t, const char* name, at::ScalarType dtype, const PackedShape& w) {
+  check_dense(t, name, dtype);
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == w.G && t.size(1) == w.N, name, " must be [G, N] = [", w.G, ", ", w.N,
+              "] like the planes, got shape ", t.sizes());
+}
+
+// planes: int64 [G, N, nblk, bits] (b = 8: 8 words of bytes per block, so the last dimension is b for every b).
+PackedShape check_weights(const torch::Tensor& planes, const torch::Tensor& qsum, const torch::Tensor& scale,
+                          const torch::Tensor& bias, int64_t k) {
+  check_dense(planes, "planes", torch::kInt64);
+  TORCH_CHECK(planes.dim() == 4, "planes must be [G, N, nblk, bits], got shape ", planes.sizes());
+  const PackedShape w{planes.size(0), planes.size(1), planes.size(2), planes.size(3)};
+  TORCH_CHECK(w.G >= 1 && w.N >= 1, "planes must hold at least one group and one output channel, got shape ",
+              planes.sizes());
+  TORCH_CHECK(w.bits >= 1 && w.bits <= 8, "planes' last dimension is the weight bit count, 1..8, got ", w.bits);
+  check_row_length(k, w.nblk);
+  check_per_channel(qsum, "qsum", torch::kInt64, w);
+  check_per_channel(scale, "scale", torch::kFloat, w);
+  check_per_channel(bias, "bias", torch::kFloat, w);
+  return w;
+}
+
+bool product_fits(std::initializer_list<int64_t> factors, int64_t& out) {
+  out = 1;
+  for (const int64_t f : factors)
+    if (__builtin_mul_overflow(out, f, &out)) return false;
+  return true;
+}
+
+int64_t checked_product(std::initializer_list<int64_t> factors, const char* what) {
+  int64_t out = 0;
+  TORCH_CHECK(product_fits(factors, out), what, " overflows int64");
+  return out;
+}
+
+// Output length along one dimension. The input must cover the dilated kernel (as for torch's conv2d): the C++
+// division truncates towards zero, so conv_out alone gives 1 for an input one short of it, and the implicit GEMM
+// would read that row past the image. `padded` (the input plus both paddings) is returned for the buffer sizes.
+int64_t checked_conv_out(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation,
+                         const char* dim, int64_t& padded) {
+  int64_t span = 0;
+  TORCH_CHECK(!__builtin_mul_overflow(dilation, kernel - 1, &span) && !__builtin_add_overflow(span, 1, &span) &&
+                  !__builtin_mul_overflow(padding, 2, &padded) && !__builtin_add_overflow(padded, size, &padded),
+              "conv ", dim, " ", size, " with kernel ", kernel, ", padding ", padding, " and dilation ", dilation,
+              " overflows int64");
+  TORCH_CHECK(padded >= span, "the input is smaller than the kernel: ", dim, " ", size, " + 2 x padding ", padding,
+              " < dilation ", dilation, " x (kernel ", kernel, " - 1) + 1");
+  return conv_out(size, kernel, stride, padding, dilation);
 }
 
 // Rows for the VNNI GEMM need only K rounded up to 4; everything else reads whole 64-code plane blocks.
@@ -1240,10 +1326,14 @@ torch::Tensor run_columns(const torch::Tensor& columns, const torch::Tensor& pla
 torch::Tensor lowbit_linear_op(const torch::Tensor& x, const torch::Tensor& planes, const torch::Tensor& qsum,
                                const torch::Tensor& scale, const torch::Tensor& bias, int64_t k, double a_scale,
                                int64_t a_zp, int64_t a_qmax) {
-  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "linear input's last dimension must be ", k);
-  TORCH_CHECK(planes.dim() == 4 && planes.size(0) == 1, "linear weights must be planes [1, N, nblk, bits]");
-  check_activation_codes(a_zp, a_qmax);
-  check_row_length(k, planes);
+  check_input(x);
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == k, "linear input's last dimension must be ", k, ", got shape ", x.sizes());
+  check_activation(a_scale, a_zp, a_qmax);
+  const PackedShape w = check_weights(planes, qsum, scale, bias, k);
+  TORCH_CHECK(w.G == 1, "linear weights must be planes [1, N, nblk, bits], got shape ", planes.sizes());
+  const int64_t M = x.numel() / k;
+  checked_product({M, w.N}, "the output size");
+  checked_product({M, w.nblk, 64}, "the activation codes' size");
   auto rows = x.reshape({-1, k});
   auto columns = quantize_columns(rows, inverse_scale(a_scale), a_zp, a_qmax, 1, {}, {}, {}, {},
                                   row_multiple_for(rows.size(0), planes));
@@ -1257,17 +1347,29 @@ torch::Tensor lowbit_conv2d_op(const torch::Tensor& x, const torch::Tensor& plan
                                const torch::Tensor& scale, const torch::Tensor& bias, int64_t k, double a_scale,
                                int64_t a_zp, int64_t a_qmax, at::IntArrayRef kernel, at::IntArrayRef stride,
                                at::IntArrayRef padding, at::IntArrayRef dilation) {
-  TORCH_CHECK(x.dim() == 4 && planes.dim() == 4, "conv needs input [B, C, H, W] and planes [G, N/G, nblk, bits]");
+  check_input(x);
+  TORCH_CHECK(x.dim() == 4, "conv input x must be [B, C, H, W], got shape ", x.sizes());
   TORCH_CHECK(kernel.size() == 2 && stride.size() == 2 && padding.size() == 2 && dilation.size() == 2,
-              "kernel, stride, padding and dilation must have two values");
+              "kernel, stride, padding and dilation must have two values, got ", kernel, ", ", stride, ", ", padding,
+              ", ", dilation);
   for (int d = 0; d < 2; ++d)
     TORCH_CHECK(kernel[d] >= 1 && stride[d] >= 1 && dilation[d] >= 1 && padding[d] >= 0,
-                "kernel, stride and dilation must be >= 1 and padding >= 0");
-  check_activation_codes(a_zp, a_qmax);
-  const int64_t B = x.size(0), C = x.size(1), G = planes.size(0), Ng = planes.size(1);
-  TORCH_CHECK(C % G == 0 && k == C / G * kernel[0] * kernel[1], "k must be C/groups * kh * kw = ",
-              C % G == 0 ? C / G * kernel[0] * kernel[1] : -1, " for this input, got ", k);
-  check_row_length(k, planes);
+                "kernel, stride and dilation must be >= 1 and padding >= 0, got kernel ", kernel, ", stride ", stride,
+                ", padding ", padding, ", dilation ", dilation);
+  check_activation(a_scale, a_zp, a_qmax);
+  const PackedShape w = check_weights(planes, qsum, scale, bias, k);
+  const int64_t B = x.size(0), C = x.size(1), G = w.G, Ng = w.N;
+  TORCH_CHECK(C >= 1 && x.size(2) >= 1 && x.size(3) >= 1, "conv input x needs C, H and W >= 1, got shape ", x.sizes());
+  TORCH_CHECK(C % G == 0, "x's ", C, " channels do not divide into the planes' ", G, " groups");
+  const int64_t row = checked_product({C / G, kernel[0], kernel[1]}, "C/groups * kh * kw");
+  TORCH_CHECK(k == row, "k must be C/groups * kh * kw = ", row, " for this input, got ", k);
+  int64_t Hp = 0, Wp = 0;
+  const int64_t Ho = checked_conv_out(x.size(2), kernel[0], stride[0], padding[0], dilation[0], "height", Hp);
+  const int64_t Wo = checked_conv_out(x.size(3), kernel[1], stride[1], padding[1], dilation[1], "width", Wp);
+  // The sizes every path allocates, and indexes with int64 products: the output and the im2col rows.
+  const int64_t positions = checked_product({B, Ho, Wo}, "the output positions B * Ho * Wo");
+  checked_product({positions, G, Ng}, "the output size");
+  checked_product({G, positions, w.nblk, 64}, "the im2col size");
   std::vector<int64_t> kv(kernel.begin(), kernel.end()), sv(stride.begin(), stride.end()),
       pv(padding.begin(), padding.end()), dv(dilation.begin(), dilation.end());
   if (G == C && Ng == 1) {  // depthwise: a GEMM row would be only kh*kw long
@@ -1275,10 +1377,11 @@ torch::Tensor lowbit_conv2d_op(const torch::Tensor& x, const torch::Tensor& plan
     return lowbit_depthwise(x, planes, dequant_scale(scale, a_scale), bias, inverse_scale(a_scale), a_zp,
                             a_qmax, alpha, off, kv, sv, pv, dv);
   }
-  const int64_t Ho = conv_out(x.size(2), kv[0], sv[0], pv[0], dv[0]);
-  const int64_t Wo = conv_out(x.size(3), kv[1], sv[1], pv[1], dv[1]);
-  TORCH_CHECK(Ho > 0 && Wo > 0, "the input is smaller than the kernel");
-  if (G == 1 && C % 4 == 0 && row_multiple_for(B * Ho * Wo, planes) == 4) {  // implicit GEMM: no im2col
+  // The implicit GEMM reads each row at int32 offsets within one padded image; larger images take the im2col.
+  int64_t image = 0, padded_codes = 0;
+  const bool implicit_fits = product_fits({Hp, Wp, C}, image) && image <= std::numeric_limits<int32_t>::max() &&
+                             product_fits({B, image}, padded_codes);
+  if (G == 1 && C % 4 == 0 && implicit_fits && row_multiple_for(positions, planes) == 4) {  // implicit GEMM: no im2col
     auto codes = nhwc_codes(x, inverse_scale(a_scale), a_zp, a_qmax);
     if (pv[0] || pv[1]) codes = at::constant_pad_nd(codes, {0, 0, pv[1], pv[1], pv[0], pv[0]}, a_zp);
     const auto [alpha, off] = affine_for(planes.size(3));
