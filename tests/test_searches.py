@@ -106,15 +106,19 @@ def test_infeasible_budget_fails_before_the_search(tiny_model, fmnist, tiny_sim)
 def test_unknown_method_and_bad_options_are_refused(tiny_model, fmnist, tiny_sim):
     with pytest.raises(SearchError, match="unknown search method 'annealing'"):
         run_search("annealing", tiny_model, fmnist, Budget(avg_wbits=4), simulator=tiny_sim)
-    with pytest.raises(SearchError, match="mode must be 'exact' or 'analytic'"):
-        run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params={"mode": "greedy"}),
-                   simulator=tiny_sim)
-    with pytest.raises(SearchError, match="propagation_samples must be >= 1"):
-        run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params={"propagation_samples": 0}),
-                   simulator=tiny_sim)
-    with pytest.raises(SearchError, match="propagation must be one of"):
-        run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params={"propagation": "x"}),
-                   simulator=tiny_sim)
+    for params, message in [({"mode": "greedy"}, "sqnr option mode: Input should be 'exact' or 'analytic'"),
+                            ({"propagation_samples": 0}, "sqnr option propagation_samples: .*greater than or equal to 1"),
+                            ({"propagation": "x"}, "sqnr option propagation: Input should be 'features', 'measured'"),
+                            ({"relinearise": 3}, "unknown sqnr option.*'relinearise'; sqnr takes: .*relinearize"),
+                            ({"output_weight": "2"}, "sqnr option output_weight: Input should be a valid number")]:
+        with pytest.raises(SearchError, match=message):
+            run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params=params),
+                       simulator=tiny_sim)
+    for method, params in [("haq", {"episode": 10}), ("imprinting", {"patients": 3}), ("uniform", {"count": 3}),
+                           ("random", {"counts": 3})]:
+        with pytest.raises(SearchError, match=f"unknown {method} option"):
+            run_search(method, tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params=params),
+                       simulator=tiny_sim)
     with pytest.raises(ValueError, match="w_bits choices"):
         SearchOptions(w_bits=[0, 4])
 

@@ -13,28 +13,53 @@ from ..cost import Budget, LatencyTable
 from ..data import DataSplits
 from ..model import LoadedModel
 from ..simulate import Simulator
-from .base import Candidate, CandidateCallback, Progress, ProgressCallback, SearchContext, SearchError, SearchOptions, SearchResult
-from .baselines import random_configs, uniform
-from .haq import haq_search
-from .imprinting import imprinting_search
-from .sqnr import sqnr_search
+from dataclasses import dataclass
+from typing import Callable
 
-METHODS = {
-    "uniform": uniform,
-    "random": random_configs,
-    "sqnr": sqnr_search,
-    "imprinting": imprinting_search,
-    "haq": haq_search,
+from .base import (Candidate, CandidateCallback, MethodParams, Progress, ProgressCallback, SearchContext, SearchError,
+                   SearchOptions, SearchResult, parse_params)
+from .baselines import RandomParams, UniformParams, random_configs, uniform
+from .haq import HaqParams, haq_search
+from .imprinting import ImprintingParams, imprinting_search
+from .sqnr import SqnrParams, sqnr_search
+
+
+@dataclass(frozen=True)
+class Method:
+    """A search: the function that runs it, its typed params, and whether it takes options.finetune."""
+
+    run: Callable[[SearchContext], None]
+    params: type[MethodParams]
+    finetunes: bool = False
+
+
+METHODS: dict[str, Method] = {
+    "uniform": Method(uniform, UniformParams),
+    "random": Method(random_configs, RandomParams),
+    "sqnr": Method(sqnr_search, SqnrParams),
+    "imprinting": Method(imprinting_search, ImprintingParams, finetunes=True),
+    "haq": Method(haq_search, HaqParams, finetunes=True),
 }
-FINETUNE_METHODS = ("imprinting", "haq")  # the methods that take options.finetune
+FINETUNE_METHODS = tuple(name for name, m in METHODS.items() if m.finetunes)
 
 
-def check_method_options(method: str, options: SearchOptions) -> None:
-    """Refuse options the method does not take (fine-tuning outside imprinting and haq)."""
-    if method not in METHODS:
-        raise SearchError(f"unknown search method {method!r}; available: {', '.join(sorted(METHODS))}")
-    if options.finetune.enabled and method not in FINETUNE_METHODS:
-        raise SearchError(f"method {method!r} does not fine-tune; fine-tuning is an option of "
+def method(name: str) -> Method:
+    if name not in METHODS:
+        raise SearchError(f"unknown search method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def method_params(name: str, raw: dict) -> MethodParams:
+    """`raw` checked against the method's typed params; unknown keys and bad values raise SearchError."""
+    return parse_params(name, method(name).params, raw)
+
+
+def check_method_options(name: str, options: SearchOptions) -> None:
+    """Refuse options the method does not take: unknown or malformed params, fine-tuning outside the methods
+    that fine-tune."""
+    method_params(name, options.params)
+    if options.finetune.enabled and not METHODS[name].finetunes:
+        raise SearchError(f"method {name!r} does not fine-tune; fine-tuning is an option of "
                           f"{' and '.join(FINETUNE_METHODS)}")
 
 
@@ -47,9 +72,10 @@ def run_search(method: str, model: LoadedModel, data: DataSplits, budget: Budget
     check_method_options(method, options)
     ctx = SearchContext(method, model, data, budget, options, on_progress, latency, simulator,
                         on_candidate)
-    METHODS[method](ctx)
+    METHODS[method].run(ctx)
     return ctx.result()
 
 
-__all__ = ["FINETUNE_METHODS", "METHODS", "Candidate", "Progress", "SearchContext", "SearchError", "SearchOptions",
-           "SearchResult", "check_method_options", "run_search"]
+__all__ = ["FINETUNE_METHODS", "METHODS", "Candidate", "HaqParams", "ImprintingParams", "Method", "MethodParams",
+           "Progress", "RandomParams", "SearchContext", "SearchError", "SearchOptions", "SearchResult", "SqnrParams",
+           "UniformParams", "check_method_options", "method", "method_params", "run_search"]

@@ -22,6 +22,28 @@ class SearchError(ValueError):
     """A search that cannot start: unknown method, bad options."""
 
 
+class MethodParams(BaseModel):
+    """A method's own options (`SearchOptions.params`), one typed model per method, registered beside it in
+    search/searches/__init__.py. Unknown keys are refused with their names; values are not coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def parse_params(method: str, cls: type[MethodParams], raw: dict) -> MethodParams:
+    from pydantic import ValidationError
+
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        unknown = [".".join(map(str, err["loc"])) for err in e.errors() if err["type"] == "extra_forbidden"]
+        if unknown:
+            takes = ", ".join(cls.model_fields) or "none"
+            raise SearchError(f"unknown {method} option(s) {', '.join(map(repr, unknown))}; {method} takes: "
+                              f"{takes}") from e
+        problems = "; ".join(f"{method} option {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise SearchError(problems) from e
+
+
 class SearchOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -32,7 +54,8 @@ class SearchOptions(BaseModel):
     clip: str = Field(default="mse", pattern="^(max|mse)$")
     act_calibration: str = Field(default="mse", pattern="^(minmax|percentile|mse)$")
     val_samples: int = Field(default=2000, ge=100, description="validation images used to score each candidate")
-    params: dict[str, Any] = Field(default_factory=dict, description="method-specific options")
+    params: dict[str, Any] = Field(default_factory=dict, description="method-specific options, checked against "
+                                   "the method's own typed params (search/searches/__init__.py)")
     finetune: FineTuneOptions = Field(default_factory=FineTuneOptions,
                                       description="STE fine-tuning on the training split (imprinting: between "
                                       "steps; haq: per episode); off by default")
@@ -50,14 +73,6 @@ class SearchOptions(BaseModel):
         if not v or any(not (2 <= b <= 8 or b == FLOAT_ACT_BITS) for b in v):
             raise ValueError(f"a_bits choices must be a non-empty list of values in 2..8 or {FLOAT_ACT_BITS}")
         return sorted(set(v))
-
-    def param(self, name: str, default):
-        value = self.params.get(name, default)
-        if default is not None and not isinstance(value, type(default)) and not (
-            isinstance(default, float) and isinstance(value, int)
-        ):
-            raise SearchError(f"option {name!r} must be {type(default).__name__}, got {value!r}")
-        return value
 
 
 @dataclass
@@ -137,7 +152,10 @@ class SearchContext:
     def __init__(self, method: str, model: LoadedModel, splits: DataSplits, budget: Budget, options: SearchOptions,
                  on_progress: ProgressCallback | None = None, latency: LatencyTable | None = None,
                  simulator: Simulator | None = None, on_candidate: CandidateCallback | None = None):
+        from . import method_params  # the registry imports this module
+
         self.method = method
+        self.params = method_params(method, options.params)
         self.model = model
         self.splits = splits
         self.budget = budget

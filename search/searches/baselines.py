@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import random
 
-from .base import SearchContext
+from pydantic import Field
+
+from .base import MethodParams, SearchContext
+
+
+class UniformParams(MethodParams):
+    """Uniform takes no options of its own: the bit choices are the configs."""
+
+
+class RandomParams(MethodParams):
+    count: int = Field(default=20, ge=1, description="configs drawn")
 
 
 def uniform(ctx: SearchContext) -> None:
@@ -16,8 +26,8 @@ def uniform(ctx: SearchContext) -> None:
 
 
 def random_configs(ctx: SearchContext) -> None:
-    """`count` (default 20) configs drawn per layer from the choices, then lowered at random layers until they fit."""
-    count = ctx.options.param("count", 20)
+    """`count` configs drawn per layer from the choices, then lowered at random layers until they fit."""
+    count = ctx.params.count
     rng = random.Random(ctx.options.seed)
     w_choices, a_choices = ctx.options.w_bits, ctx.options.a_bits
     names = ctx.layer_names

@@ -57,13 +57,14 @@ from statistics import NormalDist
 from typing import Callable, Iterable
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from ..cost import layer_costs, over_limit
 from ..data import LabelledSet
 from ..finetune import finetuned_simulator
 from ..quant.activation import FLOAT_ACT_BITS
-from .base import SearchContext, SearchError
+from .base import MethodParams, SearchContext
 
 HIDDEN = 300
 LR_ACTOR, LR_CRITIC = 1e-4, 1e-3
@@ -195,9 +196,7 @@ class BudgetEnforcer:
 def reward_data(ctx: SearchContext) -> LabelledSet:
     """`reward_samples` validation images after those the candidates are scored on; if the split is
     too short for that, the first of the candidates' own images."""
-    n = ctx.options.param("reward_samples", 512)
-    if n < 1:
-        raise SearchError("option 'reward_samples' must be at least 1")
+    n = ctx.params.reward_samples
     val, start = ctx.splits.val, ctx.options.val_samples
     if len(val) >= start + n:
         return val.subset(slice(start, start + n))
@@ -364,18 +363,19 @@ class Episode:
         return tuple(self.w[n] for n in names), tuple(self.a[n] for n in names)
 
 
-def _int_option(ctx: SearchContext, name: str, default: int, least: int) -> int:
-    value = ctx.options.param(name, default)
-    if isinstance(value, bool) or value < least:
-        raise SearchError(f"option {name!r} must be an integer >= {least}, got {value!r}")
-    return value
+class HaqParams(MethodParams):
+    episodes: int = Field(default=200, ge=1, description="episodes the agent plays (the paper: 600)")
+    warmup: int = Field(default=20, ge=0, description="episodes of random actions before the agent learns")
+    batch_episodes: int = Field(default=1, ge=1, description="episodes played with one policy, scored together")
+    first_last_8bit: bool = Field(default=False, description="keep the first and last layers at the widest "
+                                  "allowed width up to 8 (budget enforcement may still lower them)")
+    reward_samples: int = Field(default=512, ge=1, description="validation images an episode's reward uses")
 
 
 def haq_search(ctx: SearchContext, map_fn: Callable[[Callable, Iterable], Iterable] = map) -> None:
-    episodes = _int_option(ctx, "episodes", 200, 1)
-    warmup = _int_option(ctx, "warmup", 20, 0)
-    batch_episodes = _int_option(ctx, "batch_episodes", 1, 1)
-    pin_ends = ctx.options.param("first_last_8bit", False)
+    params: HaqParams = ctx.params
+    episodes, warmup, batch_episodes, pin_ends = (params.episodes, params.warmup, params.batch_episodes,
+                                                  params.first_last_8bit)
     data = reward_data(ctx)
     # A private RNG stream: the same seed gives the same search, and the caller's RNG is left alone.
     with torch.random.fork_rng(devices=[]):

@@ -68,14 +68,16 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 from ..finetune import STEFineTuner
 from ..quant.activation import FLOAT_ACT_BITS
 from ..simulate import Simulator
-from .base import SearchContext, SearchError
+from .base import MethodParams, SearchContext, SearchError
 from .widen import limit_fraction, refill
 
 
@@ -133,18 +135,24 @@ class LayerAccuracy:
         return [self.acc[n] for n in self.names]
 
 
-VARIANTS = ("noise_aware", "faithful", "cost_aware")
+class ImprintingParams(MethodParams):
+    variant: Literal["noise_aware", "faithful", "cost_aware"] = Field(
+        default="noise_aware", description="noise_aware: importance x noise growth per unit of cost saved; "
+        "faithful: Algorithm 2 as published; cost_aware: importance per unit of cost saved")
+    patience: int = Field(default=8, ge=1, description="lowering steps without a better candidate before stopping")
+    validate_top: int = Field(default=4, ge=0, description="fitting configs with the best estimate that are validated")
+    curve_points: int = Field(default=6, ge=0, description="configs along the path that are validated")
+    refills: int = Field(default=2, ge=0, description="best fitting configs widened with the leftover budget")
+    embedding: int = Field(default=256, ge=1, description="features kept per layer for imprinting")
+    remeasure: int | None = Field(default=None, ge=0, description="lowering steps between re-measured curves; "
+                                  "default 0 (noise_aware: the float curve only) or 1")
 
 
 def imprinting_search(ctx: SearchContext) -> None:
     o = ctx.options
-    variant = o.param("variant", "noise_aware")
-    if variant not in VARIANTS:
-        raise SearchError(f"imprinting option variant must be one of {VARIANTS}, got {variant!r}")
-    patience = o.param("patience", 8)
-    validate_top = o.param("validate_top", 4)
-    curve_points = o.param("curve_points", 6)
-    refills = o.param("refills", 2)
+    params: ImprintingParams = ctx.params
+    variant, patience, validate_top = params.variant, params.patience, params.validate_top
+    curve_points, refills = params.curve_points, params.refills
     names = ctx.layer_names
     if len(names) < 3:
         raise SearchError("imprinting needs at least 3 quantizable layers (the first and last are never lowered)")
@@ -154,7 +162,7 @@ def imprinting_search(ctx: SearchContext) -> None:
     w_bits = ctx.uniform_bits(w_choices[-1])
     a_steps = len(a_choices) - 1 if variant == "noise_aware" else 0
     n_max = (len(w_choices) - 1 + a_steps) * (len(names) - 2) + 1
-    embedding = o.param("embedding", 256)
+    embedding = params.embedding
     acc_model = LayerAccuracy(ctx, embedding)
     sim = ctx.sim  # the simulator the per-layer accuracies are measured on
     sim.apply(ctx.config(w_bits, a_bits))
@@ -174,7 +182,7 @@ def imprinting_search(ctx: SearchContext) -> None:
     noise_of = {"w": weight_noise, "a": act_noise} if a_steps else {"w": weight_noise}  # the kinds of move
     floor = 1.0 / len(acc_model.score_y)  # an importance of at least one scored image
     inner = range(1, len(names) - 1)  # the layers Algorithm 2 may change
-    remeasure = o.param("remeasure", 0 if variant == "noise_aware" else 1)
+    remeasure = params.remeasure if params.remeasure is not None else (0 if variant == "noise_aware" else 1)
     trajectory = []  # (iteration, w_bits, a_bits, Acc_N, fits, per-layer acc, fine-tuning meta)
     changed = None
     pending: list[str] = []  # layers lowered since the curve was last measured

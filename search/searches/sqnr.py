@@ -38,15 +38,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..cost import LIMIT_SLACK, layer_costs, unquantized_bytes, within
 from ..quant.activation import FLOAT_ACT_BITS
 from ..quant.weight import sqnr_db
-from .base import SearchContext, SearchError
+from .base import MethodParams, SearchContext, SearchError
 from .widen import refill
 
 ADDITIVE_METRICS = ("avg_wbits", "weight_bytes", "bitops", "latency_us")
@@ -80,15 +82,22 @@ def _transfer(ctx: SearchContext, x: torch.Tensor, ref: torch.Tensor, name: str,
     return out_noise / 10 ** (-tensor_db / 10)
 
 
-PROPAGATIONS = ("features", "measured", "none")
+class SqnrParams(MethodParams):
+    mode: Literal["exact", "analytic"] = Field(
+        default="exact", description="exact: the MILP on the measured tables; analytic: the paper's closed form")
+    propagation: Literal["features", "measured", "none"] = Field(
+        default="features", description="where a tensor's noise is measured: at every layer output (features), "
+        "at the network output (measured), or the tensor's own SQNR (none)")
+    sweep_points: int = Field(default=6, ge=0, description="extra allocations below the budget, each a candidate")
+    relinearize: int = Field(default=2, ge=0, description="features: rounds re-measured around the allocation")
+    output_weight: float = Field(default=2.0, ge=0, description="features: weight of the network output's noise")
+    propagation_samples: int | None = Field(default=None, ge=1, description="calibration images the noise is "
+                                            "measured on; default 64 (features) or 256 (measured)")
 
-
-def propagation_of(ctx: SearchContext) -> str:
-    propagation = ctx.options.param("propagation", "features")
-    if propagation not in PROPAGATIONS:
-        raise SearchError(f"sqnr option propagation must be one of {', '.join(map(repr, PROPAGATIONS))}, "
-                          f"got {propagation!r}")
-    return propagation
+    def samples(self) -> int:
+        if self.propagation_samples is not None:
+            return self.propagation_samples
+        return 64 if self.propagation == "features" else 256
 
 
 def _nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -116,8 +125,8 @@ def measure_damage(ctx: SearchContext, base_w: dict[str, int | None], base_a: di
     o = ctx.options
     sim = ctx.sim
     names = ctx.layer_names
-    output_weight = o.param("output_weight", 2.0)
-    x = ctx.splits.calib.inputs[: o.param("propagation_samples", 64)]
+    output_weight = ctx.params.output_weight
+    x = ctx.splits.calib.inputs[: ctx.params.samples()]
     scheme, clip, calibration = o.scheme, o.clip, o.act_calibration
     search_act = len(o.a_bits) > 1
     sim.set_float()
@@ -170,14 +179,13 @@ def measure_damage(ctx: SearchContext, base_w: dict[str, int | None], base_a: di
 
 def measure_noise(ctx: SearchContext, total_steps: int | None = None) -> NoiseModel:
     o = ctx.options
-    propagation = propagation_of(ctx)
+    propagation = ctx.params.propagation
     if propagation == "features":
         top_a = max(o.a_bits)
         base_a = {n: None if top_a >= FLOAT_ACT_BITS else top_a for n in ctx.layer_names}
         return measure_damage(ctx, {n: None for n in ctx.layer_names}, base_a,
                               (0, total_steps or len(ctx.model.layers)))
-    samples = o.param("propagation_samples", 256)
-    x = ctx.splits.calib.inputs[:samples]
+    x = ctx.splits.calib.inputs[: ctx.params.samples()]
     ref = ctx.sim.float_logits(x)
     search_act = len(o.a_bits) > 1
     w_ref = min(o.w_bits, key=lambda b: abs(b - 4))
@@ -328,16 +336,9 @@ def sweep_limits(ctx: SearchContext, points: int) -> list[dict[str, float]]:
 
 
 def sqnr_search(ctx: SearchContext) -> None:
-    mode = ctx.options.param("mode", "exact")
-    if mode not in ("exact", "analytic"):
-        raise SearchError(f"sqnr option mode must be 'exact' or 'analytic', got {mode!r}")
-    propagation = propagation_of(ctx)
-    points = ctx.options.param("sweep_points", 6)
-    rounds = ctx.options.param("relinearize", 2) if propagation == "features" else 0
-    for name, value, least in (("relinearize", rounds, 0), ("output_weight", ctx.options.param("output_weight", 2.0), 0),
-                               ("propagation_samples", ctx.options.param("propagation_samples", 64), 1)):
-        if value < least:
-            raise SearchError(f"sqnr option {name} must be >= {least}, got {value!r}")
+    params: SqnrParams = ctx.params
+    mode, propagation, points = params.mode, params.propagation, params.sweep_points
+    rounds = params.relinearize if propagation == "features" else 0
     sweep = sweep_limits(ctx, points)
     layers = len(ctx.model.layers)
     total = layers * (1 + rounds) + len(sweep)
@@ -353,8 +354,10 @@ def sqnr_search(ctx: SearchContext) -> None:
             noise_of["a"] = lambda n, b: model.a_noise[n].get(b, 0.0)
         alloc = refill(ctx, *alloc, {n: 1.0 for n in ctx.layer_names}, noise_of, limits)
         modelled = noise.output_sqnr_db(*alloc)  # every round scored by the same (first) model
-        ctx.add_candidate(*alloc, score=modelled, mode=mode, modelled_sqnr_db=modelled,
-                          limit=limits[ctx.pareto_metric], **meta)
+        cand = ctx.add_candidate(*alloc, score=modelled, mode=mode, modelled_sqnr_db=modelled,
+                                 limit=limits[ctx.pareto_metric], **meta)
+        if cand is not None and "relinearized" in meta:  # a round that reached an allocation found before
+            cand.meta.setdefault("relinearized", meta["relinearized"])
         return alloc
 
     for step, limits in enumerate(sweep):
