@@ -1,7 +1,9 @@
 """Content-addressed files on a filesystem: uploads stored once by sha256, packed models by candidate.
 
 Writes go to a temporary file in the same directory and are renamed into place, so a crash or a full disk
-never leaves a half-written artifact under its final name.
+never leaves a half-written artifact under its final name. Directories (packed models) are never replaced in
+place: each write is a new version under a fresh name, the caller switches its database reference to it, and
+only then are the other versions pruned, so whatever the database refers to is complete at every moment.
 """
 
 from __future__ import annotations
@@ -9,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
 _KEY = re.compile(r"^[0-9a-zA-Z_.-]{1,128}$")
+_VERSION_SEP = "@"
 
 
 class ArtifactStore:
@@ -55,20 +59,59 @@ class ArtifactStore:
         return StagedFile(self, kind, digest.hexdigest(), Path(tmp), size)
 
     def put_dir(self, kind: str, key: str, src_dir: Path) -> Path:
-        """Move a finished directory into place atomically (rename), replacing nothing that exists."""
-        final = self.path(kind, key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=".incoming-"))
+        """Store a finished directory as a new version of kind/key and return its path.
+
+        Nothing that exists is touched: the version appears under its final name by one rename, after its files
+        and the rename are on disk. Point the database at the returned path, then call `prune` to delete the
+        versions it replaced.
+        """
+        base = self.path(kind, key)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=base.parent, prefix=f".incoming-{key}{_VERSION_SEP}"))
         try:
             for item in Path(src_dir).iterdir():
                 shutil.copy2(item, staging / item.name)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging, final)
+                _fsync(staging / item.name)
+            _fsync(staging)
+            # '@' is not allowed in keys, so no key's name can collide with another key's versions.
+            version = base.parent / f"{key}{_VERSION_SEP}{secrets.token_hex(8)}"
+            os.rename(staging, version)  # a fresh name: rename never replaces a directory here
+            _fsync(base.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        return final
+        return version
+
+    def versions(self, kind: str, key: str) -> list[Path]:
+        """Every stored version of kind/key, with the unversioned directory earlier releases wrote in place."""
+        base = self.path(kind, key)
+        if not base.parent.is_dir():
+            return []
+        prefix = f"{key}{_VERSION_SEP}"
+        return sorted(p for p in base.parent.iterdir() if p.name == key or p.name.startswith(prefix))
+
+    def prune(self, kind: str, key: str, keep: Path | None) -> None:
+        """Delete every version of kind/key but `keep`, and the staging directories crashed writes left.
+
+        Call it only after the database refers to `keep` (or to nothing), never before: until then an older
+        version may be the one readers are sent to.
+        """
+        base = self.path(kind, key)
+        keep = None if keep is None else Path(keep).resolve()
+        staging = f".incoming-{key}{_VERSION_SEP}"
+        doomed = [p for p in self.versions(kind, key) if p.resolve() != keep]
+        if base.parent.is_dir():
+            doomed += [p for p in base.parent.iterdir() if p.name.startswith(staging)]
+        for p in doomed:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class TooLarge(ValueError):
