@@ -1,0 +1,126 @@
+"""One job, typed: the spec the CLI, the API and the worker all build, and the functions they all call with it.
+
+    spec = JobSpec(method="sqnr", budget={"avg_wbits": 3}, seed=1, params={"sweep_points": 3})
+    splits = load_job_data(spec, "fashion-mnist")          # calibration/validation chosen by (seed, calib_size)
+    result = run_job(spec, load_model("model.pt2"), splits)
+
+A spec is checked when it is made: bit choices, scheme, every per-method param against the method's typed
+params (an unknown key is refused with its name), fine-tuning only for the methods that fine-tune. Nothing
+else rebuilds "options -> data -> search", so the service and the CLI cannot calibrate on different images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import ConfigDict, Field, field_validator, model_validator
+
+from .cost import METRICS, Budget, BudgetError, LatencyTable
+from .data import DEFAULT_CALIB_SIZE, DataSplits, load_splits
+from .model import LoadedModel
+from .searches import (CandidateCallback, ProgressCallback, SearchOptions, SearchResult, check_method_options,
+                       run_search)
+from .simulate import Simulator
+
+__all__ = ["JobSpec", "SpecError", "load_job_data", "make_spec", "parse_budget", "run_job"]
+
+MAX_SEED = 2**31 - 1
+
+
+class SpecError(ValueError):
+    """A job spec that cannot run; the message names every bad field in one line."""
+
+
+def parse_budget(raw) -> Budget:
+    """The one budget parser: a Budget, a dict of limits ({"avg_wbits": 3}), or CLI items ["avg_wbits=3"].
+    Raises BudgetError naming the problem."""
+    if isinstance(raw, Budget):
+        return raw
+    if isinstance(raw, (list, tuple)) and all(isinstance(item, str) for item in raw):
+        return Budget.parse(list(raw))
+    if not isinstance(raw, dict) or not raw:
+        raise BudgetError(f"a budget is a non-empty object of limits, e.g. {{\"avg_wbits\": 3}}; metrics: "
+                          f"{', '.join(METRICS)}")
+    unknown = sorted(set(raw) - set(METRICS))
+    if unknown:
+        raise BudgetError(f"unknown budget metric(s) {unknown}; expected {', '.join(METRICS)}")
+    if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in raw.values()):
+        raise BudgetError("every budget limit must be a number")
+    values = {k: int(v) if k in ("weight_bytes", "bitops", "act_bytes") and float(v).is_integer() else v
+              for k, v in raw.items()}
+    try:
+        return Budget(**values)
+    except ValueError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in getattr(e, "errors", list)())
+        raise BudgetError(f"invalid budget: {problems or e}") from e
+
+
+class JobSpec(SearchOptions):
+    """A search job: the method and its budget, with every SearchOptions field, the calibration size and the
+    split seed. The service stores `job_options()` and rebuilds the same spec in the worker."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str = Field(description="imprinting | sqnr | haq | uniform | random")
+    budget: Budget = Field(description='upper limits, e.g. {"avg_wbits": 3}')
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="the search's RNG and the calibration subset")
+    calib_size: int = Field(default=DEFAULT_CALIB_SIZE, ge=16, le=65536, description="calibration samples")
+    val_samples: int = Field(default=2000, ge=100, le=100000,
+                             description="validation samples each candidate is scored on")
+
+    @field_validator("budget", mode="before")
+    @classmethod
+    def _budget(cls, v):
+        return parse_budget(v)
+
+    @model_validator(mode="after")
+    def _method_takes_these_options(self) -> "JobSpec":
+        check_method_options(self.method, self)
+        return self
+
+    @classmethod
+    def from_job(cls, method: str, budget: dict, options: dict) -> "JobSpec":
+        """The spec of a stored job (its method, budget limits and job_options())."""
+        return cls(method=method, budget=budget, **options)
+
+    def search_options(self) -> SearchOptions:
+        return SearchOptions(**self.model_dump(include=set(SearchOptions.model_fields)))
+
+    def job_options(self) -> dict:
+        """Everything but the method and the budget, as JSON: what a job row stores."""
+        return self.model_dump(mode="json", exclude={"method", "budget"})
+
+
+def make_spec(**fields) -> JobSpec:
+    """JobSpec(**fields), with pydantic's report turned into one SpecError line naming each bad field."""
+    from pydantic import ValidationError
+
+    try:
+        return JobSpec(**fields)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(map(str, err["loc"]))
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = f"unknown option {where!r}"
+                where = ""
+            problems.append(f"{where}: {message}" if where else message)
+        raise SpecError("; ".join(problems)) from e
+
+
+def load_job_data(spec: JobSpec, source: str | Path, name: str | None = None,
+                  max_bytes: int | None = None) -> DataSplits:
+    """The calibration and validation (and test, training) splits a job runs on: a built-in data set's name or
+    a safetensors file, split by the spec's seed and calibration size."""
+    splits = load_splits(str(source), calib_size=spec.calib_size, seed=spec.seed, max_bytes=max_bytes)
+    if name is not None:
+        splits.name = name
+    return splits
+
+
+def run_job(spec: JobSpec, model: LoadedModel, splits: DataSplits, on_progress: ProgressCallback | None = None,
+            on_candidate: CandidateCallback | None = None, latency: LatencyTable | None = None,
+            simulator: Simulator | None = None) -> SearchResult:
+    return run_search(spec.method, model, splits, spec.budget, spec.search_options(), on_progress, latency,
+                      simulator, on_candidate)
