@@ -8,6 +8,7 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
 COPY pyproject.toml README.md ./
 COPY search search
 COPY kernels kernels
+COPY cli cli
 COPY api api
 COPY worker worker
 COPY store store

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from search.cli import _parse_bits  # noqa: E402
+from cli.common import parse_bits  # noqa: E402
 from search.config import QuantConfig  # noqa: E402
 from search.cost import Budget  # noqa: E402
 from search.data import fashion_mnist_splits  # noqa: E402
@@ -82,7 +82,7 @@ def main() -> None:
     if args.a_budget is not None and args.a_bits is None:
         parser.error("--a-budget needs --a-bits")
     act_mode = args.a_bits is not None
-    a_choices = _parse_bits(args.a_bits) if act_mode else [8]
+    a_choices = parse_bits(args.a_bits) if act_mode else [8]
     torch.set_num_threads(2)
     splits = fashion_mnist_splits(args.calib_size)
     rows = []

@@ -42,7 +42,7 @@ def test_embedded_service_with_the_cli_client(tmp_path):
         assert health["database"] == "ok" and health["broker"] == "ok"
         assert (tmp_path / "var" / "bitsearch.db").exists() and (tmp_path / "var" / "broker.db").exists()
 
-        cli = [sys.executable, "-m", "search.cli"]
+        cli = [sys.executable, "-m", "cli.main"]
         out = subprocess.run([*cli, "submit", str(RESNET), "--data", "fashion-mnist", "--method", "uniform",
                               "--budget", "avg_wbits=4", "--val-samples", "200", "--calib-size", "128", "--validate-top-k", "0",
                               "--server", url, "--wait", "--json"], cwd=ROOT, env=env, capture_output=True,

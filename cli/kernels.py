@@ -1,6 +1,6 @@
-"""`bitsearch validate`, `bitsearch pack` and `bitsearch latency-table`: the compiled low-bit kernels.
+"""`bitsearch validate`, `pack` and `latency-table`: the compiled low-bit kernels (kernels/).
 
-Module-level imports stay light: the kernels build (first use) only when one of these commands runs.
+The kernels build (first use) only when one of these commands runs.
 """
 
 from __future__ import annotations
@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from .common import add_data_arguments, load_data, parse_bits, percent
 
 
 def _model_and_config(args):
@@ -22,12 +24,10 @@ def cmd_validate(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from search.data import load_splits
-
-    from .validate import validate
+    from kernels.validate import validate
 
     model, config = _model_and_config(args)
-    splits = load_splits(args.data, calib_size=args.calib_size)
+    splits = load_data(args)
     evalset = splits.test if splits.test is not None else splits.val
     if args.samples:
         evalset = evalset.subset(slice(0, args.samples))
@@ -38,9 +38,9 @@ def cmd_validate(args) -> None:
     t = Table(title=f"{Path(args.model).name} on the {report.isa} kernels, {report.threads} threads")
     t.add_column("measure")
     t.add_column("value", justify="right")
-    pct = lambda v: "-" if v is None else f"{100 * v:.2f}%"  # noqa: E731
-    for k, v in [("top-1 (kernels)", pct(report.top1)), ("top-1 (simulation)", pct(report.sim_top1)),
-                 ("top-1 agreement", pct(report.agreement)), ("max logit difference", f"{report.max_logit_diff:.4g}"),
+    for k, v in [("top-1 (kernels)", percent(report.top1)), ("top-1 (simulation)", percent(report.sim_top1)),
+                 ("top-1 agreement", percent(report.agreement)),
+                 ("max logit difference", f"{report.max_logit_diff:.4g}"),
                  ("samples", str(report.samples)), ("packed model on disk", f"{report.packed_bytes} B"),
                  ("tensors held", f"{report.buffer_bytes} B"),
                  ("layers on the kernels", f"{report.kernel_layers}/{report.layers}"),
@@ -50,37 +50,33 @@ def cmd_validate(args) -> None:
 
 
 def cmd_pack(args) -> None:
-    from search.data import load_splits
-
-    from .lower import lower
+    from kernels.lower import lower
 
     model, config = _model_and_config(args)
-    splits = load_splits(args.data, calib_size=args.calib_size)
+    splits = load_data(args)
     packed = lower(model, config, splits.calib.inputs)
     out = packed.save(args.output)
     print(f"{out}: {packed.nbytes} bytes, {len(packed.kernel_layers)}/{len(model.layers)} layers on the kernels")
 
 
 def cmd_latency_table(args) -> None:
-    from search.cli import _parse_bits
+    from kernels.latency import measure_latency_table
     from search.model import load_model
 
-    from .latency import measure_latency_table
-
+    w_bits, a_bits = parse_bits(args.w_bits), parse_bits(args.a_bits)
     model = load_model(args.model)
-    table = measure_latency_table(model, _parse_bits(args.w_bits), _parse_bits(args.a_bits), repeats=args.repeats)
+    table = measure_latency_table(model, w_bits, a_bits, repeats=args.repeats)
     out = args.output or f"{Path(args.model).stem}.latency.json"
     table.save(out)
     print(f"{out}: {len(table.layers)} layers, machine {table.machine}")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the kernel commands to the `bitsearch` parser."""
     p = sub.add_parser("validate", help="run a config on the compiled low-bit kernels: accuracy, agreement, latency")
     p.add_argument("model")
     p.add_argument("--config", required=True)
     p.add_argument("--data", required=True, help="'fashion-mnist' or a safetensors file")
-    p.add_argument("--calib-size", type=int, default=1024, help="as in the search, for the activation ranges")
+    add_data_arguments(p)  # as in the search, for the activation ranges
     p.add_argument("--samples", type=int, help="evaluate on the first N test images only")
     p.add_argument("--threads", type=int)
     p.add_argument("--json", action="store_true")
@@ -90,7 +86,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--config", required=True)
     p.add_argument("--data", default="fashion-mnist", help="calibration data for the activation ranges")
-    p.add_argument("--calib-size", type=int, default=1024)
+    add_data_arguments(p)
     p.add_argument("-o", "--output", required=True)
     p.set_defaults(func=cmd_pack)
 
