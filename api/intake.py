@@ -1,59 +1,110 @@
-"""Checking and storing uploads: models and data sets are parsed as data only (search/archive.py never
-unpickles), checked against each other, and stored once under their sha256."""
+"""Checking and storing uploads.
+
+An upload is staged (hashed into a temporary file inside the artifact store), analysed in a child process
+(api/analysis.py: the API process never loads a stranger's file), and recorded in the database; only once that
+transaction has committed is the staged file moved to its final, content-addressed name. A request refused after
+staging (a 4xx, a lost race, a crash) therefore leaves neither a row nor a file, and a final file is never
+removed: another committed row may refer to it.
+
+Rows are inserted with ON CONFLICT DO NOTHING and read back, so concurrent uploads of the same file end with one
+row per sha256 whatever the interleaving; the same holds for ownerships and the built-in data sets' rows.
+"""
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import threading
-from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from fastapi import HTTPException
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
-from store.artifacts import ArtifactStore, TooLarge
-from sqlalchemy import select
-
+from api.analysis import AnalysisFailed, DatasetAnalysis, ModelAnalysis, analyse
+from store.artifacts import ArtifactStore, StagedFile, TooLarge
+from store.db import session_scope
 from store.models import DatasetRecord, ModelRecord, Ownership
 from store.settings import Settings
 
 BUILTIN = {"fashion-mnist": {"sample_shape": [1, 28, 28], "num_classes": 10, "num_samples": 70000}}
 
-_models: OrderedDict[str, object] = OrderedDict()  # sha256 -> LoadedModel, a few kept for feasibility checks
-_models_lock = threading.Lock()
+# pg_advisory_xact_lock's two-key form: this namespace, then a hash of the owner (its own key space, apart from
+# the one-key lock the migrations take).
+_OWNER_LOCK_NAMESPACE = 0x6273  # "bs"
 
 
-def _cache(sha: str, model) -> None:
-    with _models_lock:
-        _models[sha] = model
-        _models.move_to_end(sha)
-        while len(_models) > 4:
-            _models.popitem(last=False)
+# -- the summary feasibility checks read -------------------------------------------------------------------------
+
+class _FloatTensorCount:
+    """Stands in for the float tensors outside the layers: cost.unquantized_bytes counts 4 bytes per element."""
+
+    def __init__(self, numel: int):
+        self._numel = numel
+
+    def numel(self) -> int:
+        return self._numel
+
+    def is_floating_point(self) -> bool:
+        return True
 
 
-def loaded_model(settings: Settings, store: ArtifactStore, sha: str):
-    from search.model import load_model
+class ModelSummary:
+    """The part of a LoadedModel that search.cost.check_feasible reads, rebuilt from a stored analysis: the layers,
+    and the bytes of every float tensor that is not a layer's weight or bias (cost.unquantized_bytes)."""
 
-    with _models_lock:
-        if sha in _models:
-            return _models[sha]
-    model = load_model(store.path("models", sha), max_bytes=settings.max_model_bytes, max_layers=settings.max_layers)
-    _cache(sha, model)
-    return model
+    def __init__(self, analysis: dict, total_params: int):
+        from search.model import Layer
 
+        self.layers = [Layer(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+                       for d in analysis["layers"]]
+        self.total_params = total_params
+        self.unquantized_bytes = int(analysis["unquantized_bytes"])
+        self.layer_nodes: dict = {}  # no layer tensors among used_tensors() below
 
-def _num_outputs(model) -> int:
-    import torch
-
-    x = torch.zeros((1, *model.input_shape))
-    out = model.forward(x)
-    if out.ndim != 2:
-        raise HTTPException(422, f"the model's output has shape {list(out.shape)}; bitsearch needs [batch, classes] "
-                                 "logits")
-    return int(out.shape[1])
+    def used_tensors(self) -> dict:
+        return {"<unquantized>": _FloatTensorCount(self.unquantized_bytes // 4)}
 
 
-def _stage(store: ArtifactStore, kind: str, src: BinaryIO, max_bytes: int):
+def check_feasible(summary: ModelSummary, budget, opts) -> None:
+    from search.cost import BudgetError
+    from search.cost import check_feasible as feasible
+
+    if budget.latency_us is not None:  # checked once the worker has measured the latency table
+        return
+    try:
+        feasible(summary, budget, opts.w_bits, opts.a_bits, None, opts.scheme)
+    except BudgetError as e:
+        raise HTTPException(422, f"infeasible budget: {e}") from e
+
+
+# -- staging and analysis (before any transaction) ----------------------------------------------------------------
+
+@dataclass
+class Prepared:
+    """A staged upload and what its analysis found (None: a row for this sha256 exists and needs nothing)."""
+
+    kind: str  # "model" | "dataset"
+    staged: StagedFile
+    filename: str
+    analysis: ModelAnalysis | DatasetAnalysis | None
+
+    @property
+    def sha256(self) -> str:
+        return self.staged.sha256
+
+    def place(self) -> None:
+        """Move the file to its final name; only after the rows naming it have committed."""
+        self.staged.commit()
+
+    def discard(self) -> None:
+        self.staged.discard()
+
+
+def _stage(store: ArtifactStore, kind: str, src: BinaryIO, max_bytes: int) -> StagedFile:
     """Stage an upload; over the limit: 413; disk full: 507. Either way nothing is left behind."""
     try:
         return store.stage(kind, src, max_bytes)
@@ -65,10 +116,119 @@ def _stage(store: ArtifactStore, kind: str, src: BinaryIO, max_bytes: int):
         raise
 
 
-def _own(db: Session, owner: str, kind: str, object_id: str) -> None:
-    if not owns(db, owner, kind, object_id):
-        db.add(Ownership(owner=owner, kind=kind, object_id=object_id))
-        db.flush()
+_inflight: dict[tuple[str, str], Future] = {}
+_inflight_lock = threading.Lock()
+
+
+def _analyse_once(kind: str, sha: str, path: Path, settings: Settings):
+    """Concurrent uploads of the same file share one analysis (and one child)."""
+    with _inflight_lock:
+        future = _inflight.get((kind, sha))
+        mine = future is None
+        if mine:
+            future = _inflight[(kind, sha)] = Future()
+    if not mine:
+        return future.result()
+    try:
+        result = analyse(kind, path, settings)
+        future.set_result(result)
+        return result
+    except BaseException as e:
+        future.set_exception(e)
+        raise
+    finally:
+        with _inflight_lock:
+            _inflight.pop((kind, sha), None)
+
+
+def _refused(e: AnalysisFailed, what: str, filename: str) -> HTTPException:
+    return HTTPException(e.status, f"{what} {filename!r}: {e.message}" if e.about_file else e.message)
+
+
+def prepare_model(settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str) -> Prepared:
+    staged = _stage(store, "models", src, settings.max_model_bytes)
+    try:
+        with session_scope(settings.resolved_database_url()) as db:
+            known = db.scalar(select(ModelRecord.analysis).where(ModelRecord.id == staged.sha256))
+        analysis = None
+        if known is None:  # a new file, or a row from before analyses were kept
+            try:
+                analysis = _analyse_once("model", staged.sha256, staged.tmp, settings)
+            except AnalysisFailed as e:
+                raise _refused(e, "model", filename) from None
+        return Prepared("model", staged, filename, analysis)
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def prepare_dataset(settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str) -> Prepared:
+    staged = _stage(store, "datasets", src, settings.max_dataset_bytes)
+    try:
+        with session_scope(settings.resolved_database_url()) as db:
+            known = db.get(DatasetRecord, staged.sha256) is not None
+        analysis = None
+        if not known:
+            try:
+                analysis = _analyse_once("dataset", staged.sha256, staged.tmp, settings)
+            except AnalysisFailed as e:
+                raise _refused(e, "data set", filename) from None
+        return Prepared("dataset", staged, filename, analysis)
+    except BaseException:
+        staged.discard()
+        raise
+
+
+def backfill_model_analysis(settings: Settings, store: ArtifactStore, model_id: str, owner: str) -> None:
+    """A model stored before analyses were kept gets one now, from its stored file, before it is reused by id."""
+    url = settings.resolved_database_url()
+    with session_scope(url) as db:
+        row = db.execute(select(ModelRecord.analysis, ModelRecord.filename).where(ModelRecord.id == model_id)).first()
+        if row is None or row[0] is not None or not owns(db, owner, "model", model_id):
+            return  # nothing to do; a missing or foreign model gets its 404 later
+    path = store.path("models", model_id)
+    if not path.exists():
+        raise HTTPException(404, f"the file of model {model_id!r} is missing from the artifact store; upload it again")
+    try:
+        result = _analyse_once("model", model_id, path, settings)
+    except AnalysisFailed as e:
+        raise _refused(e, "model", row[1]) from None
+    with session_scope(url) as db:
+        db.execute(update(ModelRecord).where(ModelRecord.id == model_id, ModelRecord.analysis.is_(None))
+                   .values(analysis=result.stored()))
+
+
+# -- the transaction --------------------------------------------------------------------------------------------
+
+def lock_owner(db: Session, owner: str) -> None:
+    """Serialize this owner's job submissions until the transaction ends, so that counting their active jobs and
+    inserting one is atomic. Must be the transaction's first statement.
+
+    PostgreSQL: a transaction-scoped advisory lock on the owner (other owners are not held up). SQLite: BEGIN
+    IMMEDIATE takes the database's write lock now instead of at the first write; SQLite has one writer at a time
+    anyway, and a deferred transaction could count, lose the race for the write lock, and insert on a stale count.
+    """
+    dialect = db.get_bind().dialect.name
+    if dialect == "postgresql":
+        key = int.from_bytes(hashlib.sha256(owner.encode()).digest()[:4], "big", signed=True)
+        db.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"), {"ns": _OWNER_LOCK_NAMESPACE, "key": key})
+    elif dialect == "sqlite":
+        db.connection().exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        raise RuntimeError(f"no owner lock for database {dialect!r}")
+
+
+def _insert_ignore(db: Session, table, values: dict) -> None:
+    dialect = db.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    db.execute(insert(table).values(**values).on_conflict_do_nothing())
+
+
+def own(db: Session, owner: str, kind: str, object_id: str) -> None:
+    _insert_ignore(db, Ownership.__table__, {"owner": owner, "kind": kind, "object_id": object_id})
 
 
 def owns(db: Session, owner: str, kind: str, object_id: str) -> bool:
@@ -76,42 +236,48 @@ def owns(db: Session, owner: str, kind: str, object_id: str) -> bool:
                                                 Ownership.object_id == object_id)) is not None
 
 
-def register_model(db: Session, settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str, owner: str):
-    """Store an uploaded .pt2 after checking it; returns (record, LoadedModel). Bad archives: 400."""
-    from search.archive import ArchiveError
-    from search.model import load_model
-
-    staged = _stage(store, "models", src, settings.max_model_bytes)
-    try:
-        existing = db.get(ModelRecord, staged.sha256)
-        if existing is not None:
-            staged.discard()
-            _own(db, owner, "model", existing.id)
-            return existing, loaded_model(settings, store, existing.id)
-        try:
-            model = load_model(staged.tmp, max_bytes=settings.max_model_bytes, max_layers=settings.max_layers)
-        except ArchiveError as e:
-            raise HTTPException(400, f"model {filename!r}: {e}") from e
-        num_outputs = _num_outputs(model)
-        staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
-    rec = ModelRecord(id=staged.sha256, filename=filename[:255], size_bytes=staged.size,
-                      num_layers=len(model.layers), total_params=int(model.total_params),
-                      input_shape=list(model.input_shape), num_outputs=num_outputs)
-    db.add(rec)
-    db.flush()
-    _own(db, owner, "model", rec.id)
-    _cache(rec.id, model)
-    return rec, model
+def _fresh(db: Session, cls, key: str):
+    return db.get(cls, key, populate_existing=True)
 
 
-def model_by_id(db: Session, settings: Settings, store: ArtifactStore, model_id: str, owner: str):
+def record_model(db: Session, prepared: Prepared, owner: str) -> tuple[ModelRecord, ModelSummary]:
+    a = prepared.analysis
+    if a is not None:
+        _insert_ignore(db, ModelRecord.__table__, dict(
+            id=prepared.sha256, filename=prepared.filename[:255], size_bytes=prepared.staged.size,
+            num_layers=len(a.layers), total_params=a.total_params, input_shape=a.input_shape,
+            num_outputs=a.num_outputs, analysis=a.stored()))
+        # A row from before analyses were kept gets this one.
+        db.execute(update(ModelRecord).where(ModelRecord.id == prepared.sha256, ModelRecord.analysis.is_(None))
+                   .values(analysis=a.stored()))
+    rec = _fresh(db, ModelRecord, prepared.sha256)
+    if rec is None or rec.analysis is None:  # models are never deleted; this cannot happen short of manual edits
+        raise HTTPException(409, "the model changed while it was being stored; send it again")
+    own(db, owner, "model", rec.id)
+    return rec, ModelSummary(rec.analysis, rec.total_params)
+
+
+def model_by_id(db: Session, model_id: str, owner: str) -> tuple[ModelRecord, ModelSummary]:
     rec = db.get(ModelRecord, model_id)
     if rec is None or not owns(db, owner, "model", model_id):
         raise HTTPException(404, f"no model with id {model_id!r}")
-    return rec, loaded_model(settings, store, rec.id)
+    if rec.analysis is None:
+        raise HTTPException(409, f"model {model_id!r} is being analysed again; retry in a few seconds")
+    return rec, ModelSummary(rec.analysis, rec.total_params)
+
+
+def record_dataset(db: Session, prepared: Prepared, owner: str) -> DatasetRecord:
+    a = prepared.analysis
+    if a is not None:
+        _insert_ignore(db, DatasetRecord.__table__, dict(
+            id=prepared.sha256, name=prepared.filename.rsplit(".", 1)[0][:255] or "dataset", builtin=False,
+            size_bytes=prepared.staged.size, num_samples=a.num_samples, sample_shape=a.sample_shape,
+            num_classes=a.num_classes))
+    rec = _fresh(db, DatasetRecord, prepared.sha256)
+    if rec is None:
+        raise HTTPException(409, "the data set changed while it was being stored; send it again")
+    own(db, owner, "dataset", rec.id)
+    return rec
 
 
 def builtin_dataset(db: Session, name: str) -> DatasetRecord:
@@ -119,39 +285,8 @@ def builtin_dataset(db: Session, name: str) -> DatasetRecord:
         raise HTTPException(400, f"unknown built-in data set {name!r}; available: {', '.join(BUILTIN)}")
     rec = db.get(DatasetRecord, name)
     if rec is None:
-        rec = DatasetRecord(id=name, name=name, builtin=True, **BUILTIN[name])
-        db.add(rec)
-        db.flush()
-    return rec
-
-
-def register_dataset(db: Session, settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str,
-                     owner: str):
-    from search.data import DatasetError, load_dataset_file
-
-    staged = _stage(store, "datasets", src, settings.max_dataset_bytes)
-    try:
-        existing = db.get(DatasetRecord, staged.sha256)
-        if existing is not None:
-            staged.discard()
-            _own(db, owner, "dataset", existing.id)
-            return existing
-        try:
-            data = load_dataset_file(staged.tmp, max_bytes=settings.max_dataset_bytes)
-        except DatasetError as e:
-            raise HTTPException(400, f"data set {filename!r}: {e}") from e
-        if len(data) < 2:
-            raise HTTPException(400, f"data set {filename!r} has {len(data)} sample(s); at least 2 are needed")
-        staged.commit()
-    except BaseException:
-        staged.discard()
-        raise
-    rec = DatasetRecord(id=staged.sha256, name=filename.rsplit(".", 1)[0][:255] or "dataset", builtin=False,
-                        size_bytes=staged.size, num_samples=len(data), sample_shape=list(data.inputs.shape[1:]),
-                        num_classes=data.num_classes)
-    db.add(rec)
-    db.flush()
-    _own(db, owner, "dataset", rec.id)
+        _insert_ignore(db, DatasetRecord.__table__, dict(id=name, name=name, builtin=True, **BUILTIN[name]))
+        rec = _fresh(db, DatasetRecord, name)
     return rec
 
 

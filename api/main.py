@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 
+from api import analysis
 from api.routes import candidates, health, jobs, leaderboard
 from store.db import migrate
 from store.settings import get_settings
@@ -51,10 +55,18 @@ class _TooLarge(Exception):
     pass
 
 
+@asynccontextmanager
+async def _lifespan(_app):
+    # The fork server imports torch and loads a small model once; started now, the first upload does not wait.
+    threading.Thread(target=analysis.warm, name="bitsearch-analysis-warm", daemon=True).start()
+    yield
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     migrate(settings.resolved_database_url())
     app = FastAPI(
+        lifespan=_lifespan,
         title="bitsearch",
         version="0.1.0",
         description="Per-layer bit-width search for PyTorch models. POST a torch.export .pt2, data and a budget to "

@@ -31,6 +31,9 @@ class ModelRecord(Base):
     total_params: Mapped[int] = mapped_column(Integer)
     input_shape: Mapped[list] = mapped_column(JSON)  # per sample, without the batch dimension
     num_outputs: Mapped[int] = mapped_column(Integer)  # classes, when the output is [N, classes] logits
+    # What the upload's analysis found (layers, unquantized bytes): a later job's feasibility check reads this
+    # instead of loading the model in the API. None for rows from before it was kept.
+    analysis: Mapped[dict | None] = mapped_column(JSON, nullable=True, deferred=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 

@@ -29,6 +29,13 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = 512 * MiB
     max_request_bytes: int = 800 * MiB
     max_layers: int = 4096
+    # Measured: the child starts at about 0.75 GB of address space (torch loaded); a 256 MiB model peaks at 1.3 GB,
+    # a 480 MiB data set at 2.1 GB.
+    upload_analysis_memory_mb: int = Field(default=3072, description="address-space limit (RLIMIT_AS) of the child "
+                                           "process that analyses one upload; over it the upload gets a 413")
+    upload_analysis_time_s: float = Field(default=120.0, gt=0, description="an upload's analysis is killed after "
+                                          "this long (422)")
+    upload_analysis_concurrency: int = Field(default=2, ge=1, description="uploads analysed at once; more wait")
 
     task_time_limit_s: int = Field(default=6 * 3600, description="hard limit per search task")
     validate_time_limit_s: int = Field(default=1800, description="hard limit per validation task")

@@ -81,11 +81,9 @@ def create_job(
     dataset_id: Annotated[str | None, Form(description="the id of a data set uploaded before")] = None,
     public: Annotated[bool, Form(description="list the job's candidates on everyone's leaderboard")] = False,
     who: Caller = Depends(caller),
-    db: Session = Depends(deps.db),
     settings: Settings = Depends(deps.settings),
     store: ArtifactStore = Depends(deps.artifacts),
 ) -> JobCreated:
-    from search.cost import BudgetError, check_feasible
     from search.searches import METHODS
 
     if method not in METHODS:
@@ -98,42 +96,55 @@ def create_job(
         raise HTTPException(400, "give exactly one of `data` (a safetensors upload), `data_name` and `dataset_id`")
     intake.check_finetune(method, opts, data_name is not None or dataset_id in intake.BUILTIN, settings)
 
-    active = db.scalar(select(func.count()).select_from(Job).where(
-        Job.owner == who.owner, Job.status.in_(("queued", "running"))))
-    if active >= settings.max_active_jobs:
-        raise HTTPException(429, f"you already have {active} queued or running jobs, the limit per owner; "
-                                 "wait for one to finish or cancel one")
-    if model is not None:
-        model_rec, loaded = intake.register_model(db, settings, store, model.file, model.filename or "model.pt2",
-                                                  who.owner)
-    else:
-        model_rec, loaded = intake.model_by_id(db, settings, store, model_id, who.owner)
-    if data is not None:
-        data_rec = intake.register_dataset(db, settings, store, data.file, data.filename or "data.safetensors",
-                                           who.owner)
-    elif data_name is not None:
-        data_rec = intake.builtin_dataset(db, data_name)
-    else:
-        data_rec = intake.dataset_by_id(db, dataset_id, who.owner)
-    intake.check_compatible(model_rec, data_rec)
-    if parsed_budget.latency_us is None:  # a latency budget is checked once the worker has the latency table
-        try:
-            check_feasible(loaded, parsed_budget, opts.w_bits, opts.a_bits, None, opts.scheme)
-        except BudgetError as e:
-            raise HTTPException(422, f"infeasible budget: {e}") from e
-
-    job = Job(model_id=model_rec.id, dataset_id=data_rec.id, method=method, budget=parsed_budget.limits(),
-              options=opts.search_options(), validate_top_k=opts.validate_top_k, owner=who.owner, public=public,
-              heartbeat_at=datetime.now(timezone.utc))
-    db.add(job)
-    db.commit()  # stored before it is queued: a worker must find it
+    # Uploads are staged and analysed before the transaction (an analysis takes seconds), and moved to their
+    # final names only after it commits: a refused request leaves no file and no row.
+    uploads: list[intake.Prepared] = []
     try:
-        deps.send_task(SEARCH_TASK, [job.id])
+        if model is not None:
+            uploads.append(intake.prepare_model(settings, store, model.file, model.filename or "model.pt2"))
+        else:
+            intake.backfill_model_analysis(settings, store, model_id, who.owner)
+        if data is not None:
+            uploads.append(intake.prepare_dataset(settings, store, data.file, data.filename or "data.safetensors"))
+        with session_scope(settings.resolved_database_url()) as db:
+            intake.lock_owner(db, who.owner)
+            if model is not None:
+                model_rec, summary = intake.record_model(db, uploads[0], who.owner)
+            else:
+                model_rec, summary = intake.model_by_id(db, model_id, who.owner)
+            if data is not None:
+                data_rec = intake.record_dataset(db, uploads[-1], who.owner)
+            elif data_name is not None:
+                data_rec = intake.builtin_dataset(db, data_name)
+            else:
+                data_rec = intake.dataset_by_id(db, dataset_id, who.owner)
+            intake.check_compatible(model_rec, data_rec)
+            intake.check_feasible(summary, parsed_budget, opts)
+            # The quota comes last, so a request that is wrong anyway says what is wrong with it; the owner lock
+            # makes this count and the insert below atomic.
+            active = db.scalar(select(func.count()).select_from(Job).where(
+                Job.owner == who.owner, Job.status.in_(("queued", "running"))))
+            if active >= settings.max_active_jobs:
+                raise HTTPException(429, f"you already have {active} queued or running jobs, the limit per owner; "
+                                         "wait for one to finish or cancel one")
+            job = Job(model_id=model_rec.id, dataset_id=data_rec.id, method=method, budget=parsed_budget.limits(),
+                      options=opts.search_options(), validate_top_k=opts.validate_top_k, owner=who.owner,
+                      public=public, heartbeat_at=datetime.now(timezone.utc))
+            db.add(job)
+            db.flush()
+            created = JobCreated(id=job.id, status=job.status, model_id=model_rec.id, dataset_id=data_rec.id,
+                                 location=f"/jobs/{job.id}")
+        for upload in uploads:  # committed: a worker must find the files before the job is queued
+            upload.place()
+    finally:
+        for upload in uploads:
+            upload.discard()  # no-op once placed
+    try:
+        deps.send_task(SEARCH_TASK, [created.id])
     except Exception:  # broker down: the job stays queued and the workers' reaper sends it again
         pass
-    location = f"/jobs/{job.id}"
-    response.headers["Location"] = location
-    return JobCreated(id=job.id, status=job.status, model_id=model_rec.id, dataset_id=data_rec.id, location=location)
+    response.headers["Location"] = created.location
+    return created
 
 
 @router.get("/jobs", response_model=JobPage, summary="List jobs, newest first")

@@ -1,0 +1,217 @@
+"""The API's side of the security review, on the real stack (uvicorn on PostgreSQL; no worker runs a job here):
+uploads analysed in a limited child process, the per-owner job limit under concurrency, keys checked before a
+body is read, concurrent uploads of one file, nothing stored by a refused request, and what the API lets leak."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from sqlalchemy import create_engine, text
+
+from tests.conftest import TinyNet, export_model
+from tests.stack import ROOT, Stack
+
+RESNET = ROOT / "models" / "resnet20-fmnist.pt2"
+QUICK = {"val_samples": 200, "calib_size": 128, "validate_top_k": 0}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("apisec"), backend="postgres", max_active_jobs=4)
+    s.start(workers=0)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory) -> list[Path]:
+    """Five small, distinct models (different seeds, so different sha256)."""
+    out = tmp_path_factory.mktemp("tiny_models")
+    paths = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        paths.append(export_model(TinyNet(), out / f"tiny{seed}.pt2"))
+    return paths
+
+
+def form(method="uniform", budget=None, options=None, **extra) -> dict:
+    return {"method": method, "budget": json.dumps(budget or {"avg_wbits": 4}),
+            "options": json.dumps(options or QUICK), **extra}
+
+
+def upload(path: Path) -> dict:
+    return {"model": (path.name, path.read_bytes(), "application/zip")}
+
+
+def post(client: httpx.Client, model: Path | None = None, **fields) -> httpx.Response:
+    fields.setdefault("data_name", "fashion-mnist")
+    return client.post("/jobs", data=form(**fields), files=upload(model) if model is not None else None)
+
+
+def sql(stack: Stack, query: str, **params):
+    engine = create_engine(stack.database_url)
+    try:
+        with engine.begin() as conn:
+            result = conn.execute(text(query), params)
+            return result.all() if result.returns_rows else None
+    finally:
+        engine.dispose()
+
+
+def clear_jobs(stack: Stack) -> None:
+    """Every job of every owner finished: each test starts under the active-job limit."""
+    sql(stack, "UPDATE jobs SET status = 'cancelled' WHERE status IN ('queued', 'running')")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# -- (2) analysis in a child process --------------------------------------------------------------------------------
+
+def test_analysis_child_reports_the_model_and_is_killed_at_its_time_limit():
+    """The child's JSON, rebuilt in the API, prices configs exactly as the loaded model does; an analysis over the
+    time limit is killed and named."""
+    from api.analysis import AnalysisFailed, analyse
+    from api.intake import ModelSummary
+    from search.cost import cost_of
+    from search.model import load_model
+    from store.settings import Settings
+
+    result = analyse("model", RESNET, Settings(upload_analysis_time_s=60))
+    model = load_model(RESNET)
+    summary = ModelSummary(result.stored(), result.total_params)
+    assert result.input_shape == [1, 28, 28] and result.num_outputs == 10
+    assert result.total_params == model.total_params and len(summary.layers) == len(model.layers) == 22
+    for w, a in ((2, 8), (4, 4), (8, 16)):
+        bits_w = {l.name: w for l in model.layers}
+        bits_a = {l.name: a for l in model.layers}
+        assert cost_of(summary, bits_w, bits_a) == cost_of(model, bits_w, bits_a)
+
+    with pytest.raises(AnalysisFailed) as e:
+        analyse("model", RESNET, Settings(upload_analysis_time_s=0.05))
+    assert e.value.status == 422 and "time limit of 0.05 s" in e.value.message
+
+
+def test_an_analysis_over_the_memory_limit_gets_413_and_the_api_stays_up(tmp_path):
+    # 200 MB of address space is less than a child with torch loaded already has: every allocation fails.
+    s = Stack(tmp_path / "mem", backend="postgres", upload_analysis_memory_mb=200)
+    s.start(workers=0)
+    try:
+        with s.client() as c:
+            r = post(c, RESNET)
+            assert r.status_code == 413, r.text
+            assert "more memory than this server's limit of 200 MB" in r.json()["detail"], r.text
+            assert c.get("/health").json()["database"] == "ok"
+            r = post(c, RESNET)  # and again: the API process is untouched
+            assert r.status_code == 413, r.text
+        assert s.api.poll() is None
+        assert sql(s, "SELECT count(*) FROM models")[0][0] == 0
+        assert not list((s.var_dir / "artifacts" / "models").glob("*"))
+    finally:
+        s.stop()
+
+
+# -- (3) the per-owner active-job limit ----------------------------------------------------------------------------
+
+def _race_for_slots(stack: Stack) -> None:
+    with stack.client() as c:
+        first = post(c, RESNET)
+        assert first.status_code == 202, first.text
+        model_id = first.json()["model_id"]
+    barrier = threading.Barrier(20)
+
+    def submit(_):
+        with stack.client() as c:
+            barrier.wait()
+            return post(c, model_id=model_id)
+
+    with ThreadPoolExecutor(20) as pool:
+        responses = list(pool.map(submit, range(20)))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [202] * 3 + [429] * 17, [r.text for r in responses if r.status_code not in (202, 429)]
+    assert all("limit per owner" in r.json()["detail"] for r in responses if r.status_code == 429)
+    active = sql(stack, "SELECT count(*) FROM jobs WHERE owner = 'alice' AND status IN ('queued', 'running')")
+    assert active[0][0] == 4
+
+    # At the limit, a request that is wrong anyway hears what is wrong with it, not the quota.
+    with stack.client() as c:
+        r = post(c, model_id=model_id, budget={"avg_wbits": 1.5})
+        assert r.status_code == 422 and "smallest feasible value is 2" in r.json()["detail"], r.text
+        r = post(c, model_id=model_id)
+        assert r.status_code == 429, r.text
+
+
+def test_the_active_job_limit_holds_under_concurrent_submissions(stack):
+    clear_jobs(stack)
+    _race_for_slots(stack)
+
+
+def test_the_active_job_limit_holds_on_sqlite(tmp_path):
+    s = Stack(tmp_path / "lite", backend="sqlite", max_active_jobs=4)
+    s.start(workers=0)
+    try:
+        _race_for_slots(s)
+    finally:
+        s.stop()
+
+
+# -- (5) concurrent uploads ----------------------------------------------------------------------------------------
+
+def test_concurrent_uploads_store_one_row_per_file(stack, tiny_models):
+    clear_jobs(stack)
+    same, others = tiny_models[0], tiny_models[1:5]
+    # Alice and Bob two each of the same file and of the others: under the limit of 4 active jobs per owner.
+    work = [("alice", same), ("alice", same), ("bob", same), ("bob", same),
+            ("alice", others[0]), ("alice", others[1]), ("bob", others[2]), ("bob", others[3])]
+    barrier = threading.Barrier(len(work))
+
+    def submit(item):
+        owner, path = item
+        with stack.client(owner) as c:
+            barrier.wait()
+            return post(c, path)
+
+    with ThreadPoolExecutor(len(work)) as pool:
+        responses = list(pool.map(submit, work))
+    assert [r.status_code for r in responses] == [202] * 8, [r.text for r in responses]
+    shas = {sha256(p) for p in tiny_models[:5]}
+    assert {r.json()["model_id"] for r in responses} == shas
+    rows = [r for r in sql(stack, "SELECT id FROM models") if r[0] in shas]
+    assert sorted(r[0] for r in rows) == sorted(shas)  # one row each
+    owned = [r for r in sql(stack, "SELECT owner, object_id FROM ownerships WHERE kind = 'model'") if r[1] in shas]
+    assert len(owned) == len(set(owned)) == 6  # alice: same + 2 others, bob: same + 2 others
+    for sha in shas:
+        assert (stack.var_dir / "artifacts" / "models" / sha).is_file()
+    assert not list((stack.var_dir / "artifacts").rglob(".incoming-*"))
+
+
+# -- (7) nothing stored by a refused request ------------------------------------------------------------------------
+
+def test_a_refused_request_leaves_no_file_and_no_row(stack, tmp_path):
+    from search.data import LabelledSet, save_dataset_file
+
+    clear_jobs(stack)
+    torch.manual_seed(1234)
+    model = export_model(TinyNet(), tmp_path / "new.pt2")
+    wrong = tmp_path / "wrong_shape.safetensors"
+    save_dataset_file(LabelledSet(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)), wrong)
+    with stack.client() as c:
+        r = c.post("/jobs", data=form(), files={**upload(model),
+                                                 "data": (wrong.name, wrong.read_bytes(), "application/octet-stream")})
+    assert r.status_code == 422 and "[3, 32, 32]" in r.json()["detail"], r.text
+    model_sha, data_sha = sha256(model), sha256(wrong)
+    assert not (stack.var_dir / "artifacts" / "models" / model_sha).exists()
+    assert not (stack.var_dir / "artifacts" / "datasets" / data_sha).exists()
+    assert not list((stack.var_dir / "artifacts").rglob(".incoming-*"))
+    assert sql(stack, "SELECT count(*) FROM models WHERE id = :i", i=model_sha)[0][0] == 0
+    assert sql(stack, "SELECT count(*) FROM datasets WHERE id = :i", i=data_sha)[0][0] == 0
+    assert sql(stack, "SELECT count(*) FROM ownerships WHERE object_id IN (:m, :d)", m=model_sha, d=data_sha)[0][0] == 0
