@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 
 from api import analysis
 from api.routes import candidates, health, jobs, leaderboard
+from api.security import KeyGate
 from store.db import migrate
 from store.settings import get_settings
 
@@ -85,7 +86,9 @@ def create_app() -> FastAPI:
     def _root():
         return RedirectResponse("/leaderboard")
 
+    # Added last, so outermost: the key is checked before the body limit counts (or anything reads) the body.
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
+    app.add_middleware(KeyGate)
     return app
 
 

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
 
     rate_limit_per_s: float = Field(default=100.0, description="requests per second per API key (or client address)")
     rate_limit_burst: int = Field(default=200, description="requests a key may send at once before the rate applies")
+    auth_failures_per_s: float = Field(default=1.0, gt=0, description="requests with an invalid API key per second "
+                                       "per client address, once the burst is spent (429 beyond)")
+    auth_failures_burst: int = Field(default=20, ge=1, description="invalid-key requests an address may send at once")
     max_active_jobs: int = Field(default=4, description="queued + running jobs per owner")
     max_finetune_images: int = Field(default=240_000, description="training images one fine-tune may run through "
                                      "(epochs x samples, or steps x batch size); the thesis's 4 epochs of 60k fit")

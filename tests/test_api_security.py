@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,11 +23,13 @@ from tests.stack import ROOT, Stack
 
 RESNET = ROOT / "models" / "resnet20-fmnist.pt2"
 QUICK = {"val_samples": 200, "calib_size": 128, "validate_top_k": 0}
+FAILED_AUTH_BURST = 10
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("apisec"), backend="postgres", max_active_jobs=4)
+    s = Stack(tmp_path_factory.mktemp("apisec"), backend="postgres", max_active_jobs=4,
+              auth_failures_burst=FAILED_AUTH_BURST, auth_failures_per_s=0.2)
     s.start(workers=0)
     yield s
     s.stop()
@@ -215,3 +219,80 @@ def test_a_refused_request_leaves_no_file_and_no_row(stack, tmp_path):
     assert sql(stack, "SELECT count(*) FROM models WHERE id = :i", i=model_sha)[0][0] == 0
     assert sql(stack, "SELECT count(*) FROM datasets WHERE id = :i", i=data_sha)[0][0] == 0
     assert sql(stack, "SELECT count(*) FROM ownerships WHERE object_id IN (:m, :d)", m=model_sha, d=data_sha)[0][0] == 0
+
+
+# -- (4) keys before bodies -------------------------------------------------------------------------------------------
+
+def _post_head_then_wait(stack: Stack, headers: dict[str, str], declared: int, sent: int) -> tuple[bytes, float]:
+    """Send a POST's headers and `sent` of `declared` body bytes, then wait for an answer without sending more."""
+    host, port = "127.0.0.1", stack.port
+    head = [f"POST /jobs HTTP/1.1", f"Host: {host}:{port}",
+            "Content-Type: multipart/form-data; boundary=xyz", f"Content-Length: {declared}"]
+    head += [f"{k}: {v}" for k, v in headers.items()]
+    started = time.monotonic()
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        sock.sendall(b"--xyz\r\n" + b"x" * (sent - 7))
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    return answer, time.monotonic() - started
+
+
+def test_a_body_without_a_valid_key_is_not_read(stack):
+    declared = 50 * 2**20
+    for headers in ({}, {"Authorization": "Bearer bsk_" + secrets.token_urlsafe(32)}):
+        answer, seconds = _post_head_then_wait(stack, headers, declared, sent=64 * 1024)
+        # Answered while 50 MB were still owed: the server did not wait for (or read) the body.
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        assert seconds < 10
+    # A valid key gets as far as the body: the server waits for it (no answer until it comes or times out).
+    with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
+        sock.sendall((f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {stack.keys['alice']}\r\n"
+                      f"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: {declared}\r\n\r\n"
+                      ).encode() + b"--xyz\r\n")
+        sock.settimeout(1.5)
+        with pytest.raises(socket.timeout):
+            sock.recv(100)
+
+    # The same through an ordinary client streaming a generator: a quick 401, far from the whole body sent.
+    sent = 0
+
+    def body():
+        nonlocal sent
+        chunk = b"y" * (1 << 20)
+        for _ in range(50):
+            sent += len(chunk)
+            yield chunk
+
+    started = time.monotonic()
+    try:
+        r = httpx.post(f"{stack.url}/jobs", content=body(), timeout=30,
+                       headers={"Content-Type": "multipart/form-data; boundary=xyz", "Content-Length": str(declared)})
+        status = r.status_code
+    except httpx.HTTPError:  # the server closed the connection while the client was still sending
+        status = None
+    assert status in (401, None) and time.monotonic() - started < 10
+    assert sent < declared
+
+
+def test_invalid_keys_are_rate_limited_per_address(stack):
+    with stack.client("bob") as bob:
+        assert bob.get("/jobs").status_code == 200
+    codes = []
+    with httpx.Client(base_url=stack.url, timeout=30) as c:
+        for _ in range(50):
+            codes.append(c.get("/jobs", headers={"Authorization": "Bearer bsk_" + secrets.token_urlsafe(32)})
+                         .status_code)
+        last = c.get("/jobs", headers={"X-API-Key": "bsk_nope"})
+    assert set(codes) == {401, 429}, codes
+    assert codes.count(401) <= FAILED_AUTH_BURST and codes[-1] == 429
+    assert "invalid API key" in last.json()["detail"] and int(last.headers["retry-after"]) >= 1
+    with stack.client("bob") as bob:  # a key known (and cached) to be valid, from the same address, still works
+        assert bob.get("/jobs").status_code == 200
