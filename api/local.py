@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                             "--port", str(args.port)], env=env)
     url = f"http://{args.host}:{args.port}"
     print(f"\nbitsearch is starting at {url}  (API docs: {url}/docs)\n"
-          f"leaderboard: {url}/leaderboard?key={key}\n"
+          f"leaderboard: {url}/leaderboard#key={key}\n"
           f"local API key (also in {settings.var_dir / LOCAL_KEY_FILE}): {key}\n"
           f"database: {settings.resolved_database_url()}\nbroker:   {settings.resolved_broker_url()}\n"
           f"try: .venv/bin/bitsearch submit models/resnet20-fmnist.pt2 --data fashion-mnist --method sqnr "

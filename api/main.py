@@ -2,18 +2,88 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
+import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from api import analysis
 from api.routes import candidates, health, jobs, leaderboard
 from api.security import KeyGate
+from store.auth import KEY_PREFIX
 from store.db import migrate
 from store.settings import get_settings
+
+log = logging.getLogger("bitsearch.api")
+
+_KEY = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9_\-%.~]*")
+
+
+def redact(text: str) -> str:
+    return _KEY.sub(KEY_PREFIX + "<redacted>", text)
+
+
+class RedactKeys(logging.Filter):
+    """No log line may hold an API key: an old link with ?key=... puts one in the access log's request line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def _redact_logs() -> None:
+    for name in ("uvicorn", "uvicorn.access", "uvicorn.error", "bitsearch.api", "fastapi"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactKeys) for f in logger.filters):
+            logger.addFilter(RedactKeys())
+
+
+class RequestGuard:
+    """The outermost layer: every response carries an `X-Request-ID`; an unhandled error is answered with a generic
+    500 naming that id (the 500 handler below) and logged once, with the id, here or there; nothing of it reaches
+    the client."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = uuid.uuid4().hex[:16]
+        scope.setdefault("state", {})["request_id"] = rid
+        started = False
+
+        async def send_with_id(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", rid.encode())]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:  # noqa: BLE001 - the client gets the id, the log gets the details
+            if not scope["state"].get("error_logged"):
+                log.exception("request %s (%s %s) failed", rid, scope.get("method"), redact(scope.get("path", "")))
+            if not started:
+                await send_with_id({"type": "http.response.start", "status": 500,
+                                    "headers": [(b"content-type", b"application/json")]})
+                await send_with_id({"type": "http.response.body", "body": _internal_error(rid)})
+
+
+def _internal_error(rid: str) -> bytes:
+    return (f'{{"detail": "internal server error; quote request id {rid} when reporting it", '
+            f'"request_id": "{rid}"}}').encode()
 
 
 class BodyLimit:
@@ -82,6 +152,13 @@ def create_app() -> FastAPI:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return JSONResponse(status_code=422, content={"detail": problems, "errors": jsonable(exc.errors())})
 
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        rid = request.scope.get("state", {}).get("request_id", "-")
+        log.error("request %s (%s %s) failed", rid, request.method, redact(request.url.path), exc_info=exc)
+        request.scope.setdefault("state", {})["error_logged"] = True
+        return Response(_internal_error(rid), status_code=500, media_type="application/json")
+
     @app.get("/", include_in_schema=False)
     def _root():
         return RedirectResponse("/leaderboard")
@@ -89,6 +166,7 @@ def create_app() -> FastAPI:
     # Added last, so outermost: the key is checked before the body limit counts (or anything reads) the body.
     app.add_middleware(BodyLimit, max_bytes=settings.max_request_bytes)
     app.add_middleware(KeyGate)
+    _redact_logs()
     return app
 
 
@@ -98,4 +176,5 @@ def jsonable(errors) -> list:
     return jsonable_encoder(errors, custom_encoder={Exception: str})
 
 
-app = create_app()
+fastapi_app = create_app()
+app = RequestGuard(fastapi_app)

@@ -221,6 +221,135 @@ def test_a_refused_request_leaves_no_file_and_no_row(stack, tmp_path):
     assert sql(stack, "SELECT count(*) FROM ownerships WHERE object_id IN (:m, :d)", m=model_sha, d=data_sha)[0][0] == 0
 
 
+# -- (8) what leaks ---------------------------------------------------------------------------------------------------
+
+def test_an_unknown_op_gets_a_one_line_400_without_server_paths(stack, tmp_path):
+    @torch.library.custom_op("bitsearch_test::double", mutates_args=())
+    def double(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    @double.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    class UsesCustomOp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(784, 10)
+
+        def forward(self, x):
+            return self.fc(torch.ops.bitsearch_test.double(x).flatten(1))
+
+    path = export_model(UsesCustomOp(), tmp_path / "custom.pt2")
+    with stack.client() as c:
+        r = post(c, path)
+    detail = r.json()["detail"]
+    assert r.status_code == 400 and "bitsearch_test.double" in detail, r.text
+    assert "\n" not in detail and "Traceback" not in detail and str(ROOT) not in detail and "site-packages" not in detail
+    assert len(detail) <= 600
+
+
+def test_a_server_error_is_generic_and_logged_with_its_request_id(stack):
+    clear_jobs(stack)
+    with stack.client() as c:
+        job_id = post(c, RESNET).json()["id"]
+        sql(stack, "ALTER TABLE candidates RENAME TO candidates_hidden")
+        try:
+            r = c.get(f"/jobs/{job_id}/candidates")
+        finally:
+            sql(stack, "ALTER TABLE candidates_hidden RENAME TO candidates")
+        assert c.get(f"/jobs/{job_id}/candidates").status_code == 200
+    assert r.status_code == 500
+    body = r.json()
+    rid = body["request_id"]
+    assert r.headers["x-request-id"] == rid and rid in body["detail"]
+    assert "candidates" not in r.text and "Error" not in r.text and "SELECT" not in r.text
+    log = (stack.logs / "api.log").read_text()
+    line = next(l for l in log.splitlines() if rid in l)
+    assert "failed" in line
+    after = log[log.index(line):]
+    assert "UndefinedTable" in after[:20000]  # the details are in the log, under the id
+    assert log.count(f"request {rid}") == 1  # logged once
+
+
+def test_job_error_details_are_shown_to_the_owner_only(stack):
+    from store.models import CandidateRecord, ValidationRecord
+
+    clear_jobs(stack)
+    secret = "internal error: KeyError: '/srv/bitsearch/worker/jobs.py' weights"
+    with stack.client("alice") as alice:
+        job_id = post(alice, RESNET).json()["id"]
+    sql(stack, "UPDATE jobs SET status = 'failed', error = :e, public = true WHERE id = :j", e=secret, j=job_id)
+    engine = create_engine(stack.database_url)
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as db:
+        cand = CandidateRecord(job_id=job_id, seq=0, config={"layers": {}}, avg_wbits=4.0, weight_bytes=1, bitops=1,
+                               act_bytes=1, score=0.0, pareto=True)
+        cand.validation = ValidationRecord(status="failed", error=secret)
+        db.add(cand)
+        db.commit()
+        cand_id = cand.id
+    engine.dispose()
+    time.sleep(0.6)  # past the job view cache
+    with stack.client("alice") as alice, stack.client("bob") as bob, stack.client(None) as anon:
+        assert alice.get(f"/jobs/{job_id}").json()["error"] == secret
+        assert alice.get(f"/candidates/{cand_id}").json()["validation"]["error"] == secret
+        assert alice.get(f"/jobs/{job_id}/candidates").json()[0]["validation"]["error"] == secret
+        for other in (bob, anon):
+            job = other.get(f"/jobs/{job_id}").json()
+            assert job["status"] == "failed" and job["error"] == "failed", job
+            assert other.get(f"/candidates/{cand_id}").json()["validation"]["error"] == "failed"
+            assert other.get(f"/jobs/{job_id}/candidates").json()[0]["validation"]["error"] == "failed"
+            assert "KeyError" not in other.get(f"/jobs/{job_id}").text
+
+
+def test_no_key_reaches_a_log_line(stack):
+    keys = [stack.keys["alice"], stack.keys["bob"]]
+    with httpx.Client(base_url=stack.url, timeout=30) as c:
+        assert c.get("/leaderboard", params={"key": keys[0]}).status_code == 200  # an old link
+        assert c.get("/api/leaderboard", params={"key": keys[1]}).status_code == 200
+        assert c.get("/jobs", headers={"X-API-Key": keys[0]}).status_code == 200
+        assert c.get("/nope", params={"api_key": keys[1]}).status_code == 404
+    page = httpx.get(f"{stack.url}/static/common.js").text
+    assert "location.hash" in page and 'get("key")' in page
+    time.sleep(0.5)
+    log = (stack.logs / "api.log").read_text()
+    assert "GET /leaderboard?key=bsk_<redacted>" in log
+    assert not any(k in log for k in keys)
+    assert not any(k[4:] in log for k in keys)
+
+
+def test_the_pages_take_the_key_from_the_fragment(stack):
+    """The pages read the key from a #key= fragment (never sent to the server), keep it in this browser and send
+    it in a header: a private job's page shows the job once the key was given, and no URL shows the key."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_service import _browser
+
+    clear_jobs(stack)
+    with stack.client("alice") as alice:
+        job_id = post(alice, RESNET).json()["id"]
+    driver = _browser()
+    try:
+        driver.get(f"{stack.url}/leaderboard/jobs/{job_id}")
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "error").text)
+        assert "no job" in driver.find_element(By.ID, "error").text  # anonymous: a private job does not exist
+        driver.get(f"{stack.url}/leaderboard#key={stack.keys['alice']}")
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "key-forget"))
+        assert "key" not in driver.current_url.split("/leaderboard", 1)[1]
+        assert driver.execute_script("return localStorage.getItem('bitsearch-key')") == stack.keys["alice"]
+        driver.get(f"{stack.url}/leaderboard/jobs/{job_id}")
+        WebDriverWait(driver, 30).until(lambda d: "queued" in d.find_element(By.ID, "summary").text)
+        driver.find_element(By.ID, "key-forget").click()  # the key box forgets it again
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "key-input"))
+        assert driver.execute_script("return localStorage.getItem('bitsearch-key')") is None
+    finally:
+        driver.quit()
+    assert stack.keys["alice"] not in (stack.logs / "api.log").read_text()
+
+
 # -- (4) keys before bodies -------------------------------------------------------------------------------------------
 
 def _post_head_then_wait(stack: Stack, headers: dict[str, str], declared: int, sent: int) -> tuple[bytes, float]:

@@ -158,7 +158,7 @@ def test_leaderboard_page_in_headless_chromium(stack, finished_jobs):
     ARTIFACTS.mkdir(exist_ok=True)
     driver = _browser()
     try:
-        driver.get(f"{stack.url}/leaderboard?key={stack.keys['alice']}")
+        driver.get(f"{stack.url}/leaderboard#key={stack.keys['alice']}")
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "table.board tbody tr"))
         table_rows = driver.find_elements(By.CSS_SELECTOR, "table.board tbody tr")
         assert len(table_rows) == len(rows)

@@ -40,7 +40,8 @@ def get_candidate_or_404(db: Session, candidate_id: int, who: Caller) -> Candida
 @router.get("/candidates/{candidate_id}", response_model=CandidateOut, summary="A candidate with per-layer bits")
 def get_candidate(candidate_id: CandidateId, who: Caller = Depends(optional_caller),
                   db: Session = Depends(deps.db)) -> CandidateOut:
-    return candidate_out(get_candidate_or_404(db, candidate_id, who), with_layers=True)
+    cand = get_candidate_or_404(db, candidate_id, who)
+    return candidate_out(cand, with_layers=True, owner_view=cand.job.owner == who.owner)
 
 
 @router.get("/candidates/{candidate_id}/config", summary="The bit-width config (bitsearch.config JSON)",

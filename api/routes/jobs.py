@@ -197,20 +197,21 @@ async def get_job(job_id: str, who: Caller = Depends(optional_caller)) -> Respon
         job_views.put(job_id, view)
     if view is None or not (view[0] == who.owner or view[1]):
         raise HTTPException(404, f"no job with id {job_id!r}")
-    return Response(view[2], media_type="application/json")
+    return Response(view[2] if view[0] == who.owner else view[3], media_type="application/json")
 
 
 job_views = TTLCache(ttl_s=0.5)
 
 
-def _job_view(job_id: str) -> tuple[str, bool, bytes] | None:
-    """(owner, public, JSON body) of a job, or None."""
+def _job_view(job_id: str) -> tuple[str, bool, bytes, bytes] | None:
+    """(owner, public, the owner's JSON body, everyone else's) of a job, or None."""
     with session_scope(get_settings().resolved_database_url()) as db:
         job = db.get(Job, job_id)
         if job is None:
             return None
-        body = job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0)).model_dump_json().encode()
-        return job.owner, job.public, body
+        count = _candidate_counts(db, [job.id]).get(job.id, 0)
+        return (job.owner, job.public, job_out(job, count).model_dump_json().encode(),
+                job_out(job, count, owner_view=False).model_dump_json().encode())
 
 
 @router.get("/jobs/{job_id}/candidates", response_model=list[CandidateOut], summary="A job's candidate configs")
@@ -222,7 +223,7 @@ def job_candidates(
     who: Caller = Depends(optional_caller),
     db: Session = Depends(deps.db),
 ) -> list[CandidateOut]:
-    get_job_or_404(db, job_id, who)
+    job = get_job_or_404(db, job_id, who)
     field = sort.lstrip("-")
     if field not in CANDIDATE_SORTS:
         raise HTTPException(400, f"cannot sort by {field!r}; choose one of {', '.join(sorted(CANDIDATE_SORTS))}")
@@ -231,7 +232,7 @@ def job_candidates(
     if pareto is not None:
         q = q.where(CandidateRecord.pareto.is_(pareto))
     q = q.order_by(col.desc() if sort.startswith("-") else col.asc(), CandidateRecord.seq)
-    return [candidate_out(c) for c in db.scalars(q)]
+    return [candidate_out(c, owner_view=job.owner == who.owner) for c in db.scalars(q)]
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, summary="Cancel a queued or running job")
