@@ -247,10 +247,10 @@ def download(server: Server, candidate_id: int, out: Path, packed: bool = False)
 # --- commands -------------------------------------------------------------------------------------------
 
 def cmd_submit(args) -> None:
-    spec = spec_from_args_with_server_options(args)  # refused here, before any upload
+    spec, validate_top_k = submit_spec(args)  # refused here, before any upload
     with Server(args.server, args.api_key) as server:
         try:
-            created = submit(server, args.model, args.data, spec, args.validate_top_k, args.public)
+            created = submit(server, args.model, args.data, spec, validate_top_k, args.public)
         except KeyboardInterrupt:
             raise Interrupted(f"interrupted before the server answered; `bitsearch jobs{_hint(args)}` shows "
                               "whether the job was queued") from None
@@ -263,19 +263,18 @@ def cmd_submit(args) -> None:
         _show_results(server, job, args.json)
 
 
-def spec_from_args_with_server_options(args):
-    """The spec of `submit`: validate_top_k is the server's own option, not the search's."""
+def submit_spec(args) -> tuple:
+    """(the JobSpec, validate_top_k) of `submit`: validate_top_k is the server's own option, not the search's,
+    from --validate-top-k or --options."""
     from search.spec import make_spec
 
     from .common import spec_fields
 
     fields = spec_fields(args)
     top_k = fields.pop("validate_top_k", None)
-    if args.validate_top_k is None and top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise ValueError(f"validate_top_k must be an integer, got {top_k!r}")
-        args.validate_top_k = top_k
-    return make_spec(**fields)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)):
+        raise ValueError(f"validate_top_k must be an integer, got {top_k!r}")
+    return make_spec(**fields), args.validate_top_k if args.validate_top_k is not None else top_k
 
 
 def cmd_watch(args) -> None:
