@@ -40,6 +40,12 @@ def like(settings: Settings, **overrides) -> Settings:
     return make_settings(settings.var_dir, database_url=settings.database_url, **overrides)
 
 
+def stale(settings: Settings) -> Settings:
+    """Settings under which every heartbeat and lease is stale, even one written a moment ago: what a reaper or
+    a redelivery sees when the worker holding a job has been paused for longer than stale_after_s."""
+    return like(settings, stale_after_s=-3600)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def settings(request, tmp_path) -> Settings:
     """A migrated database: the embedded SQLite file, or a fresh PostgreSQL database (row locks, timestamptz)."""
@@ -129,7 +135,7 @@ def test_a_lost_claim_fences_every_write_of_the_old_attempt(settings, tiny_model
     assert candidate_seqs(settings, jid) == [0] and job_row(settings, jid)["step"] == 1
 
     # The reaper finds the heartbeat stale (here: any heartbeat is) and requeues the job.
-    requeued, _ = jobs.requeue_orphans(like(settings, stale_after_s=0))
+    requeued, _ = jobs.requeue_orphans(stale(settings))
     assert requeued == [jid]
     before = job_row(settings, jid)
     assert before["status"] == "queued" and before["worker"] is None
@@ -179,15 +185,21 @@ def test_a_requeued_run_stops_at_its_next_step_without_touching_the_job(settings
     runner = threading.Thread(target=lambda: outcome.setdefault("status", jobs.run_job(settings, jid)))
     with caplog.at_level(logging.WARNING, logger="bitsearch.worker"):
         runner.start()
-        deadline = time.time() + 120
-        while not candidate_seqs(settings, jid):
-            assert runner.is_alive() and time.time() < deadline, job_row(settings, jid)
-            time.sleep(0.05)
-        assert jobs.requeue_orphans(like(settings, stale_after_s=0))[0] == [jid]
-        assert jobs.claim_job(settings, jid, "worker-b") == jobs.Claim(jid, "worker-b", 2)
-        claimed = job_row(settings, jid)
-        runner.join(timeout=30)
-    assert not runner.is_alive(), "the old run kept going after its job was taken"
+        try:
+            deadline = time.time() + 120
+            while not candidate_seqs(settings, jid):
+                assert runner.is_alive() and time.time() < deadline, job_row(settings, jid)
+                time.sleep(0.05)
+            assert jobs.requeue_orphans(stale(settings))[0] == [jid]
+            assert jobs.claim_job(settings, jid, "worker-b") == jobs.Claim(jid, "worker-b", 2)
+            claimed = job_row(settings, jid)
+        finally:
+            runner.join(timeout=30)
+            stopped = not runner.is_alive()
+            if not stopped:  # whatever failed above, the run must not outlive the test's database
+                jobs.requeue_orphans(stale(settings))
+                runner.join(timeout=30)
+    assert stopped, "the old run kept going after its job was taken"
     assert outcome["status"] == "lost"
     # The second attempt's state is exactly what its claim left: no candidate, progress or finish of the first.
     assert job_row(settings, jid) == claimed
@@ -243,8 +255,8 @@ def test_a_validation_is_claimed_once_and_a_stale_one_is_taken_over(settings, ti
     assert renewed["updated_at"] != running["updated_at"]
 
     # Its worker stops renewing; after stale_after_s another delivery takes the validation over ...
-    stale = like(settings, stale_after_s=0)
-    second = jobs.claim_validation(stale, cid)
+    paused = stale(settings)
+    second = jobs.claim_validation(paused, cid)
     assert second is not None
     taken = validation_row(settings, cid)
     # ... and the first worker, if it was only paused, can neither renew, nor fail, nor publish anything.
@@ -258,7 +270,7 @@ def test_a_validation_is_claimed_once_and_a_stale_one_is_taken_over(settings, ti
     assert list((settings.resolved_artifact_dir() / "packed").iterdir()) == []  # its late copy is gone too
 
     # The reaper requeues a running validation whose lease went stale, which also fences its holder.
-    assert jobs.requeue_orphans(stale)[1] == [cid]
+    assert jobs.requeue_orphans(paused)[1] == [cid]
     assert validation_row(settings, cid)["status"] == "queued"
     with pytest.raises(jobs.ValidationLost):
         jobs.publish_packed(settings, second, packed_dir(tmp_path, "second"))
@@ -268,8 +280,8 @@ def test_a_validation_is_claimed_once_and_a_stale_one_is_taken_over(settings, ti
     assert done["status"] == "succeeded" and done["packed_path"] == str(path)
     assert json.loads((path / "config.json").read_text()) == {"tag": "third"}
     # A finished validation is never run again, however often its message comes back.
-    assert jobs.claim_validation(stale, cid) is None
-    assert jobs.run_validation(stale, cid) == "skipped"
+    assert jobs.claim_validation(paused, cid) is None
+    assert jobs.run_validation(paused, cid) == "skipped"
     assert validation_row(settings, cid) == done
 
 
@@ -463,13 +475,15 @@ def test_a_cancelled_run_finishes_with_that_reason(settings, tiny_model_path):
     fast_beat = like(settings, heartbeat_s=0.2)
     runner = threading.Thread(target=lambda: outcome.setdefault("status", jobs.run_job(fast_beat, jid)))
     runner.start()
-    deadline = time.time() + 120
-    while not candidate_seqs(settings, jid):
-        assert runner.is_alive() and time.time() < deadline, job_row(settings, jid)
-        time.sleep(0.05)
-    with session_scope(url(settings)) as s:  # what POST /jobs/{id}/cancel does to a running job
-        s.execute(update(Job).where(Job.id == jid).values(cancel_requested=True))
-    runner.join(timeout=30)
+    try:
+        deadline = time.time() + 120
+        while not candidate_seqs(settings, jid):
+            assert runner.is_alive() and time.time() < deadline, job_row(settings, jid)
+            time.sleep(0.05)
+    finally:
+        with session_scope(url(settings)) as s:  # what POST /jobs/{id}/cancel does to a running job
+            s.execute(update(Job).where(Job.id == jid).values(cancel_requested=True))
+        runner.join(timeout=30)
     assert outcome.get("status") == "cancelled"
     row = job_row(settings, jid)
     assert row["status"] == "cancelled" and row["error"] == "cancelled by request" and row["finished_at"]

@@ -117,31 +117,31 @@ def fenced(s, claim: Claim, **values) -> None:
 def claim_job(settings: Settings, job_id: str, me: str) -> Claim | None:
     """Take the job if it is queued; fail it when it has been lost too often. None: nothing to do here."""
     url = settings.resolved_database_url()
+    now = utcnow()
     with session_scope(url) as s:
-        job = s.get(Job, job_id)
-        if job is None or job.status in FINAL_STATES:
-            return None
-        if job.cancel_requested:
-            _finish(s, job_id, "cancelled", None)
-            return None
-        if job.status == "running":
-            return None  # another worker holds it; the reaper requeues it if that worker dies
-        if job.attempts >= settings.max_attempts:
-            _finish(s, job_id, "failed", f"the job was interrupted {job.attempts} times (worker lost); giving up")
-            return None
-        now = utcnow()
+        # The claim is the transaction's first statement, and reads come after it: on SQLite a transaction that
+        # reads before it writes fails at once ("database is locked") if another connection commits in between.
         claimed = s.execute(
-            update(Job).where(Job.id == job_id, Job.status == "queued")
+            update(Job).where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False),
+                              Job.attempts < settings.max_attempts)
             .values(status="running", worker=me, attempts=Job.attempts + 1, heartbeat_at=now,
                     started_at=now, step=0, total=0, phase="starting", best_val_top1=None, error=None)
         ).rowcount
-        if claimed != 1:
-            return None
-        # Read inside the claiming transaction: the row is ours until commit, so this is our attempt number.
-        attempt = s.scalar(select(Job.attempts).where(Job.id == job_id))
-        # A rerun after a crash starts over (searches are seeded, so it finds the same candidates).
-        s.execute(delete(CandidateRecord).where(CandidateRecord.job_id == job_id))
-    return Claim(job_id, me, int(attempt))
+        if claimed == 1:
+            # Read inside the claiming transaction: the row is ours until commit, so this is our attempt number.
+            attempt = s.scalar(select(Job.attempts).where(Job.id == job_id))
+            # A rerun after a crash starts over (searches are seeded, so it finds the same candidates).
+            s.execute(delete(CandidateRecord).where(CandidateRecord.job_id == job_id))
+            return Claim(job_id, me, int(attempt))
+        # Not claimable: finished, running under another worker (the reaper requeues it if that worker dies),
+        # or queued but cancelled or lost too often, which is decided here.
+        job = s.get(Job, job_id)
+        if job is not None and job.status == "queued":
+            if job.cancel_requested:
+                _finish(s, job_id, "cancelled", "cancelled by request")
+            elif job.attempts >= settings.max_attempts:
+                _finish(s, job_id, "failed", f"the job was interrupted {job.attempts} times (worker lost); giving up")
+    return None
 
 
 def _finish(s, job_id: str, status: str, error: str | None, **values) -> None:
@@ -685,7 +685,9 @@ def announce_worker(settings: Settings, name: str) -> None:
     from store.models import WorkerRecord
 
     with session_scope(settings.resolved_database_url()) as s:
-        s.merge(WorkerRecord(name=name, last_seen=utcnow()))
+        # Write first (see claim_job): merge() would read the row before writing it.
+        if s.execute(update(WorkerRecord).where(WorkerRecord.name == name).values(last_seen=utcnow())).rowcount == 0:
+            s.add(WorkerRecord(name=name, last_seen=utcnow()))
 
 
 def requeue_orphans(settings: Settings) -> tuple[list[str], list[int]]:
@@ -699,38 +701,30 @@ def requeue_orphans(settings: Settings) -> tuple[list[str], list[int]]:
     url = settings.resolved_database_url()
     now = utcnow()
     cutoff = now - timedelta(seconds=settings.stale_after_s)
+    # Every statement writes and returns what it changed (see claim_job: no read before the first write).
     with session_scope(url) as s:
         stale = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff)
         # A job whose worker died after its time limit was killed for it (Celery's hard limit): fail it.
         overdue = now - timedelta(seconds=settings.task_time_limit_s)
-        for jid in s.scalars(select(Job.id).where(Job.status == "running", stale, Job.started_at < overdue)).all():
-            _finish(s, jid, "failed", f"the search exceeded the time limit of {settings.task_time_limit_s} s")
-        lost = s.scalars(select(Job.id).where(Job.status == "running", stale)).all()
-        waiting = s.scalars(select(Job.id).where(Job.status == "queued", stale)).all()
-        for jid in lost:
-            s.execute(update(Job).where(Job.id == jid, Job.status == "running", stale)
-                      .values(status="queued", phase="requeued: its worker stopped responding", worker=None,
-                              heartbeat_at=now))
+        s.execute(update(Job).where(Job.status == "running", stale, Job.started_at < overdue).values(
+            status="failed", error=f"the search exceeded the time limit of {settings.task_time_limit_s} s",
+            finished_at=now))
         # A queued job's heartbeat_at is when it was last sent; resend in case the broker lost the message.
-        for jid in waiting:
-            s.execute(update(Job).where(Job.id == jid).values(heartbeat_at=now))
+        waiting = s.scalars(update(Job).where(Job.status == "queued", stale).values(heartbeat_at=now)
+                            .returning(Job.id)).all()
+        lost = s.scalars(update(Job).where(Job.status == "running", stale).values(
+            status="queued", phase="requeued: its worker stopped responding", worker=None, heartbeat_at=now)
+            .returning(Job.id)).all()
 
         # A running validation renews updated_at every heartbeat; a queued one's updated_at is when it was
         # last sent, and it may wait behind long searches, so it is resent far less often.
-        v_stale = ValidationRecord.updated_at < cutoff
-        v_unsent = ValidationRecord.updated_at < now - timedelta(
-            seconds=settings.validate_time_limit_s + settings.stale_after_s)
-        v_lost = s.scalars(select(ValidationRecord.candidate_id).where(
-            ValidationRecord.status == "running", v_stale)).all()
-        v_waiting = s.scalars(select(ValidationRecord.candidate_id).where(
-            ValidationRecord.status == "queued", v_unsent)).all()
-        for cid in v_lost:
-            s.execute(update(ValidationRecord).where(ValidationRecord.candidate_id == cid,
-                                                     ValidationRecord.status == "running", v_stale)
-                      .values(status="queued", updated_at=now))
-        for cid in v_waiting:
-            s.execute(update(ValidationRecord).where(ValidationRecord.candidate_id == cid,
-                                                     ValidationRecord.status == "queued").values(updated_at=now))
+        unsent = now - timedelta(seconds=settings.validate_time_limit_s + settings.stale_after_s)
+        v_waiting = s.scalars(update(ValidationRecord).where(
+            ValidationRecord.status == "queued", ValidationRecord.updated_at < unsent)
+            .values(updated_at=now).returning(ValidationRecord.candidate_id)).all()
+        v_lost = s.scalars(update(ValidationRecord).where(
+            ValidationRecord.status == "running", ValidationRecord.updated_at < cutoff)
+            .values(status="queued", updated_at=now).returning(ValidationRecord.candidate_id)).all()
     return [*lost, *waiting], [*v_lost, *v_waiting]
 
 
