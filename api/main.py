@@ -7,10 +7,14 @@ import re
 import threading
 import uuid
 from contextlib import asynccontextmanager
+from pathlib import Path
 
+import fastapi_offline
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
 from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 
 from api import analysis
 from api.routes import candidates, health, jobs, leaderboard
@@ -138,6 +142,9 @@ def create_app() -> FastAPI:
     migrate(settings.resolved_database_url())
     app = FastAPI(
         lifespan=_lifespan,
+        # Served by _docs below: FastAPI's own pages load Swagger UI and ReDoc from a CDN, blank offline.
+        docs_url=None,
+        redoc_url=None,
         title="bitsearch",
         version="0.1.0",
         description="Per-layer bit-width search for PyTorch models. POST a torch.export .pt2, data and a budget to "
@@ -145,6 +152,7 @@ def create_app() -> FastAPI:
     )
     for module in (jobs, candidates, leaderboard, health):
         app.include_router(module.router)
+    _docs(app)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError):
@@ -168,6 +176,46 @@ def create_app() -> FastAPI:
     app.add_middleware(KeyGate)
     _redact_logs()
     return app
+
+
+DOCS_ASSETS = "/static/docs"
+# The bundles can still name outside addresses (ReDoc's sidebar logo comes from its CDN); this policy keeps the
+# browser on this server, so the pages neither wait on nor report to anyone else.
+DOCS_POLICY = {"Content-Security-Policy": "default-src 'self' 'unsafe-inline' data: blob:"}
+
+
+def _docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc from the copies of their scripts in the fastapi-offline package, so that
+    the documentation works on a machine without internet."""
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+    favicon = f"{DOCS_ASSETS}/favicon.png"
+
+    @app.get("/docs", include_in_schema=False)
+    def _swagger(request: Request):
+        root = request.scope.get("root_path", "")
+        page = get_swagger_ui_html(
+            openapi_url=root + app.openapi_url, title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=root + "/docs/oauth2-redirect",
+            swagger_js_url=root + f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=root + f"{DOCS_ASSETS}/swagger-ui.css", swagger_favicon_url=root + favicon,
+            # Swagger UI's default sends the schema's address to validator.swagger.io for a badge.
+            swagger_ui_parameters={"validatorUrl": None})
+        page.headers.update(DOCS_POLICY)
+        return page
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    def _swagger_redirect():
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    def _redoc(request: Request):
+        root = request.scope.get("root_path", "")
+        page = get_redoc_html(openapi_url=root + app.openapi_url, title=f"{app.title} - ReDoc",
+                              redoc_js_url=root + f"{DOCS_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=root + favicon, with_google_fonts=False)
+        page.headers.update(DOCS_POLICY)
+        return page
 
 
 def jsonable(errors) -> list:
