@@ -20,6 +20,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from api.services.errors import Busy, CannotRun, InvalidRequest, ServiceError, TooLarge
 from store.settings import Settings
 
 log = logging.getLogger("bitsearch.api")
@@ -33,12 +34,12 @@ _slots: threading.BoundedSemaphore | None = None
 
 
 class AnalysisFailed(Exception):
-    """An upload the child refused or could not finish: `status` and a one-line `message` for the client, which
-    the caller prefixes with the file's name when `about_file`."""
+    """An upload the child refused or could not finish: the kind of refusal (a ServiceError class) and a one-line
+    `message` for the client, which the caller prefixes with the file's name when `about_file`."""
 
-    def __init__(self, status: int, message: str, about_file: bool = True):
+    def __init__(self, kind: type[ServiceError], message: str, about_file: bool = True):
         super().__init__(message)
-        self.status, self.message, self.about_file = status, message, about_file
+        self.kind, self.message, self.about_file = kind, message, about_file
 
 
 Dim = Annotated[int, Field(ge=0, le=2**40)]
@@ -130,7 +131,7 @@ def analyse(kind: str, path: Path, settings: Settings) -> ModelAnalysis | Datase
             "max_layers": settings.max_layers}
     # Waiting for a slot counts against the time limit too: a request should not hang behind a queue of bombs.
     if not _slots.acquire(timeout=limit_s):
-        raise AnalysisFailed(503, "the server is busy analysing other uploads; retry in a few seconds", False)
+        raise AnalysisFailed(Busy, "the server is busy analysing other uploads; retry in a few seconds", False)
     timed_out = threading.Event()
     try:
         reader, writer = ctx.Pipe(duplex=False)
@@ -164,9 +165,9 @@ def analyse(kind: str, path: Path, settings: Settings) -> ModelAnalysis | Datase
         _slots.release()
     if raw is None:
         if timed_out.is_set():
-            raise AnalysisFailed(422, f"its analysis did not finish within this server's time limit of {limit_s:g} s")
+            raise AnalysisFailed(CannotRun, f"its analysis did not finish within this server's time limit of {limit_s:g} s")
         log.warning("a %s analysis ended without a result (exit code %s) after %.1f s", kind, proc.exitcode, seconds)
-        raise AnalysisFailed(422, f"it could not be analysed within this server's limits ({limit_mb} MB of memory, "
+        raise AnalysisFailed(CannotRun, f"it could not be analysed within this server's limits ({limit_mb} MB of memory, "
                                   f"{limit_s:g} s)")
     return _parse(kind, raw, limit_mb)
 
@@ -181,12 +182,12 @@ def _parse(kind: str, raw: bytes, limit_mb: int):
         error, text = message.get("error"), str(message.get("message", ""))[:600]
     except (ValueError, ValidationError) as e:
         log.error("a %s analysis sent an unusable result: %s", kind, str(e)[:300])
-        raise AnalysisFailed(422, "it could not be analysed") from None
+        raise AnalysisFailed(CannotRun, "it could not be analysed") from None
     if error == "invalid":
-        raise AnalysisFailed(400, text)
+        raise AnalysisFailed(InvalidRequest, text)
     if error == "unfit":
-        raise AnalysisFailed(422, text, about_file=False)
+        raise AnalysisFailed(CannotRun, text, about_file=False)
     if error == "memory":
-        raise AnalysisFailed(413, f"its analysis needs more memory than this server's limit of {limit_mb} MB")
+        raise AnalysisFailed(TooLarge, f"its analysis needs more memory than this server's limit of {limit_mb} MB")
     log.error("a %s analysis failed: %s", kind, text)
-    raise AnalysisFailed(422, "it could not be analysed")
+    raise AnalysisFailed(CannotRun, "it could not be analysed")

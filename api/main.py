@@ -17,6 +17,8 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from api import analysis
+from api.services import errors
+from api.services.errors import ServiceError
 from api.routes import candidates, health, jobs, leaderboard
 from api.security import KeyGate
 from store.auth import KEY_PREFIX
@@ -137,6 +139,13 @@ async def _lifespan(_app):
     yield
 
 
+# The one place a service refusal becomes an HTTP status.
+ERROR_STATUS: dict[type[ServiceError], int] = {
+    errors.InvalidRequest: 400, errors.NotFound: 404, errors.Conflict: 409, errors.TooLarge: 413,
+    errors.CannotRun: 422, errors.QuotaExceeded: 429, errors.Busy: 503, errors.StorageFull: 507,
+}
+
+
 def create_app() -> FastAPI:
     settings = get_settings()
     migrate(settings.resolved_database_url())
@@ -159,6 +168,11 @@ def create_app() -> FastAPI:
         # One readable line naming each bad field, instead of pydantic's nested structure only.
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return JSONResponse(status_code=422, content={"detail": problems, "errors": jsonable(exc.errors())})
+
+    @app.exception_handler(ServiceError)
+    async def _refused(_request: Request, exc: ServiceError):
+        return JSONResponse(status_code=ERROR_STATUS[type(exc)], content={"detail": exc.message},
+                            headers=exc.headers or None)
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

@@ -2,26 +2,21 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any
+from datetime import datetime, timezone
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from search.searches.base import SearchOptions
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 
-class JobOptions(SearchOptions):
-    """The `options` form field of POST /jobs (JSON): the search's options (bit choices validated there)
-    plus the service's own, with bounds a shared server needs."""
 
-    seed: int = Field(default=0, ge=0, le=2**31 - 1)
-    calib_size: int = Field(default=1024, ge=16, le=65536, description="calibration images")
-    val_samples: int = Field(default=2000, ge=100, le=100000, description="validation images scoring candidates")
-    validate_top_k: int = Field(default=4, ge=0, le=64, description="Pareto candidates run on the real kernels")
+def _utc_iso(t: datetime) -> str:
+    # SQLite hands back naive datetimes and PostgreSQL aware ones; everything stored is UTC, and every response
+    # says so the same way.
+    t = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    return t.isoformat().replace("+00:00", "Z")
 
-    def search_options(self) -> dict:
-        """What the worker passes to the search (SearchOptions fields plus calib_size)."""
-        return self.model_dump(exclude={"validate_top_k"})
+
+UtcTime = Annotated[datetime, PlainSerializer(_utc_iso, return_type=str)]
 
 
 class Progress(BaseModel):
@@ -44,9 +39,9 @@ class JobOut(BaseModel):
     validate_top_k: int
     progress: Progress
     error: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: UtcTime
+    started_at: UtcTime | None
+    finished_at: UtcTime | None
     search_seconds: float | None
     attempts: int
     cancel_requested: bool

@@ -43,13 +43,11 @@ def parse_budget(raw) -> Budget:
                           f"{', '.join(METRICS)}")
     unknown = sorted(set(raw) - set(METRICS))
     if unknown:
-        raise BudgetError(f"unknown budget metric(s) {unknown}; expected {', '.join(METRICS)}")
+        raise BudgetError(f"unknown metric(s) {unknown}; expected {', '.join(METRICS)}")
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in raw.values()):
         raise BudgetError("every budget limit must be a number")
-    values = {k: int(v) if k in ("weight_bytes", "bitops", "act_bytes") and float(v).is_integer() else v
-              for k, v in raw.items()}
     try:
-        return Budget(**values)
+        return Budget(**raw)
     except ValueError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in getattr(e, "errors", list)())
         raise BudgetError(f"invalid budget: {problems or e}") from e

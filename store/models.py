@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
+from enum import StrEnum
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -50,8 +51,16 @@ class DatasetRecord(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
-FINAL_STATES = ("succeeded", "failed", "cancelled")
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATES = (JobStatus.QUEUED, JobStatus.RUNNING)  # what counts against an owner's active-job limit
+FINAL_STATES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class Job(Base):
@@ -65,7 +74,7 @@ class Job(Base):
     options: Mapped[dict] = mapped_column(JSON)
     validate_top_k: Mapped[int] = mapped_column(Integer, default=4)
 
-    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value, index=True)
     step: Mapped[int] = mapped_column(Integer, default=0)
     total: Mapped[int] = mapped_column(Integer, default=0)
     phase: Mapped[str] = mapped_column(String(64), default="queued")
@@ -120,7 +129,11 @@ class CandidateRecord(Base):
                                                                 cascade="all, delete-orphan")
 
 
-VALIDATION_STATES = ("queued", "running", "succeeded", "failed")
+class ValidationStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
 
 
 class ValidationRecord(Base):
@@ -130,7 +143,7 @@ class ValidationRecord(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"), unique=True)
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=ValidationStatus.QUEUED.value)
     top1: Mapped[float | None] = mapped_column(Float, nullable=True)
     sim_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
     agreement: Mapped[float | None] = mapped_column(Float, nullable=True)

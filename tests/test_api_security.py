@@ -85,7 +85,8 @@ def test_analysis_child_reports_the_model_and_is_killed_at_its_time_limit():
     """The child's JSON, rebuilt in the API, prices configs exactly as the loaded model does; an analysis over the
     time limit is killed and named."""
     from api.analysis import AnalysisFailed, analyse
-    from api.intake import ModelSummary
+    from api.services.errors import CannotRun
+    from api.services.uploads import ModelSummary
     from search.cost import cost_of
     from search.model import load_model
     from store.settings import Settings
@@ -102,7 +103,7 @@ def test_analysis_child_reports_the_model_and_is_killed_at_its_time_limit():
 
     with pytest.raises(AnalysisFailed) as e:
         analyse("model", RESNET, Settings(upload_analysis_time_s=0.05))
-    assert e.value.status == 422 and "time limit of 0.05 s" in e.value.message
+    assert e.value.kind is CannotRun and "time limit of 0.05 s" in e.value.message
 
 
 def test_an_analysis_over_the_memory_limit_gets_413_and_the_api_stays_up(tmp_path):

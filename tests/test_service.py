@@ -225,8 +225,11 @@ def test_bad_requests_get_clear_4xx_and_store_nothing(stack, tmp_path):
     r = submit(stack, "sqnr", {"avg_wbits": 3}, data_name=None, files=files)
     assert r.status_code == 422 and "labels up to 21" in r.json()["detail"]
 
+    # An option the method does not take is a malformed request, like an unknown key.
     r = submit(stack, "sqnr", {"avg_wbits": 3}, {**FAST, "finetune": {"epochs": 1}})
-    assert r.status_code == 422 and "'sqnr' does not fine-tune" in r.json()["detail"]
+    assert r.status_code == 400 and "'sqnr' does not fine-tune" in r.json()["detail"]
+    r = submit(stack, "sqnr", {"avg_wbits": 3}, {**FAST, "params": {"sweeps": 3}})
+    assert r.status_code == 400 and "unknown sqnr option(s) 'sweeps'" in r.json()["detail"]
     r = submit(stack, "imprinting", {"avg_wbits": 3}, {**FAST, "finetune": {"epochs": 40}})
     assert r.status_code == 422 and "2200000 training images" in r.json()["detail"]
     r = submit(stack, "haq", {"avg_wbits": 3}, {**FAST, "finetune": {"steps": 10**6}})

@@ -31,7 +31,8 @@ from sqlalchemy import and_, delete, or_, select, update
 
 from store.artifacts import ArtifactStore
 from store.db import session_scope
-from store.models import FINAL_STATES, CandidateRecord, DatasetRecord, Job, ModelRecord, ValidationRecord
+from store.models import (FINAL_STATES, CandidateRecord, DatasetRecord, Job, JobStatus, ModelRecord, ValidationRecord,
+                          ValidationStatus)
 from store.settings import Settings
 
 log = logging.getLogger("bitsearch.worker")
@@ -99,7 +100,7 @@ class Claim:
 
     def holds(self):
         return and_(Job.id == self.job_id, Job.attempts == self.attempt, Job.worker == self.worker,
-                    Job.status == "running")
+                    Job.status == JobStatus.RUNNING)
 
 
 def fenced(s, claim: Claim, **values) -> None:
@@ -122,9 +123,9 @@ def claim_job(settings: Settings, job_id: str, me: str) -> Claim | None:
         # The claim is the transaction's first statement, and reads come after it: on SQLite a transaction that
         # reads before it writes fails at once ("database is locked") if another connection commits in between.
         claimed = s.execute(
-            update(Job).where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False),
+            update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False),
                               Job.attempts < settings.max_attempts)
-            .values(status="running", worker=me, attempts=Job.attempts + 1, heartbeat_at=now,
+            .values(status=JobStatus.RUNNING, worker=me, attempts=Job.attempts + 1, heartbeat_at=now,
                     started_at=now, step=0, total=0, phase="starting", best_val_top1=None, error=None)
         ).rowcount
         if claimed == 1:
@@ -136,11 +137,11 @@ def claim_job(settings: Settings, job_id: str, me: str) -> Claim | None:
         # Not claimable: finished, running under another worker (the reaper requeues it if that worker dies),
         # or queued but cancelled or lost too often, which is decided here.
         job = s.get(Job, job_id)
-        if job is not None and job.status == "queued":
+        if job is not None and job.status == JobStatus.QUEUED:
             if job.cancel_requested:
-                _finish(s, job_id, "cancelled", "cancelled by request")
+                _finish(s, job_id, JobStatus.CANCELLED, "cancelled by request")
             elif job.attempts >= settings.max_attempts:
-                _finish(s, job_id, "failed", f"the job was interrupted {job.attempts} times (worker lost); giving up")
+                _finish(s, job_id, JobStatus.FAILED, f"the job was interrupted {job.attempts} times (worker lost); giving up")
     return None
 
 
@@ -205,28 +206,25 @@ class Heartbeat:
 
 # -- running ----------------------------------------------------------------------------------------------
 
+def job_spec(job: Job):
+    """The typed spec the job was submitted with (api/services/jobs.py stored spec.job_options())."""
+    from search.spec import JobSpec
+
+    return JobSpec.from_job(job.method, job.budget, job.options)
+
+
 def load_job_inputs(settings: Settings, job: Job, model: ModelRecord, dataset: DatasetRecord):
-    from search.data import load_dataset_file, load_splits, splits_from_set
+    """The model and the data splits of a job, by the same function the CLI uses (search.spec.load_job_data):
+    the spec's seed and calibration size choose the calibration images, for built-in and uploaded data alike."""
     from search.model import load_model
+    from search.spec import load_job_data
 
     store = ArtifactStore(settings.resolved_artifact_dir())
     loaded = load_model(store.path("models", model.id), max_bytes=settings.max_model_bytes,
                         max_layers=settings.max_layers)
-    calib_size = int(job.options.get("calib_size", 1024))
-    seed = int(job.options.get("seed", 0))
-    if dataset.builtin:
-        splits = load_splits(dataset.id, calib_size=calib_size)
-    else:
-        data = load_dataset_file(store.path("datasets", dataset.id), max_bytes=settings.max_dataset_bytes)
-        splits = splits_from_set(dataset.name, data, calib_size=calib_size, seed=seed)
+    source = dataset.id if dataset.builtin else store.path("datasets", dataset.id)
+    splits = load_job_data(job_spec(job), source, name=dataset.name, max_bytes=settings.max_dataset_bytes)
     return loaded, splits
-
-
-def search_options(job: Job):
-    from search.searches import SearchOptions
-
-    opts = {k: v for k, v in job.options.items() if k not in ("calib_size",)}
-    return SearchOptions(**opts)
 
 
 def _finite(x: float | None) -> float | None:
@@ -301,8 +299,7 @@ def run_job(settings: Settings, job_id: str) -> str:
 
 
 def _run_claimed(settings: Settings, claim: Claim) -> str:
-    from search.cost import Budget
-    from search.searches import run_search
+    from search.spec import run_job as run_spec
 
     url = settings.resolved_database_url()
     job_id = claim.job_id
@@ -336,8 +333,8 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
             model, splits = load_job_inputs(settings, job, model_rec, data_rec)
             hb.check()
             latency = _latency_table(settings, claim, job, model)
-            result = run_search(job.method, model, splits, Budget(**job.budget), search_options(job),
-                                on_progress=on_progress, latency=latency, on_candidate=on_candidate)
+            result = run_spec(job_spec(job), model, splits, on_progress=on_progress, on_candidate=on_candidate,
+                              latency=latency)
         except Exception as e:
             chain = _chain(e)
             lost = next((c for c in chain if isinstance(c, JobLost)), None)
@@ -345,15 +342,15 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
                 raise lost from None
             seconds = time.perf_counter() - started
             if any(isinstance(c, JobCancelled) for c in chain):
-                finish_job(url, claim, "cancelled", "cancelled by request", search_seconds=seconds)
+                finish_job(url, claim, JobStatus.CANCELLED, "cancelled by request", search_seconds=seconds)
                 return "cancelled"
-            finish_job(url, claim, "failed", _reason(e, settings, f"job {job_id}"), search_seconds=seconds)
+            finish_job(url, claim, JobStatus.FAILED, _reason(e, settings, f"job {job_id}"), search_seconds=seconds)
             return "failed"
 
     # The Pareto flags are known only at the end; candidates were stored in the order the search found them.
     flags = {i: (c.pareto, c is result.recommended) for i, c in enumerate(result.candidates)}
     best = result.recommended
-    finish_job(url, claim, "succeeded", None, flags=flags, search_seconds=result.seconds, step=Job.total,
+    finish_job(url, claim, JobStatus.SUCCEEDED, None, flags=flags, search_seconds=result.seconds, step=Job.total,
                best_val_top1=None if best is None else best.val_top1, phase="done")
     queue_validations(settings, job_id)
     return "succeeded"
@@ -376,7 +373,7 @@ def _latency_table(settings: Settings, claim: Claim, job: Job, model):
     from kernels.latency import measure_latency_table
 
     set_phase(url, claim, "measuring kernel latencies")
-    opts = search_options(job)
+    opts = job_spec(job)
     table = measure_latency_table(model, w_bits=opts.w_bits, a_bits=[b for b in opts.a_bits if b <= 8] or [8])
     with session_scope(url) as s:
         s.add(LatencyTableRecord(model_id=job.model_id, machine=machine,
@@ -513,7 +510,7 @@ def queue_validations(settings: Settings, job_id: str) -> list[int]:
         ids = []
         for c in chosen:
             if c.validation is None:
-                s.add(ValidationRecord(candidate_id=c.id, status="queued"))
+                s.add(ValidationRecord(candidate_id=c.id, status=ValidationStatus.QUEUED))
             ids.append(c.id)
     for cid in ids:
         app.send_task(VALIDATE_TASK, args=[cid], queue=settings.queue)
@@ -534,7 +531,7 @@ class ValidationLease:
         self._lock = threading.Lock()  # the heartbeat thread and the task both write through the lease
 
     def holds(self):
-        return and_(ValidationRecord.candidate_id == self.candidate_id, ValidationRecord.status == "running",
+        return and_(ValidationRecord.candidate_id == self.candidate_id, ValidationRecord.status == ValidationStatus.RUNNING,
                     ValidationRecord.updated_at == self.token)
 
     def update(self, **values) -> None:
@@ -554,7 +551,7 @@ class ValidationLease:
         """Whether the validation succeeded with `path` (a commit whose acknowledgement was lost)."""
         with session_scope(self.url) as s:
             return s.scalar(select(ValidationRecord.id).where(
-                ValidationRecord.candidate_id == self.candidate_id, ValidationRecord.status == "succeeded",
+                ValidationRecord.candidate_id == self.candidate_id, ValidationRecord.status == ValidationStatus.SUCCEEDED,
                 ValidationRecord.packed_path == str(path))) is not None
 
 
@@ -568,9 +565,9 @@ def claim_validation(settings: Settings, candidate_id: int) -> ValidationLease |
         claimed = s.execute(
             update(ValidationRecord).where(
                 ValidationRecord.candidate_id == candidate_id,
-                or_(ValidationRecord.status == "queued",
-                    and_(ValidationRecord.status == "running", ValidationRecord.updated_at < stale)))
-            .values(status="running", error=None, updated_at=now)).rowcount
+                or_(ValidationRecord.status == ValidationStatus.QUEUED,
+                    and_(ValidationRecord.status == ValidationStatus.RUNNING, ValidationRecord.updated_at < stale)))
+            .values(status=ValidationStatus.RUNNING, error=None, updated_at=now)).rowcount
     return ValidationLease(url, candidate_id, now) if claimed == 1 else None
 
 
@@ -615,7 +612,7 @@ def publish_packed(settings: Settings, lease: ValidationLease, packed_dir: Path,
     key = f"candidate-{lease.candidate_id}"
     version = store.put_dir("packed", key, packed_dir)
     try:
-        lease.update(status="succeeded", packed_path=str(version), **values)
+        lease.update(status=ValidationStatus.SUCCEEDED, packed_path=str(version), **values)
     except ValidationLost:
         if not lease.published(version):
             shutil.rmtree(version, ignore_errors=True)
@@ -642,7 +639,7 @@ def run_validation(settings: Settings, candidate_id: int) -> str:
                 raise
             except Exception as e:
                 reason = _reason(e, settings, f"validation of candidate {candidate_id}", task="validation")
-                lease.update(status="failed", error=reason)
+                lease.update(status=ValidationStatus.FAILED, error=reason)
                 return "failed"
     except ValidationLost as e:
         log.warning("stopping: %s (its current holder decides its outcome)", e)
@@ -706,25 +703,25 @@ def requeue_orphans(settings: Settings) -> tuple[list[str], list[int]]:
         stale = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff)
         # A job whose worker died after its time limit was killed for it (Celery's hard limit): fail it.
         overdue = now - timedelta(seconds=settings.task_time_limit_s)
-        s.execute(update(Job).where(Job.status == "running", stale, Job.started_at < overdue).values(
-            status="failed", error=f"the search exceeded the time limit of {settings.task_time_limit_s} s",
+        s.execute(update(Job).where(Job.status == JobStatus.RUNNING, stale, Job.started_at < overdue).values(
+            status=JobStatus.FAILED, error=f"the search exceeded the time limit of {settings.task_time_limit_s} s",
             finished_at=now))
         # A queued job's heartbeat_at is when it was last sent; resend in case the broker lost the message.
-        waiting = s.scalars(update(Job).where(Job.status == "queued", stale).values(heartbeat_at=now)
+        waiting = s.scalars(update(Job).where(Job.status == JobStatus.QUEUED, stale).values(heartbeat_at=now)
                             .returning(Job.id)).all()
-        lost = s.scalars(update(Job).where(Job.status == "running", stale).values(
-            status="queued", phase="requeued: its worker stopped responding", worker=None, heartbeat_at=now)
+        lost = s.scalars(update(Job).where(Job.status == JobStatus.RUNNING, stale).values(
+            status=JobStatus.QUEUED, phase="requeued: its worker stopped responding", worker=None, heartbeat_at=now)
             .returning(Job.id)).all()
 
         # A running validation renews updated_at every heartbeat; a queued one's updated_at is when it was
         # last sent, and it may wait behind long searches, so it is resent far less often.
         unsent = now - timedelta(seconds=settings.validate_time_limit_s + settings.stale_after_s)
         v_waiting = s.scalars(update(ValidationRecord).where(
-            ValidationRecord.status == "queued", ValidationRecord.updated_at < unsent)
+            ValidationRecord.status == ValidationStatus.QUEUED, ValidationRecord.updated_at < unsent)
             .values(updated_at=now).returning(ValidationRecord.candidate_id)).all()
         v_lost = s.scalars(update(ValidationRecord).where(
-            ValidationRecord.status == "running", ValidationRecord.updated_at < cutoff)
-            .values(status="queued", updated_at=now).returning(ValidationRecord.candidate_id)).all()
+            ValidationRecord.status == ValidationStatus.RUNNING, ValidationRecord.updated_at < cutoff)
+            .values(status=ValidationStatus.QUEUED, updated_at=now).returning(ValidationRecord.candidate_id)).all()
     return [*lost, *waiting], [*v_lost, *v_waiting]
 
 

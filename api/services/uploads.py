@@ -20,12 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from fastapi import HTTPException
 from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from api.analysis import AnalysisFailed, DatasetAnalysis, ModelAnalysis, analyse
-from store.artifacts import ArtifactStore, StagedFile, TooLarge
+from api.services.errors import (CannotRun, Conflict, InvalidRequest, NotFound, ServiceError, StorageFull,
+                                 TooLarge)
+from store.artifacts import ArtifactStore, StagedFile
+from store.artifacts import TooLarge as OverLimit
 from store.db import session_scope
 from store.models import DatasetRecord, ModelRecord, Ownership
 from store.settings import Settings
@@ -78,7 +80,7 @@ def check_feasible(summary: ModelSummary, budget, opts) -> None:
     try:
         feasible(summary, budget, opts.w_bits, opts.a_bits, None, opts.scheme)
     except BudgetError as e:
-        raise HTTPException(422, f"infeasible budget: {e}") from e
+        raise CannotRun(f"infeasible budget: {e}") from e
 
 
 # -- staging and analysis (before any transaction) ----------------------------------------------------------------
@@ -105,14 +107,14 @@ class Prepared:
 
 
 def _stage(store: ArtifactStore, kind: str, src: BinaryIO, max_bytes: int) -> StagedFile:
-    """Stage an upload; over the limit: 413; disk full: 507. Either way nothing is left behind."""
+    """Stage an upload; over the limit: TooLarge; disk full: StorageFull. Either way nothing is left behind."""
     try:
         return store.stage(kind, src, max_bytes)
-    except TooLarge as e:
-        raise HTTPException(413, str(e)) from e
+    except OverLimit as e:
+        raise TooLarge(str(e)) from e
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise HTTPException(507, "the artifact store is full; the upload was not stored") from e
+            raise StorageFull("the artifact store is full; the upload was not stored") from e
         raise
 
 
@@ -141,8 +143,8 @@ def _analyse_once(kind: str, sha: str, path: Path, settings: Settings):
             _inflight.pop((kind, sha), None)
 
 
-def _refused(e: AnalysisFailed, what: str, filename: str) -> HTTPException:
-    return HTTPException(e.status, f"{what} {filename!r}: {e.message}" if e.about_file else e.message)
+def _refused(e: AnalysisFailed, what: str, filename: str) -> ServiceError:
+    return e.kind(f"{what} {filename!r}: {e.message}" if e.about_file else e.message)
 
 
 def prepare_model(settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str) -> Prepared:
@@ -188,7 +190,7 @@ def backfill_model_analysis(settings: Settings, store: ArtifactStore, model_id: 
             return  # nothing to do; a missing or foreign model gets its 404 later
     path = store.path("models", model_id)
     if not path.exists():
-        raise HTTPException(404, f"the file of model {model_id!r} is missing from the artifact store; upload it again")
+        raise NotFound(f"the file of model {model_id!r} is missing from the artifact store; upload it again")
     try:
         result = _analyse_once("model", model_id, path, settings)
     except AnalysisFailed as e:
@@ -252,7 +254,7 @@ def record_model(db: Session, prepared: Prepared, owner: str) -> tuple[ModelReco
                    .values(analysis=a.stored()))
     rec = _fresh(db, ModelRecord, prepared.sha256)
     if rec is None or rec.analysis is None:  # models are never deleted; this cannot happen short of manual edits
-        raise HTTPException(409, "the model changed while it was being stored; send it again")
+        raise Conflict("the model changed while it was being stored; send it again")
     own(db, owner, "model", rec.id)
     return rec, ModelSummary(rec.analysis, rec.total_params)
 
@@ -260,9 +262,9 @@ def record_model(db: Session, prepared: Prepared, owner: str) -> tuple[ModelReco
 def model_by_id(db: Session, model_id: str, owner: str) -> tuple[ModelRecord, ModelSummary]:
     rec = db.get(ModelRecord, model_id)
     if rec is None or not owns(db, owner, "model", model_id):
-        raise HTTPException(404, f"no model with id {model_id!r}")
+        raise NotFound(f"no model with id {model_id!r}")
     if rec.analysis is None:
-        raise HTTPException(409, f"model {model_id!r} is being analysed again; retry in a few seconds")
+        raise Conflict(f"model {model_id!r} is being analysed again; retry in a few seconds")
     return rec, ModelSummary(rec.analysis, rec.total_params)
 
 
@@ -275,14 +277,14 @@ def record_dataset(db: Session, prepared: Prepared, owner: str) -> DatasetRecord
             num_classes=a.num_classes))
     rec = _fresh(db, DatasetRecord, prepared.sha256)
     if rec is None:
-        raise HTTPException(409, "the data set changed while it was being stored; send it again")
+        raise Conflict("the data set changed while it was being stored; send it again")
     own(db, owner, "dataset", rec.id)
     return rec
 
 
 def builtin_dataset(db: Session, name: str) -> DatasetRecord:
     if name not in BUILTIN:
-        raise HTTPException(400, f"unknown built-in data set {name!r}; available: {', '.join(BUILTIN)}")
+        raise InvalidRequest(f"unknown built-in data set {name!r}; available: {', '.join(BUILTIN)}")
     rec = db.get(DatasetRecord, name)
     if rec is None:
         _insert_ignore(db, DatasetRecord.__table__, dict(id=name, name=name, builtin=True, **BUILTIN[name]))
@@ -295,38 +297,32 @@ def dataset_by_id(db: Session, dataset_id: str, owner: str) -> DatasetRecord:
         return builtin_dataset(db, dataset_id)
     rec = db.get(DatasetRecord, dataset_id)
     if rec is None or not owns(db, owner, "dataset", dataset_id):
-        raise HTTPException(404, f"no data set with id {dataset_id!r}")
+        raise NotFound(f"no data set with id {dataset_id!r}")
     return rec
 
 
 def check_compatible(model: ModelRecord, dataset: DatasetRecord) -> None:
     if list(dataset.sample_shape) != list(model.input_shape):
-        raise HTTPException(422, f"the data set's inputs are {list(dataset.sample_shape)} per sample but the model "
+        raise CannotRun(f"the data set's inputs are {list(dataset.sample_shape)} per sample but the model "
                                  f"takes {list(model.input_shape)}")
     if dataset.num_classes is not None and dataset.num_classes > model.num_outputs:
-        raise HTTPException(422, f"the data set has labels up to {dataset.num_classes - 1} but the model has "
+        raise CannotRun(f"the data set has labels up to {dataset.num_classes - 1} but the model has "
                                  f"{model.num_outputs} outputs")
 
 
-def check_finetune(method: str, options, builtin_data: bool, settings: Settings) -> None:
-    """Fine-tuning options the job could not honour are refused before anything is stored, not when the
-    worker starts the job."""
+def check_finetune(spec, builtin_data: bool, settings: Settings) -> None:
+    """Fine-tuning a job could not honour here is refused before anything is stored, not when the worker starts
+    the job: an uploaded data set has no training split, and one fine-tune may not exceed this server's limit."""
     from search.data import FASHION_MNIST_TRAIN
-    from search.searches import SearchError, check_method_options
 
-    try:
-        check_method_options(method, options)
-    except SearchError as e:
-        raise HTTPException(422, f"invalid options: {e}") from e
-    ft = options.finetune
+    ft = spec.finetune
     if not ft.enabled:
         return
     if not builtin_data:
-        raise HTTPException(422, "invalid options: fine-tuning needs a labelled training set; only the built-in "
-                                 "data sets have one (an uploaded data set is calibration, validation and test only)")
+        raise CannotRun("invalid options: fine-tuning needs a labelled training set; only the built-in data sets "
+                        "have one (an uploaded data set is calibration, validation and test only)")
     train_images = FASHION_MNIST_TRAIN if ft.samples is None else min(ft.samples, FASHION_MNIST_TRAIN)
     images = ft.steps * ft.batch_size if ft.steps else ft.epochs * train_images
     if images > settings.max_finetune_images:
-        raise HTTPException(422, f"invalid options: one fine-tune would run {images} training images, over this "
-                                 f"server's limit of {settings.max_finetune_images}; lower finetune epochs, steps "
-                                 "or samples")
+        raise CannotRun(f"invalid options: one fine-tune would run {images} training images, over this server's "
+                        f"limit of {settings.max_finetune_images}; lower finetune epochs, steps or samples")
