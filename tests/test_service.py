@@ -297,3 +297,28 @@ def test_health_reports_database_broker_and_workers(stack):
                  "/candidates/{candidate_id}/config", "/candidates/{candidate_id}/packed", "/jobs/{job_id}/cancel",
                  "/health", "/leaderboard", "/api/leaderboard"):
         assert path in schema["paths"], path
+
+
+def test_one_spec_gives_the_same_configs_through_the_cli_and_the_service(stack, tiny_model_path):
+    """The service and the CLI build the same JobSpec and load data with the same function: with a non-zero seed
+    (which picks the calibration images) they find the same configs with the same scores."""
+    import subprocess
+    import sys
+
+    options = {"seed": 7, "calib_size": 128, "val_samples": 300, "params": {"sweep_points": 2, "relinearize": 0}}
+    r = submit(stack, "sqnr", {"avg_wbits": 4}, {**options, "validate_top_k": 0}, model=tiny_model_path)
+    assert r.status_code == 202, r.text
+    job = stack.wait_job(r.json()["id"], timeout=600)
+    assert job["status"] == "succeeded", job
+    with stack.client() as c:
+        served = c.get(f"/jobs/{job['id']}/candidates").json()
+    cli = subprocess.run(
+        [str(Path(sys.executable).parent / "bitsearch"), "search", str(tiny_model_path), "--data", "fashion-mnist",
+         "--method", "sqnr", "--budget", "avg_wbits=4", "--seed", "7", "--calib-size", "128", "--val-samples", "300",
+         "--params", json.dumps(options["params"]), "--json"], capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr
+    local = json.loads(cli.stdout)["candidates"]
+    with stack.client() as c:
+        served_bits = [c.get(f"/candidates/{s['id']}").json()["w_bits"] for s in served]
+    assert [c["w_bits"] for c in local] == served_bits
+    assert [c["val_top1"] for c in local] == pytest.approx([s["val_top1"] for s in served], abs=1e-9)
