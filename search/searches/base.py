@@ -14,6 +14,7 @@ from ..cost import Budget, Cost, LatencyTable, check_feasible, cost_of
 from ..data import DataSplits, LabelledSet
 from ..finetune import FineTuneError, FineTuneOptions, training_set
 from ..model import LoadedModel
+from ..pareto import pareto_front
 from ..quant.activation import FLOAT_ACT_BITS
 from ..simulate import EvalResult, Simulator
 
@@ -136,14 +137,9 @@ class SearchResult:
 
 def mark_pareto(candidates: list[Candidate], metric: str) -> None:
     """Sorted by cost, a candidate is on the front when it is more accurate than every cheaper one."""
+    front = {id(c) for c in pareto_front(candidates, lambda c: getattr(c.cost, metric), lambda c: c.quality)}
     for c in candidates:
-        c.pareto = False
-    ranked = sorted(candidates, key=lambda c: (getattr(c.cost, metric), -c.quality))
-    best = -math.inf
-    for c in ranked:
-        if c.quality > best:
-            c.pareto = True
-            best = c.quality
+        c.pareto = id(c) in front
 
 
 class SearchContext:
