@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from cli.common import parse_bits  # noqa: E402
 from search.config import QuantConfig  # noqa: E402
 from search.cost import Budget  # noqa: E402
-from search.data import fashion_mnist_splits  # noqa: E402
+from search.data import DEFAULT_CALIB_SIZE, fashion_mnist_splits  # noqa: E402
 from search.model import load_model  # noqa: E402
 from search.searches import METHODS, SearchOptions, run_search  # noqa: E402
 from search.simulate import Simulator  # noqa: E402
@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=20)
     parser.add_argument("--w-bits-at-2", default="1-8",
                         help="weight bit choices when the budget is <= 2 bits (with 2-8 only all-2 fits)")
-    parser.add_argument("--calib-size", type=int, default=1024)
+    parser.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE)
     parser.add_argument("--val-samples", type=int, default=2000)
     parser.add_argument("--no-baselines", action="store_true", help="skip uniform and random (searches only)")
     parser.add_argument("--a-bits", help="activation bit choices LO-HI, searched per layer (default: 8 only)")
