@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
@@ -21,18 +22,50 @@ router = APIRouter(tags=["leaderboard"])
 PAGES = Path(__file__).resolve().parent.parent / "pages"
 
 
-def _row(c: CandidateRecord, job: Job) -> LeaderboardRow:
+def _row(c: CandidateRecord, job: Job, status: str) -> LeaderboardRow:
     v = c.validation
     measured = v is not None and v.status == "succeeded"
     latency = (v.latency_us or {}) if measured else {}
     return LeaderboardRow(
         candidate_id=c.id, job_id=job.id, method=job.method,
         accuracy=v.top1 if measured else c.val_top1, validated=measured,
-        validation_status=v.status if v is not None else "not validated yet",
-        sim_val_top1=c.val_top1, agreement=v.agreement if measured else None,
+        validation_status=status, sim_val_top1=c.val_top1, agreement=v.agreement if measured else None,
         weight_bytes=c.weight_bytes, packed_bytes=v.packed_bytes if measured else None, avg_wbits=c.avg_wbits,
         bitops=c.bitops, latency_us_batch1=latency.get("1"), latency_us_batch64=latency.get("64"),
         search_seconds=job.search_seconds, front=False)
+
+
+# How long after its search a job's chosen candidates may still be waiting for their validation rows (the
+# worker builds the kernels on first use before it writes them); after that, none is coming.
+QUEUEING_GRACE_S = 900.0
+
+
+def _validation_states(job: Job, front: list[CandidateRecord], now: datetime) -> dict[int, str]:
+    """Each of a finished job's Pareto candidates' validation state: its record's status, or why it has none.
+
+    The worker queues a job's validations together, once its search has succeeded, for its `validate_top_k`
+    best Pareto candidates (worker.jobs.queue_validations ranks them by simulated accuracy). So once any of
+    the job's candidates has a record, one without was not selected; before that, one outside the top k will
+    not be ("not selected"), one inside may still be ("pending"), and once the grace period is over it will
+    not be ("not validated": the workers could not validate).
+    """
+    def score(c: CandidateRecord) -> float:
+        return c.val_top1 if c.val_top1 is not None else (c.val_sqnr_db or -1e9)
+
+    queued = any(c.validation is not None for c in front)
+    finished = job.finished_at
+    if finished is not None and finished.tzinfo is None:  # SQLite drops the zone; the values are UTC
+        finished = finished.replace(tzinfo=timezone.utc)
+    waiting = finished is not None and (now - finished).total_seconds() < QUEUEING_GRACE_S
+    states = {}
+    for c in front:
+        if c.validation is not None:
+            states[c.id] = c.validation.status
+        elif queued or sum(score(o) > score(c) for o in front) >= job.validate_top_k:
+            states[c.id] = "not selected"
+        else:
+            states[c.id] = "pending" if waiting else "not validated"
+    return states
 
 
 def _mark_front(rows: list[LeaderboardRow]) -> None:
@@ -71,9 +104,17 @@ def _board(db: Session, who: Caller, model_id: str | None, dataset_id: str | Non
         q = q.where(Job.model_id == model_id)
     if dataset_id is not None:
         q = q.where(Job.dataset_id == dataset_id)
+    found = db.execute(q.order_by(Job.created_at, CandidateRecord.seq)).all()
+    fronts: dict[str, tuple[Job, list[CandidateRecord]]] = {}
+    for cand, job in found:
+        fronts.setdefault(job.id, (job, []))[1].append(cand)
+    now = datetime.now(timezone.utc)
+    states: dict[int, str] = {}
+    for job, front in fronts.values():
+        states.update(_validation_states(job, front, now))
     groups: dict[tuple[str, str], list[LeaderboardRow]] = {}
-    for cand, job in db.execute(q.order_by(Job.created_at, CandidateRecord.seq)):
-        groups.setdefault((job.model_id, job.dataset_id), []).append(_row(cand, job))
+    for cand, job in found:
+        groups.setdefault((job.model_id, job.dataset_id), []).append(_row(cand, job, states[cand.id]))
     out = []
     for (mid, did), rows in groups.items():
         _mark_front(rows)
