@@ -95,7 +95,8 @@ class CandidateOut(BaseModel):
     val_sqnr_db: float | None
     pareto: bool
     recommended: bool
-    validation: ValidationOut | None = Field(description="null: not validated yet")
+    validation: ValidationOut | None = Field(description="null: no validation record (not selected, or not queued "
+                                              "yet)")
     w_bits: dict[str, int] | None = None
     a_bits: dict[str, int] | None = None
 
@@ -129,7 +130,8 @@ class LeaderboardRow(BaseModel):
     method: str
     accuracy: float | None = Field(description="measured top-1 on the kernels when validated, else simulated")
     validated: bool
-    validation_status: str = Field(description="succeeded, queued, running, failed, or 'not validated yet'")
+    validation_status: str = Field(description="the validation's status (queued, running, succeeded, failed); "
+                                   "without a record: pending, not selected, or not validated")
     sim_val_top1: float | None
     agreement: float | None
     weight_bytes: int

@@ -102,7 +102,7 @@ failures = RateLimiter()  # requests with a key that is not valid, per address
 
 # Paths anyone may fetch without a key or a rate limit: the pages (their data comes from the API with the key),
 # the health check and the API's own documentation.
-_PUBLIC = re.compile(r"^/(?:health|leaderboard|leaderboard/jobs/[^/]+|static/[^/]+|docs|docs/oauth2-redirect|redoc"
+_PUBLIC = re.compile(r"^/(?:health|leaderboard|leaderboard/jobs/[^/]+|static/(?:docs/)?[^/]+|docs|docs/oauth2-redirect|redoc"
                      r"|openapi\.json)?/?$")
 _READS = {"GET", "HEAD", "OPTIONS"}
 

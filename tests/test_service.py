@@ -164,7 +164,7 @@ def test_leaderboard_page_in_headless_chromium(stack, finished_jobs):
         assert len(table_rows) == len(rows)
         text_ = driver.find_element(By.CSS_SELECTOR, "table.board").text
         assert "sqnr" in text_ and "imprinting" in text_
-        points = driver.find_elements(By.CSS_SELECTOR, "svg.chart circle.point")
+        points = driver.find_elements(By.CSS_SELECTOR, "svg.chart .point")
         assert len(points) == len(rows)
         assert driver.find_elements(By.CSS_SELECTOR, "svg.chart polyline.front")
         # Sorting by weight bytes puts the smallest first.

@@ -69,10 +69,10 @@ def _validation_states(job: Job, front: list[CandidateRecord], now: datetime) ->
 
 
 def _mark_front(rows: list[LeaderboardRow]) -> None:
-    best = -1.0
-    for r in sorted(rows, key=lambda r: (r.weight_bytes, -(r.accuracy or 0))):
-        if r.accuracy is not None and r.accuracy > best:
-            r.front, best = True, r.accuracy
+    from search.pareto import pareto_front
+
+    for r in pareto_front(rows, lambda r: r.weight_bytes, lambda r: r.accuracy):
+        r.front = True
 
 
 @router.get("/api/leaderboard", response_model=Leaderboard, summary="Validated candidates per model and data set")

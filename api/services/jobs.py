@@ -236,7 +236,7 @@ def packed_directory(db: Session, store: ArtifactStore, candidate_id: int, owner
     cand = candidate_for(db, candidate_id, owner)
     v = cand.validation
     if v is None or v.status != ValidationStatus.SUCCEEDED or not v.packed_path:
-        state = "not validated yet" if v is None else f"validation {v.status}"
+        state = "not validated" if v is None else f"validation {v.status}"
         raise NotFound(f"candidate {candidate_id} has no packed model ({state})")
     directory = Path(v.packed_path)
     if not directory.is_dir() or store.root not in directory.resolve().parents:
