@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromedriver
 APT := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
 
-.PHONY: venv test run models clean
+.PHONY: venv test lint run models clean
 
 $(FMNIST):
 	@command -v apt-get >/dev/null || { echo "need Debian's dataset-fashion-mnist package"; exit 1; }
@@ -27,6 +27,11 @@ $(CHROMIUM):
 	$(APT) install -y chromium chromium-driver || { $(APT) update && $(APT) install -y chromium chromium-driver; }
 
 venv: $(STAMP) $(FMNIST)
+
+# ruff: lint rules and the formatter's check, both configured in pyproject.toml.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: venv $(CHROMIUM)
 	$(PY) -m pytest -q

@@ -79,8 +79,11 @@ class ModelAnalysis(BaseModel):
 
     def stored(self) -> dict:
         """What the models table keeps (the analysis column) for feasibility checks of later jobs."""
-        return {"layers": [l.model_dump() for l in self.layers], "unquantized_bytes": self.unquantized_bytes,
-                "static_batch": self.static_batch}
+        return {
+            "layers": [l.model_dump() for l in self.layers],
+            "unquantized_bytes": self.unquantized_bytes,
+            "static_batch": self.static_batch,
+        }
 
 
 class DatasetAnalysis(BaseModel):
@@ -126,17 +129,21 @@ def analyse(kind: str, path: Path, settings: Settings) -> ModelAnalysis | Datase
         if _slots is None:
             _slots = threading.BoundedSemaphore(settings.upload_analysis_concurrency)
     limit_mb, limit_s = settings.upload_analysis_memory_mb, settings.upload_analysis_time_s
-    opts = {"memory_bytes": limit_mb * 1024 * 1024, "time_s": limit_s,
-            "max_bytes": settings.max_model_bytes if kind == "model" else settings.max_dataset_bytes,
-            "max_layers": settings.max_layers}
+    opts = {
+        "memory_bytes": limit_mb * 1024 * 1024,
+        "time_s": limit_s,
+        "max_bytes": settings.max_model_bytes if kind == "model" else settings.max_dataset_bytes,
+        "max_layers": settings.max_layers,
+    }
     # Waiting for a slot counts against the time limit too: a request should not hang behind a queue of bombs.
     if not _slots.acquire(timeout=limit_s):
         raise AnalysisFailed(Busy, "the server is busy analysing other uploads; retry in a few seconds", False)
     timed_out = threading.Event()
     try:
         reader, writer = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_child_main, args=(writer, kind, str(path), opts), daemon=True,
-                           name=f"bitsearch-analyse-{kind}")
+        proc = ctx.Process(
+            target=_child_main, args=(writer, kind, str(path), opts), daemon=True, name=f"bitsearch-analyse-{kind}"
+        )
         started = time.monotonic()
         proc.start()
         writer.close()  # the child holds the only write end: its death reads as EOF
@@ -165,10 +172,13 @@ def analyse(kind: str, path: Path, settings: Settings) -> ModelAnalysis | Datase
         _slots.release()
     if raw is None:
         if timed_out.is_set():
-            raise AnalysisFailed(CannotRun, f"its analysis did not finish within this server's time limit of {limit_s:g} s")
+            raise AnalysisFailed(
+                CannotRun, f"its analysis did not finish within this server's time limit of {limit_s:g} s"
+            )
         log.warning("a %s analysis ended without a result (exit code %s) after %.1f s", kind, proc.exitcode, seconds)
-        raise AnalysisFailed(CannotRun, f"it could not be analysed within this server's limits ({limit_mb} MB of memory, "
-                                  f"{limit_s:g} s)")
+        raise AnalysisFailed(
+            CannotRun, f"it could not be analysed within this server's limits ({limit_mb} MB of memory, {limit_s:g} s)"
+        )
     return _parse(kind, raw, limit_mb)
 
 

@@ -40,7 +40,7 @@ def one_line(message: str) -> str:
     message = _TRACEBACK.sub("", message)
     message = " ".join(message.split())
     message = _ABS_PATH.sub("<path>", message)
-    return message if len(message) <= MAX_MESSAGE else message[:MAX_MESSAGE - 3] + "..."
+    return message if len(message) <= MAX_MESSAGE else message[: MAX_MESSAGE - 3] + "..."
 
 
 class Unfit(ValueError):
@@ -58,9 +58,14 @@ def analyse_model(path: str, opts: dict) -> dict:
         d = layer.to_dict()
         d.pop("depthwise", None)  # derived from the other fields
         layers.append(d)
-    return {"input_shape": list(model.input_shape), "static_batch": model.static_batch,
-            "num_outputs": int(out.shape[1]), "total_params": int(model.total_params),
-            "unquantized_bytes": int(unquantized_bytes(model)), "layers": layers}
+    return {
+        "input_shape": list(model.input_shape),
+        "static_batch": model.static_batch,
+        "num_outputs": int(out.shape[1]),
+        "total_params": int(model.total_params),
+        "unquantized_bytes": int(unquantized_bytes(model)),
+        "layers": layers,
+    }
 
 
 def analyse_dataset(path: str, opts: dict) -> dict:
@@ -97,15 +102,19 @@ def _warm_up() -> None:
     with tempfile.TemporaryDirectory() as d, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         path = f"{d}/warm.pt2"
-        torch.export.save(torch.export.export(net, (torch.zeros(2, 1, 4, 4),),
-                                              dynamic_shapes={"input": {0: torch.export.Dim.DYNAMIC}}), path)
+        torch.export.save(
+            torch.export.export(
+                net, (torch.zeros(2, 1, 4, 4),), dynamic_shapes={"input": {0: torch.export.Dim.DYNAMIC}}
+            ),
+            path,
+        )
         analyse_model(path, {"max_bytes": 1 << 24, "max_layers": 16})
 
 
 if os.environ.get("BITSEARCH_ANALYSIS_WARM_UP", "1") == "1" and __name__ != "__main__":
     try:
         _warm_up()
-    except Exception:  # noqa: BLE001 - a cold child is only slower
+    except Exception:
         pass
 
 
@@ -117,7 +126,7 @@ def run(conn, kind: str, path: str, opts: dict) -> None:
         cpu = int(opts["time_s"]) + 5
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 5))
         result = {"ok": ANALYSERS[kind](path, opts)}
-    except BaseException as e:  # noqa: BLE001 - the parent turns every failure into a status
+    except BaseException as e:
         if _out_of_memory(e):
             result = {"error": "memory"}
         elif isinstance(e, (ArchiveError, DatasetError)):
@@ -129,5 +138,5 @@ def run(conn, kind: str, path: str, opts: dict) -> None:
     try:
         conn.send_bytes(json.dumps(result).encode())
         conn.close()
-    except BaseException:  # noqa: BLE001 - even this can fail at the memory limit; the exit code then speaks
+    except BaseException:
         os._exit(3)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 _MISSING = object()
 

@@ -16,7 +16,6 @@ import time
 from store.db import migrate
 from store.settings import get_settings
 
-
 LOCAL_KEY_FILE = "local.key"
 
 
@@ -53,17 +52,35 @@ def main(argv: list[str] | None = None) -> int:
     key = local_key(settings)
     env = dict(os.environ, BITSEARCH_VAR_DIR=str(settings.var_dir.resolve()))
     worker = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO",
-         "-Q", settings.queue, f"--concurrency={args.concurrency}", "--without-gossip", "--without-mingle"], env=env)
-    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:app", "--host", args.host,
-                            "--port", str(args.port)], env=env)
+        [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker.celery_app",
+            "worker",
+            "--loglevel=INFO",
+            "-Q",
+            settings.queue,
+            f"--concurrency={args.concurrency}",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env=env,
+    )
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "api.main:app", "--host", args.host, "--port", str(args.port)], env=env
+    )
     url = f"http://{args.host}:{args.port}"
-    print(f"\nbitsearch is starting at {url}  (API docs: {url}/docs)\n"
-          f"leaderboard: {url}/leaderboard#key={key}\n"
-          f"local API key (also in {settings.var_dir / LOCAL_KEY_FILE}): {key}\n"
-          f"database: {settings.resolved_database_url()}\nbroker:   {settings.resolved_broker_url()}\n"
-          f"try: .venv/bin/bitsearch submit models/resnet20-fmnist.pt2 --data fashion-mnist --method sqnr "
-          f"--budget avg_wbits=3 --server {url} --wait\n", flush=True)
+    print(
+        f"\nbitsearch is starting at {url}  (API docs: {url}/docs)\n"
+        f"leaderboard: {url}/leaderboard#key={key}\n"
+        f"local API key (also in {settings.var_dir / LOCAL_KEY_FILE}): {key}\n"
+        f"database: {settings.resolved_database_url()}\nbroker:   {settings.resolved_broker_url()}\n"
+        f"try: .venv/bin/bitsearch submit models/resnet20-fmnist.pt2 --data fashion-mnist --method sqnr "
+        f"--budget avg_wbits=3 --server {url} --wait\n",
+        flush=True,
+    )
     stopping = False
 
     def stop(*_):

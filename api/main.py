@@ -17,10 +17,10 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from api import analysis
-from api.services import errors
-from api.services.errors import ServiceError
 from api.routes import candidates, health, jobs, leaderboard
 from api.security import KeyGate
+from api.services import errors
+from api.services.errors import ServiceError
 from store.auth import KEY_PREFIX
 from store.db import migrate
 from store.settings import get_settings
@@ -78,18 +78,20 @@ class RequestGuard:
 
         try:
             await self.app(scope, receive, send_with_id)
-        except Exception:  # noqa: BLE001 - the client gets the id, the log gets the details
+        except Exception:
             if not scope["state"].get("error_logged"):
                 log.exception("request %s (%s %s) failed", rid, scope.get("method"), redact(scope.get("path", "")))
             if not started:
-                await send_with_id({"type": "http.response.start", "status": 500,
-                                    "headers": [(b"content-type", b"application/json")]})
+                await send_with_id(
+                    {"type": "http.response.start", "status": 500, "headers": [(b"content-type", b"application/json")]}
+                )
                 await send_with_id({"type": "http.response.body", "body": _internal_error(rid)})
 
 
 def _internal_error(rid: str) -> bytes:
-    return (f'{{"detail": "internal server error; quote request id {rid} when reporting it", '
-            f'"request_id": "{rid}"}}').encode()
+    return (
+        f'{{"detail": "internal server error; quote request id {rid} when reporting it", "request_id": "{rid}"}}'
+    ).encode()
 
 
 class BodyLimit:
@@ -123,8 +125,13 @@ class BodyLimit:
 
     async def _refuse(self, send):
         body = f'{{"detail": "request body is over the limit of {self.max_bytes} bytes"}}'.encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -141,8 +148,14 @@ async def _lifespan(_app):
 
 # The one place a service refusal becomes an HTTP status.
 ERROR_STATUS: dict[type[ServiceError], int] = {
-    errors.InvalidRequest: 400, errors.NotFound: 404, errors.Conflict: 409, errors.TooLarge: 413,
-    errors.CannotRun: 422, errors.QuotaExceeded: 429, errors.Busy: 503, errors.StorageFull: 507,
+    errors.InvalidRequest: 400,
+    errors.NotFound: 404,
+    errors.Conflict: 409,
+    errors.TooLarge: 413,
+    errors.CannotRun: 422,
+    errors.QuotaExceeded: 429,
+    errors.Busy: 503,
+    errors.StorageFull: 507,
 }
 
 
@@ -157,7 +170,7 @@ def create_app() -> FastAPI:
         title="bitsearch",
         version="0.1.0",
         description="Per-layer bit-width search for PyTorch models. POST a torch.export .pt2, data and a budget to "
-                    "/jobs; poll the job; download the configs; compare on /leaderboard.",
+        "/jobs; poll the job; download the configs; compare on /leaderboard.",
     )
     for module in (jobs, candidates, leaderboard, health):
         app.include_router(module.router)
@@ -171,8 +184,9 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def _refused(_request: Request, exc: ServiceError):
-        return JSONResponse(status_code=ERROR_STATUS[type(exc)], content={"detail": exc.message},
-                            headers=exc.headers or None)
+        return JSONResponse(
+            status_code=ERROR_STATUS[type(exc)], content={"detail": exc.message}, headers=exc.headers or None
+        )
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
@@ -209,12 +223,15 @@ def _docs(app: FastAPI) -> None:
     def _swagger(request: Request):
         root = request.scope.get("root_path", "")
         page = get_swagger_ui_html(
-            openapi_url=root + app.openapi_url, title=f"{app.title} - Swagger UI",
+            openapi_url=root + app.openapi_url,
+            title=f"{app.title} - Swagger UI",
             oauth2_redirect_url=root + "/docs/oauth2-redirect",
             swagger_js_url=root + f"{DOCS_ASSETS}/swagger-ui-bundle.js",
-            swagger_css_url=root + f"{DOCS_ASSETS}/swagger-ui.css", swagger_favicon_url=root + favicon,
+            swagger_css_url=root + f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=root + favicon,
             # Swagger UI's default sends the schema's address to validator.swagger.io for a badge.
-            swagger_ui_parameters={"validatorUrl": None})
+            swagger_ui_parameters={"validatorUrl": None},
+        )
         page.headers.update(DOCS_POLICY)
         return page
 
@@ -225,9 +242,13 @@ def _docs(app: FastAPI) -> None:
     @app.get("/redoc", include_in_schema=False)
     def _redoc(request: Request):
         root = request.scope.get("root_path", "")
-        page = get_redoc_html(openapi_url=root + app.openapi_url, title=f"{app.title} - ReDoc",
-                              redoc_js_url=root + f"{DOCS_ASSETS}/redoc.standalone.js",
-                              redoc_favicon_url=root + favicon, with_google_fonts=False)
+        page = get_redoc_html(
+            openapi_url=root + app.openapi_url,
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=root + f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=root + favicon,
+            with_google_fonts=False,
+        )
         page.headers.update(DOCS_POLICY)
         return page
 

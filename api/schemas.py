@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer
 
 
-
 def _utc_iso(t: datetime) -> str:
     # SQLite hands back naive datetimes and PostgreSQL aware ones; everything stored is UTC, and every response
     # says so the same way.
-    t = t.replace(tzinfo=timezone.utc) if t.tzinfo is None else t.astimezone(timezone.utc)
+    t = t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
     return t.isoformat().replace("+00:00", "Z")
 
 
@@ -95,8 +94,7 @@ class CandidateOut(BaseModel):
     val_sqnr_db: float | None
     pareto: bool
     recommended: bool
-    validation: ValidationOut | None = Field(description="null: no validation record (not selected, or not queued "
-                                              "yet)")
+    validation: ValidationOut | None = Field(description="null: no validation record (not selected, or not queued yet)")
     w_bits: dict[str, int] | None = None
     a_bits: dict[str, int] | None = None
 
@@ -130,8 +128,10 @@ class LeaderboardRow(BaseModel):
     method: str
     accuracy: float | None = Field(description="measured top-1 on the kernels when validated, else simulated")
     validated: bool
-    validation_status: str = Field(description="the validation's status (queued, running, succeeded, failed); "
-                                   "without a record: pending, not selected, or not validated")
+    validation_status: str = Field(
+        description="the validation's status (queued, running, succeeded, failed); "
+        "without a record: pending, not selected, or not validated"
+    )
     sim_val_top1: float | None
     agreement: float | None
     weight_bytes: int

@@ -102,8 +102,10 @@ failures = RateLimiter()  # requests with a key that is not valid, per address
 
 # Paths anyone may fetch without a key or a rate limit: the pages (their data comes from the API with the key),
 # the health check and the API's own documentation.
-_PUBLIC = re.compile(r"^/(?:health|leaderboard|leaderboard/jobs/[^/]+|static/(?:docs/)?[^/]+|docs|docs/oauth2-redirect|redoc"
-                     r"|openapi\.json)?/?$")
+_PUBLIC = re.compile(
+    r"^/(?:health|leaderboard|leaderboard/jobs/[^/]+|static/(?:docs/)?[^/]+|docs|docs/oauth2-redirect|redoc"
+    r"|openapi\.json)?/?$"
+)
 _READS = {"GET", "HEAD", "OPTIONS"}
 
 
@@ -140,8 +142,12 @@ class KeyGate:
         key = presented_key(headers)
         if key is None:
             if scope["method"] not in _READS:
-                raise _Refusal(401, "an API key is required: send `Authorization: Bearer <key>` (keys come from "
-                                    "`bitsearch-admin create-key OWNER`)", {"WWW-Authenticate": "Bearer"})
+                raise _Refusal(
+                    401,
+                    "an API key is required: send `Authorization: Bearer <key>` (keys come from "
+                    "`bitsearch-admin create-key OWNER`)",
+                    {"WWW-Authenticate": "Bearer"},
+                )
             who = Caller(None, address)
         else:
             owner = _cached_owner(key)
@@ -149,8 +155,11 @@ class KeyGate:
                 # Checked before the lookup: an address that keeps sending bad keys costs no query at all.
                 wait = failures.wait(address, s.auth_failures_per_s, s.auth_failures_burst)
                 if wait > 0:
-                    raise _Refusal(429, f"too many requests with an invalid API key from this address; retry in "
-                                        f"{wait:.0f} s", {"Retry-After": str(max(1, round(wait + 0.5)))})
+                    raise _Refusal(
+                        429,
+                        f"too many requests with an invalid API key from this address; retry in {wait:.0f} s",
+                        {"Retry-After": str(max(1, round(wait + 0.5)))},
+                    )
                 if owner is _UNKNOWN:
                     owner = await run_in_threadpool(_lookup, key)
             if owner is None:
@@ -159,9 +168,12 @@ class KeyGate:
             who = Caller(owner, "key:" + hash_key(key))
         wait = limiter.take(who.client, s.rate_limit_per_s, s.rate_limit_burst)
         if wait > 0:
-            raise _Refusal(429, f"rate limit exceeded: {s.rate_limit_per_s:g} requests/s (burst "
-                                f"{s.rate_limit_burst}) per API key; retry in {wait:.2f} s",
-                           {"Retry-After": str(max(1, round(wait + 0.5)))})
+            raise _Refusal(
+                429,
+                f"rate limit exceeded: {s.rate_limit_per_s:g} requests/s (burst "
+                f"{s.rate_limit_burst}) per API key; retry in {wait:.2f} s",
+                {"Retry-After": str(max(1, round(wait + 0.5)))},
+            )
         return who
 
 
@@ -186,7 +198,10 @@ async def optional_caller(request: Request) -> Caller:
 
 async def caller(c: Caller = Depends(optional_caller)) -> Caller:
     if c.owner is None:
-        raise HTTPException(401, "an API key is required: send `Authorization: Bearer <key>` "
-                                 "(keys come from `bitsearch-admin create-key OWNER`)",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401,
+            "an API key is required: send `Authorization: Bearer <key>` "
+            "(keys come from `bitsearch-admin create-key OWNER`)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return c

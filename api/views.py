@@ -16,23 +16,49 @@ def public_error(status: str, error: str | None) -> str | None:
 
 def job_out(job: Job, candidates: int, owner_view: bool = True) -> JobOut:
     return JobOut(
-        id=job.id, status=job.status, method=job.method, model_id=job.model_id, dataset_id=job.dataset_id,
-        budget=job.budget, options=job.options, validate_top_k=job.validate_top_k,
+        id=job.id,
+        status=job.status,
+        method=job.method,
+        model_id=job.model_id,
+        dataset_id=job.dataset_id,
+        budget=job.budget,
+        options=job.options,
+        validate_top_k=job.validate_top_k,
         progress=Progress(step=job.step, total=job.total, phase=job.phase, best_val_top1=job.best_val_top1),
-        error=job.error if owner_view else public_error(job.status, job.error), created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
-        search_seconds=job.search_seconds, attempts=job.attempts, cancel_requested=job.cancel_requested, public=job.public,
+        error=job.error if owner_view else public_error(job.status, job.error),
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        search_seconds=job.search_seconds,
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        public=job.public,
         candidates=candidates,
-        links={"self": f"/jobs/{job.id}", "candidates": f"/jobs/{job.id}/candidates",
-               "cancel": f"/jobs/{job.id}/cancel", "page": f"/leaderboard/jobs/{job.id}"},
+        links={
+            "self": f"/jobs/{job.id}",
+            "candidates": f"/jobs/{job.id}/candidates",
+            "cancel": f"/jobs/{job.id}/cancel",
+            "page": f"/leaderboard/jobs/{job.id}",
+        },
     )
 
 
 def candidate_out(c: CandidateRecord, with_layers: bool = False, owner_view: bool = True) -> CandidateOut:
     layers = c.config.get("layers", {}) if with_layers else None
     return CandidateOut(
-        id=c.id, job_id=c.job_id, seq=c.seq, avg_wbits=c.avg_wbits, weight_bytes=c.weight_bytes, bitops=c.bitops,
-        act_bytes=c.act_bytes, latency_us=c.latency_us, score=c.score, val_top1=c.val_top1,
-        val_sqnr_db=c.val_sqnr_db, pareto=c.pareto, recommended=c.recommended,
+        id=c.id,
+        job_id=c.job_id,
+        seq=c.seq,
+        avg_wbits=c.avg_wbits,
+        weight_bytes=c.weight_bytes,
+        bitops=c.bitops,
+        act_bytes=c.act_bytes,
+        latency_us=c.latency_us,
+        score=c.score,
+        val_top1=c.val_top1,
+        val_sqnr_db=c.val_sqnr_db,
+        pareto=c.pareto,
+        recommended=c.recommended,
         validation=None if c.validation is None else _validation_out(c, owner_view),
         w_bits=None if layers is None else {k: v["w_bits"] for k, v in layers.items()},
         a_bits=None if layers is None else {k: v["a_bits"] for k, v in layers.items()},

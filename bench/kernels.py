@@ -69,15 +69,20 @@ def cold_rows(k, n, repeats):
     x, w = torch.randn(1, k), torch.randn(n, k)
     gbps = stream_gbps()
     packed_dyn = torch.ops.quantized.linear_prepack(torch.quantize_per_tensor(w, 0.02, 0, torch.qint8), None)
-    rows = {"fp32 F.linear": (cold_us(lambda: F.linear(x, w), repeats), n * k * 4),
-            "fbgemm int8 linear_dynamic": (cold_us(lambda: torch.ops.quantized.linear_dynamic(x, packed_dyn),
-                                                   repeats), n * k)}
+    rows = {
+        "fp32 F.linear": (cold_us(lambda: F.linear(x, w), repeats), n * k * 4),
+        "fbgemm int8 linear_dynamic": (
+            cold_us(lambda: torch.ops.quantized.linear_dynamic(x, packed_dyn), repeats),
+            n * k,
+        ),
+    }
     for bits in (2, 4, 8):
         p = packing.pack(quantize_weight(w, bits, "uniform", "max"))
         bias = torch.zeros(1, n)
-        rows[f"bitsearch W{bits}A8"] = (cold_us(
-            lambda p=p: ops.lowbit_linear(x, p.planes, p.qsum, p.scale, bias, k, 0.05, 128, 255), repeats),
-            p.nbytes)
+        rows[f"bitsearch W{bits}A8"] = (
+            cold_us(lambda p=p: ops.lowbit_linear(x, p.planes, p.qsum, p.scale, bias, k, 0.05, 128, 255), repeats),
+            p.nbytes,
+        )
     return gbps, rows
 
 
@@ -98,8 +103,9 @@ def linear_rows(m, k, n, repeats):
     bias = torch.zeros(1, n)
     for bits in range(1, 9):
         p = packing.pack(quantize_weight(w, bits, "uniform", "max"))
-        fns[f"bitsearch W{bits}A8"] = lambda p=p: ops.lowbit_linear(x, p.planes, p.qsum, p.scale, bias, k, 0.05, 128,
-                                                                    255)
+        fns[f"bitsearch W{bits}A8"] = lambda p=p: ops.lowbit_linear(
+            x, p.planes, p.qsum, p.scale, bias, k, 0.05, 128, 255
+        )
     return interleaved_us(fns, repeats)
 
 
@@ -109,8 +115,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=30)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"ISA {ops.isa()}, GEMM {ops.gemm_kernel()} (supported: {', '.join(ops.supported_isas())}), "
-          f"{args.threads} threads, median of {args.repeats}, microseconds\n")
+    print(
+        f"ISA {ops.isa()}, GEMM {ops.gemm_kernel()} (supported: {', '.join(ops.supported_isas())}), "
+        f"{args.threads} threads, median of {args.repeats}, microseconds\n"
+    )
     shapes = [(1, 4096, 4096), (64, 1024, 1024), (64, 4096, 4096)]
     results = {s: linear_rows(*s, args.repeats) for s in shapes}
     print("| linear | " + " | ".join(f"{m}x{k}x{n}" for m, k, n in shapes) + " |")
@@ -123,8 +131,10 @@ def main():
         print(f"| {name} | " + " | ".join(cells) + " |")
 
     gbps, cold = cold_rows(4096, 4096, args.repeats)
-    print(f"\n| linear 1x4096x4096, weights cold (read bandwidth {gbps:.1f} GB/s) | us | weight bytes | "
-          "bandwidth limit us |\n|---|---|---|---|")
+    print(
+        f"\n| linear 1x4096x4096, weights cold (read bandwidth {gbps:.1f} GB/s) | us | weight bytes | "
+        "bandwidth limit us |\n|---|---|---|---|"
+    )
     for name, (us, nbytes) in cold.items():
         print(f"| {name} | {us:.0f} | {nbytes} | {nbytes / gbps / 1e3:.0f} |")
 
@@ -139,18 +149,22 @@ def main():
         qw = quantize_weight(w, bits, "uniform", "max")
         p = packing.pack(qw)
         conv[f"bitsearch W{bits}A8"] = lambda p=p: ops.lowbit_conv2d(
-            x, p.planes, p.qsum, p.scale, torch.zeros(1, 64), p.k, 0.05, 128, 255, [3, 3], [1, 1], [1, 1], [1, 1])
+            x, p.planes, p.qsum, p.scale, torch.zeros(1, 64), p.k, 0.05, 128, 255, [3, 3], [1, 1], [1, 1], [1, 1]
+        )
         conv[f"bitsearch W{bits}A8 channels-last input"] = lambda p=p: ops.lowbit_conv2d(
-            xcl, p.planes, p.qsum, p.scale, torch.zeros(1, 64), p.k, 0.05, 128, 255, [3, 3], [1, 1], [1, 1], [1, 1])
+            xcl, p.planes, p.qsum, p.scale, torch.zeros(1, 64), p.k, 0.05, 128, 255, [3, 3], [1, 1], [1, 1], [1, 1]
+        )
     conv = interleaved_us(conv, args.repeats)
     print("\n| conv 3x3 64->64 at 56x56, batch 1 | us |\n|---|---|")
     for k_, v in conv.items():
         print(f"| {k_} | {v:.0f} |")
 
     splits = fashion_mnist_splits(256)
-    print("\n| model | fp32 b1 us | W4A8 b1 us (speed-up) | fp32 b64 us | W4A8 b64 us (speed-up) | fp32 bytes | "
-          "W4A8 tensors bytes | "
-          "W4A8 .pt2 bytes |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "\n| model | fp32 b1 us | W4A8 b1 us (speed-up) | fp32 b64 us | W4A8 b64 us (speed-up) | fp32 bytes | "
+        "W4A8 tensors bytes | "
+        "W4A8 .pt2 bytes |\n|---|---|---|---|---|---|---|---|"
+    )
     for name in ("resnet20-fmnist", "mobilenetv2-fmnist", "mixer-fmnist"):
         model = load_model(ROOT / "models" / f"{name}.pt2")
         packed = lower(model, QuantConfig.uniform(model, 4, 8), splits.calib.inputs)
@@ -158,10 +172,15 @@ def main():
         fp32_bytes = sum(t.numel() * 4 for t in model.gm.state_dict().values() if t.is_floating_point())
         with torch.no_grad():
             b1 = interleaved_us({"fp32": lambda: model.gm(x1), "w4a8": lambda: packed.module(x1)}, args.repeats)
-            b64 = interleaved_us({"fp32": lambda: model.gm(x64), "w4a8": lambda: packed.module(x64)},
-                                 max(10, args.repeats // 2), block=2)
-        cells = [f"{b1['fp32']:.0f}", f"{b1['w4a8']:.0f} ({b1['fp32'] / b1['w4a8']:.2f}x)",
-                 f"{b64['fp32']:.0f}", f"{b64['w4a8']:.0f} ({b64['fp32'] / b64['w4a8']:.2f}x)"]
+            b64 = interleaved_us(
+                {"fp32": lambda: model.gm(x64), "w4a8": lambda: packed.module(x64)}, max(10, args.repeats // 2), block=2
+            )
+        cells = [
+            f"{b1['fp32']:.0f}",
+            f"{b1['w4a8']:.0f} ({b1['fp32'] / b1['w4a8']:.2f}x)",
+            f"{b64['fp32']:.0f}",
+            f"{b64['w4a8']:.0f} ({b64['fp32'] / b64['w4a8']:.2f}x)",
+        ]
         print(f"| {name} | " + " | ".join(cells) + f" | {fp32_bytes} | {packed.buffer_bytes} | {packed.nbytes} |")
 
 

@@ -58,11 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models"))
 
+import model_compression_toolkit as mct  # noqa: E402
 from architectures import ResNet20  # noqa: E402
 
 from search.data import fashion_mnist_splits  # noqa: E402
-
-import model_compression_toolkit as mct  # noqa: E402
 
 MODEL = "resnet20-fmnist"
 OURS = {  # bench/search_quality.py, same model (fp32 92.27): uniform at the widest fitting width, our best
@@ -104,10 +103,12 @@ def make_tpc(name: str):
         from model_compression_toolkit.target_platform_capabilities.tpc_models.imx500_tpc.v1_0 import tpc as imx
 
         base, _, default = imx.get_op_quantization_configs()
-        cfgs = [base] + [base.clone_and_edit(attr_to_edit={KERNEL_ATTR: {WEIGHTS_N_BITS: b}})
-                         for b in (7, 6, 5, 4, 3, 2)]
-        return imx.generate_tpc(default_config=default, base_config=base, mixed_precision_cfg_list=cfgs,
-                                name="imx500_tpc_2to8")
+        cfgs = [base] + [
+            base.clone_and_edit(attr_to_edit={KERNEL_ATTR: {WEIGHTS_N_BITS: b}}) for b in (7, 6, 5, 4, 3, 2)
+        ]
+        return imx.generate_tpc(
+            default_config=default, base_config=base, mixed_precision_cfg_list=cfgs, name="imx500_tpc_2to8"
+        )
     raise SystemExit(f"unknown --tpc {name}")
 
 
@@ -130,13 +131,19 @@ def kernel_params(model: nn.Module) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", nargs="+", type=float, default=[2.5, 3.0, 4.0],
-                        help="average weight bits over every conv and linear kernel")
+    parser.add_argument(
+        "--budgets",
+        nargs="+",
+        type=float,
+        default=[2.5, 3.0, 4.0],
+        help="average weight bits over every conv and linear kernel",
+    )
     parser.add_argument("--tpc", nargs="+", default=["imx500", "imx500-2to8"], choices=["imx500", "imx500-2to8"])
     parser.add_argument("--calib-size", type=int, default=1024)
     parser.add_argument("--calib-batch", type=int, default=32)
-    parser.add_argument("--mp-images", type=int, default=None,
-                        help="images for MCT's sensitivity metric (default: MCT's own, 32)")
+    parser.add_argument(
+        "--mp-images", type=int, default=None, help="images for MCT's sensitivity metric (default: MCT's own, 32)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", help="write the rows as JSON")
     args = parser.parse_args()
@@ -166,13 +173,18 @@ def main() -> None:
             budget_bytes = n_params * avg / 8
             mp_kwargs = {} if args.mp_images is None else {"num_of_images": args.mp_images}
             core_config = mct.core.CoreConfig(
-                mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(**mp_kwargs))
+                mixed_precision_config=mct.core.MixedPrecisionQuantizationConfig(**mp_kwargs)
+            )
             ru = mct.core.ResourceUtilization(weights_memory=budget_bytes)
             torch.manual_seed(0)
             start = time.perf_counter()
             qmodel, info = mct.ptq.pytorch_post_training_quantization(
-                load_resnet20(), representative_data_gen, target_resource_utilization=ru,
-                core_config=core_config, target_platform_capabilities=tpc)
+                load_resnet20(),
+                representative_data_gen,
+                target_resource_utilization=ru,
+                core_config=core_config,
+                target_platform_capabilities=tpc,
+            )
             seconds = time.perf_counter() - start
             qmodel = qmodel.cpu().eval()
             layers = quantized_layers(qmodel)
@@ -183,10 +195,15 @@ def main() -> None:
             acc = top1(qmodel, test.inputs, test.labels)
             final_ru = getattr(info, "final_resource_utilization", None)
             row = {
-                "tpc": tpc_name, "avg_wbits_budget": avg, "weights_memory_budget_bytes": budget_bytes,
+                "tpc": tpc_name,
+                "avg_wbits_budget": avg,
+                "weights_memory_budget_bytes": budget_bytes,
                 "mct_weights_memory_bytes": None if final_ru is None else float(final_ru.weights_memory),
-                "mct_top1": round(acc, 2), "mct_avg_wbits": round(bits, 3), "mct_seconds": round(seconds, 1),
-                "fp32": round(fp32, 2), "bits": {n: b for n, _, b in layers},
+                "mct_top1": round(acc, 2),
+                "mct_avg_wbits": round(bits, 3),
+                "mct_seconds": round(seconds, 1),
+                "fp32": round(fp32, 2),
+                "bits": {n: b for n, _, b in layers},
                 "mp_cfg": None if info is None else info.mixed_precision_cfg,
             }
             rows.append(row)
@@ -194,16 +211,22 @@ def main() -> None:
 
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
-    print(f"\nMCT {mct.__version__}, torch {torch.__version__}, {MODEL}, fp32 {fp32:.2f}, "
-          f"budget = {n_params} kernel params x avg bits / 8 bytes, activations 8 bits\n")
-    print("| avg w bits budget | TPC (kernel bits) | MCT top-1 | MCT avg w bits | MCT wall s "
-          "| ours: uniform | ours: best |")
+    print(
+        f"\nMCT {mct.__version__}, torch {torch.__version__}, {MODEL}, fp32 {fp32:.2f}, "
+        f"budget = {n_params} kernel params x avg bits / 8 bytes, activations 8 bits\n"
+    )
+    print(
+        "| avg w bits budget | TPC (kernel bits) | MCT top-1 | MCT avg w bits | MCT wall s "
+        "| ours: uniform | ours: best |"
+    )
     print("|---|---|---|---|---|---|---|")
     choices = {"imx500": "IMX500 v1.0 {2,4,8}", "imx500-2to8": "IMX500 v1.0 rebuilt {2..8}"}
     for r in rows:
         uni, best = OURS.get(r["avg_wbits_budget"], ("-", "-"))
-        print(f"| {r['avg_wbits_budget']:g} | {choices[r['tpc']]} | {r['mct_top1']:.2f} | {r['mct_avg_wbits']:.2f} "
-              f"| {r['mct_seconds']:.1f} | {uni} | {best} |")
+        print(
+            f"| {r['avg_wbits_budget']:g} | {choices[r['tpc']]} | {r['mct_top1']:.2f} | {r['mct_avg_wbits']:.2f} "
+            f"| {r['mct_seconds']:.1f} | {uni} | {best} |"
+        )
 
 
 if __name__ == "__main__":

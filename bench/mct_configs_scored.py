@@ -43,8 +43,11 @@ def main() -> None:
         w_bits = {l.name: mct_bits[l.name.replace(".", "_")] for l in model.layers}
         config = QuantConfig.from_bits(model, w_bits, 8)
         top1 = 100 * sim.evaluate(config, splits.test).top1
-        print(f"| {row['tpc']} | {row['avg_wbits_budget']} | {row['mct_top1']:.2f} | {top1:.2f} | "
-              f"{config_cost(model, config).avg_wbits:.2f} |", flush=True)
+        print(
+            f"| {row['tpc']} | {row['avg_wbits_budget']} | {row['mct_top1']:.2f} | {top1:.2f} | "
+            f"{config_cost(model, config).avg_wbits:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -67,16 +67,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["resnet20-fmnist", "mobilenetv2-fmnist", "mixer-fmnist"])
     parser.add_argument("--budgets", nargs="+", type=float, default=[2.0, 2.5, 3.0, 4.0])
-    parser.add_argument("--methods", nargs="+", default=["sqnr", "sqnr-analytic", "imprinting", "imprinting-cost", "haq"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["sqnr", "sqnr-analytic", "imprinting", "imprinting-cost", "haq"]
+    )
     parser.add_argument("--random", type=int, default=20)
-    parser.add_argument("--w-bits-at-2", default="1-8",
-                        help="weight bit choices when the budget is <= 2 bits (with 2-8 only all-2 fits)")
+    parser.add_argument(
+        "--w-bits-at-2",
+        default="1-8",
+        help="weight bit choices when the budget is <= 2 bits (with 2-8 only all-2 fits)",
+    )
     parser.add_argument("--calib-size", type=int, default=DEFAULT_CALIB_SIZE)
     parser.add_argument("--val-samples", type=int, default=2000)
     parser.add_argument("--no-baselines", action="store_true", help="skip uniform and random (searches only)")
     parser.add_argument("--a-bits", help="activation bit choices LO-HI, searched per layer (default: 8 only)")
-    parser.add_argument("--a-budget", type=float,
-                        help="with --a-bits: add bitops <= sum(MACs) * avg_wbits * A to each budget")
+    parser.add_argument(
+        "--a-budget", type=float, help="with --a-bits: add bitops <= sum(MACs) * avg_wbits * A to each budget"
+    )
     parser.add_argument("--out", help="write the rows as JSON")
     args = parser.parse_args()
     if args.a_budget is not None and args.a_bits is None:
@@ -94,25 +100,41 @@ def main() -> None:
         fp32 = 100 * sim.evaluate(None, splits.test).top1
         total_macs = sum(l.macs for l in model.layers)
         for avg in args.budgets:
-            budget = Budget(avg_wbits=avg) if args.a_budget is None else \
-                Budget(avg_wbits=avg, bitops=int(round(total_macs * avg * args.a_budget)))
+            budget = (
+                Budget(avg_wbits=avg)
+                if args.a_budget is None
+                else Budget(avg_wbits=avg, bitops=int(round(total_macs * avg * args.a_budget)))
+            )
             lo, hi = (int(b) for b in args.w_bits_at_2.split("-")) if avg <= 2 else (2, 8)
             choices = list(range(lo, hi + 1))
             row = {"model": name, "avg_wbits": avg, "w_bits": f"{lo}-{hi}", "fp32": round(fp32, 2)}
             if act_mode:
                 row.update({"a_bits": args.a_bits, "a_budget": args.a_budget, "bitops_limit": budget.bitops})
             if not args.no_baselines:
-                uniform = run_search("uniform", model, splits, budget, SearchOptions(
-                    w_bits=choices, a_bits=a_choices, val_samples=args.val_samples), simulator=sim)
+                uniform = run_search(
+                    "uniform",
+                    model,
+                    splits,
+                    budget,
+                    SearchOptions(w_bits=choices, a_bits=a_choices, val_samples=args.val_samples),
+                    simulator=sim,
+                )
                 # widest weights, then (activation bits searched) the most BitOPs: W3A6 rather than W3A4
                 best_uniform = max(uniform.candidates, key=lambda c: (c.cost.avg_wbits, c.cost.bitops))
                 row["uniform"] = round(test_top1(sim, best_uniform.config, splits.test), 2)
                 row["uniform_bits"] = round(best_uniform.cost.avg_wbits, 2)
                 if act_mode:
                     record_act_bits(row, "uniform", model, best_uniform)
-                rnd = run_search("random", model, splits, budget, SearchOptions(
-                    w_bits=choices, a_bits=a_choices, val_samples=args.val_samples,
-                    params={"count": args.random}), simulator=sim)
+                rnd = run_search(
+                    "random",
+                    model,
+                    splits,
+                    budget,
+                    SearchOptions(
+                        w_bits=choices, a_bits=a_choices, val_samples=args.val_samples, params={"count": args.random}
+                    ),
+                    simulator=sim,
+                )
                 accs = [test_top1(sim, c.config, splits.test) for c in rnd.candidates]
                 row["random_median"], row["random_best"] = round(statistics.median(accs), 2), round(max(accs), 2)
             for key in args.methods:
@@ -121,9 +143,19 @@ def main() -> None:
                     row[key] = None
                     continue
                 start = time.perf_counter()
-                result = run_search(method, model, splits, budget, SearchOptions(
-                    w_bits=choices, a_bits=a_choices, val_samples=args.val_samples,
-                    params=METHOD_PARAMS.get(key, {})), simulator=sim)
+                result = run_search(
+                    method,
+                    model,
+                    splits,
+                    budget,
+                    SearchOptions(
+                        w_bits=choices,
+                        a_bits=a_choices,
+                        val_samples=args.val_samples,
+                        params=METHOD_PARAMS.get(key, {}),
+                    ),
+                    simulator=sim,
+                )
                 seconds = time.perf_counter() - start
                 rec = result.recommended
                 row[key] = None if rec is None else round(test_top1(sim, rec.config, splits.test), 2)

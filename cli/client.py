@@ -33,6 +33,7 @@ class ServerError(ValueError):
 
 # --- the API key ------------------------------------------------------------------------------------------
 
+
 def user_key_file() -> Path:
     """$XDG_CONFIG_HOME/bitsearch/key, else ~/.config/bitsearch/key."""
     base = os.environ.get("XDG_CONFIG_HOME")
@@ -84,6 +85,7 @@ def save_user_key(key: str) -> Path:
 
 # --- HTTP ---------------------------------------------------------------------------------------------------
 
+
 class Server:
     """One server and one key; every failure is a ServerError with one line naming it."""
 
@@ -92,10 +94,13 @@ class Server:
 
         self.url = url.rstrip("/")
         self.key, self.key_source = find_api_key(api_key)
-        self._http = httpx.Client(base_url=self.url, timeout=httpx.Timeout(30.0, read=600.0),
-                                  headers={"Authorization": f"Bearer {self.key}"} if self.key else {})
+        self._http = httpx.Client(
+            base_url=self.url,
+            timeout=httpx.Timeout(30.0, read=600.0),
+            headers={"Authorization": f"Bearer {self.key}"} if self.key else {},
+        )
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -115,8 +120,11 @@ class Server:
                 detail = resp.text
             message = f"server answered {resp.status_code}: {detail}"
             if resp.status_code == 401:
-                message += (f" (the key from {self.key_source})" if self.key else
-                            "; no API key found: pass --api-key, set $BITSEARCH_API_KEY or run `bitsearch login KEY`")
+                message += (
+                    f" (the key from {self.key_source})"
+                    if self.key
+                    else "; no API key found: pass --api-key, set $BITSEARCH_API_KEY or run `bitsearch login KEY`"
+                )
             raise ServerError(message)
         return resp
 
@@ -128,8 +136,9 @@ def _is_id(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-def submit(server: Server, model: str, data: str, spec, validate_top_k: int | None = None,
-           public: bool = False) -> dict:
+def submit(
+    server: Server, model: str, data: str, spec, validate_top_k: int | None = None, public: bool = False
+) -> dict:
     """POST /jobs with a checked JobSpec; `model`/`data` are paths to upload or ids of earlier uploads; data may
     be a built-in name."""
     from search.data import BUILTIN_DATASETS
@@ -137,8 +146,12 @@ def submit(server: Server, model: str, data: str, spec, validate_top_k: int | No
     options = spec.job_options()
     if validate_top_k is not None:
         options["validate_top_k"] = validate_top_k
-    form = {"method": spec.method, "budget": json.dumps(spec.budget.limits()), "options": json.dumps(options),
-            "public": "true" if public else "false"}
+    form = {
+        "method": spec.method,
+        "budget": json.dumps(spec.budget.limits()),
+        "options": json.dumps(options),
+        "public": "true" if public else "false",
+    }
     files, handles = {}, []
     try:
         if Path(model).is_file():
@@ -156,8 +169,10 @@ def submit(server: Server, model: str, data: str, spec, validate_top_k: int | No
         elif data in BUILTIN_DATASETS:
             form["data_name"] = data
         else:
-            raise ValueError(f"data {data!r} is not a file, the id of an uploaded data set, nor a built-in "
-                             f"({', '.join(BUILTIN_DATASETS)})")
+            raise ValueError(
+                f"data {data!r} is not a file, the id of an uploaded data set, nor a built-in "
+                f"({', '.join(BUILTIN_DATASETS)})"
+            )
         return server.request("POST", "/jobs", data=form, files=files or None).json()
     finally:
         for h in handles:
@@ -176,23 +191,35 @@ def wait(server: Server, job_id: str, hint: str = "", poll_s: float = 1.0, quiet
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
-                      TimeElapsedColumn(), console=Console(stderr=True), disable=quiet) as bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.fields[count]}"),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+            disable=quiet,
+        ) as bar:
             task = bar.add_task("", total=None, count="")
             while True:
                 job = server.get(f"/jobs/{job_id}")
                 p = job["progress"]
                 best = f" best {percent(p['best_val_top1'])}" if p.get("best_val_top1") is not None else ""
-                bar.update(task, description=progress_label(job["status"], p.get("phase")) + best,
-                           completed=p.get("step") or 0, total=p.get("total") or None,
-                           count=progress_count(p.get("step"), p.get("total")))
+                bar.update(
+                    task,
+                    description=progress_label(job["status"], p.get("phase")) + best,
+                    completed=p.get("step") or 0,
+                    total=p.get("total") or None,
+                    count=progress_count(p.get("step"), p.get("total")),
+                )
                 if job["status"] in FINAL:
                     return job
                 time.sleep(poll_s)
     except KeyboardInterrupt:
-        raise Interrupted(f"stopped following job {job_id}; it keeps running on the server: "
-                          f"`bitsearch cancel {job_id}{hint}` stops it, "
-                          f"`bitsearch watch {job_id}{hint}` follows it again") from None
+        raise Interrupted(
+            f"stopped following job {job_id}; it keeps running on the server: "
+            f"`bitsearch cancel {job_id}{hint}` stops it, "
+            f"`bitsearch watch {job_id}{hint}` follows it again"
+        ) from None
 
 
 def _show_results(server: Server, job: dict, as_json: bool) -> None:
@@ -210,10 +237,14 @@ def _show_results(server: Server, job: dict, as_json: bool) -> None:
             table.add_column(col, justify="right")
         for cnd in cands:
             v = cnd.get("validation") or {}
-            table.add_row(str(cnd["id"]), f"{cnd['avg_wbits']:.3f}", str(cnd["weight_bytes"]),
-                          "-" if cnd["val_top1"] is None else f"{100 * cnd['val_top1']:.2f}",
-                          "-" if v.get("top1") is None else f"{100 * v['top1']:.2f}",
-                          ("yes" if cnd["pareto"] else "") + (" *" if cnd["recommended"] else ""))
+            table.add_row(
+                str(cnd["id"]),
+                f"{cnd['avg_wbits']:.3f}",
+                str(cnd["weight_bytes"]),
+                "-" if cnd["val_top1"] is None else f"{100 * cnd['val_top1']:.2f}",
+                "-" if v.get("top1") is None else f"{100 * v['top1']:.2f}",
+                ("yes" if cnd["pareto"] else "") + (" *" if cnd["recommended"] else ""),
+            )
         out.print(table)
         if job["error"]:
             out.print(f"[red]{job['error']}[/red]")
@@ -246,17 +277,21 @@ def download(server: Server, candidate_id: int, out: Path, packed: bool = False)
 
 # --- commands -------------------------------------------------------------------------------------------
 
+
 def cmd_submit(args) -> None:
     spec, validate_top_k = submit_spec(args)  # refused here, before any upload
     with Server(args.server, args.api_key) as server:
         try:
             created = submit(server, args.model, args.data, spec, validate_top_k, args.public)
         except KeyboardInterrupt:
-            raise Interrupted(f"interrupted before the server answered; `bitsearch jobs{_hint(args)}` shows "
-                              "whether the job was queued") from None
+            raise Interrupted(
+                f"interrupted before the server answered; `bitsearch jobs{_hint(args)}` shows "
+                "whether the job was queued"
+            ) from None
         if not args.wait:
-            print(json.dumps(created) if args.json else
-                  f"job {created['id']} queued: {server.url}{created['location']}")
+            print(
+                json.dumps(created) if args.json else f"job {created['id']} queued: {server.url}{created['location']}"
+            )
             return
         print(f"job {created['id']} submitted to {server.url}", file=sys.stderr, flush=True)
         job = wait(server, created["id"], _hint(args), quiet=args.json)
@@ -301,8 +336,14 @@ def cmd_jobs(args) -> None:
         table.add_column(col, no_wrap=col == "id")
     for job in page["items"]:
         p = job["progress"]
-        progress = " ".join(x for x in (progress_count(p.get("step"), p.get("total")),
-                                        "" if p.get("phase") == job["status"] else p.get("phase") or "") if x)
+        progress = " ".join(
+            x
+            for x in (
+                progress_count(p.get("step"), p.get("total")),
+                "" if p.get("phase") == job["status"] else p.get("phase") or "",
+            )
+            if x
+        )
         table.add_row(job["id"], job["status"], job["method"], progress, _local_time(job["created_at"]))
     Console().print(table)
 
@@ -322,8 +363,10 @@ def cmd_cancel(args) -> None:
     elif job["status"] == "cancelled":
         print(f"job {job['id']} cancelled")
     else:
-        print(f"job {job['id']}: cancel requested; the search stops at its next step "
-              f"(`bitsearch watch {job['id']}{_hint(args)}` follows it)")
+        print(
+            f"job {job['id']}: cancel requested; the search stops at its next step "
+            f"(`bitsearch watch {job['id']}{_hint(args)}` follows it)"
+        )
 
 
 def cmd_download(args) -> None:
@@ -350,6 +393,7 @@ def cmd_login(args) -> None:
 
 # --- the parser ---------------------------------------------------------------------------------------------
 
+
 def _default_server() -> str:
     return os.environ.get("BITSEARCH_SERVER") or DEFAULT_SERVER
 
@@ -357,13 +401,19 @@ def _default_server() -> str:
 def _connection() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("server")
-    g.add_argument("--server", default=_default_server(), metavar="URL",
-                   help=f"the bitsearch server (default: $BITSEARCH_SERVER, else {DEFAULT_SERVER}; "
-                        f"now {_default_server()})")
-    g.add_argument("--api-key", metavar="KEY",
-                   help="default: $BITSEARCH_API_KEY, else the first key file of $BITSEARCH_VAR_DIR/local.key, "
-                        "./var/local.key (`make run` writes it), the file `bitsearch login` writes "
-                        f"({user_key_file()})")
+    g.add_argument(
+        "--server",
+        default=_default_server(),
+        metavar="URL",
+        help=f"the bitsearch server (default: $BITSEARCH_SERVER, else {DEFAULT_SERVER}; now {_default_server()})",
+    )
+    g.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="default: $BITSEARCH_API_KEY, else the first key file of $BITSEARCH_VAR_DIR/local.key, "
+        "./var/local.key (`make run` writes it), the file `bitsearch login` writes "
+        f"({user_key_file()})",
+    )
     return p
 
 
@@ -373,11 +423,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="a .pt2 file to upload, or the id of a model uploaded before")
     p.add_argument("--data", required=True, help="'fashion-mnist', a safetensors file, or a data set id")
     add_spec_arguments(p)
-    p.add_argument("--validate-top-k", type=int, metavar="K",
-                   help="Pareto candidates the server runs on the real kernels (server default if unset)")
+    p.add_argument(
+        "--validate-top-k",
+        type=int,
+        metavar="K",
+        help="Pareto candidates the server runs on the real kernels (server default if unset)",
+    )
     p.add_argument("--public", action="store_true", help="show the job on everyone's leaderboard")
-    p.add_argument("--wait", action="store_true", help="follow the job with a progress bar, then print the results "
-                   "(Ctrl-C stops following; the job keeps running)")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job with a progress bar, then print the results "
+        "(Ctrl-C stops following; the job keeps running)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_submit)
 
@@ -397,11 +455,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_cancel)
 
-    p = sub.add_parser("download", parents=[conn],
-                       help="download a candidate's config (or --packed model) from a server")
+    p = sub.add_parser(
+        "download", parents=[conn], help="download a candidate's config (or --packed model) from a server"
+    )
     p.add_argument("candidate_id", type=int)
-    p.add_argument("-o", "--output", help="a file, or a directory (existing, or ending in /) to write the "
-                                          "default file name into")
+    p.add_argument(
+        "-o", "--output", help="a file, or a directory (existing, or ending in /) to write the default file name into"
+    )
     p.add_argument("--packed", action="store_true", help="the packed low-bit model (zip) instead of the config")
     p.set_defaults(func=cmd_download)
 

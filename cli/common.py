@@ -66,15 +66,21 @@ def positive_int(text: str) -> int:
 
 # The library owns every default; flags left unset are not passed, so the spec (or load_splits) applies its own.
 
+
 def add_data_arguments(p: argparse.ArgumentParser) -> None:
     """--calib-size and --seed: which images calibrate, chosen as a search with the same values chooses them."""
     from search.data import DEFAULT_CALIB_SIZE, DEFAULT_SPLIT_SEED
 
-    p.add_argument("--calib-size", type=positive_int, metavar="N",
-                   help=f"calibration samples (default {DEFAULT_CALIB_SIZE})")
-    p.add_argument("--seed", type=int, metavar="N",
-                   help=f"picks the calibration subset (default {DEFAULT_SPLIT_SEED}); use a search's seed "
-                        "to calibrate on its images")
+    p.add_argument(
+        "--calib-size", type=positive_int, metavar="N", help=f"calibration samples (default {DEFAULT_CALIB_SIZE})"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        help=f"picks the calibration subset (default {DEFAULT_SPLIT_SEED}); use a search's seed "
+        "to calibrate on its images",
+    )
 
 
 def load_data(args):
@@ -99,38 +105,67 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
 
     d = _spec_default
     p.add_argument("--method", required=True, help=" | ".join(METHODS))
-    p.add_argument("--budget", action="append", required=True, metavar="NAME=VALUE",
-                   help="a limit (avg_wbits, weight_bytes, bitops, act_bytes, latency_us); repeatable")
+    p.add_argument(
+        "--budget",
+        action="append",
+        required=True,
+        metavar="NAME=VALUE",
+        help="a limit (avg_wbits, weight_bytes, bitops, act_bytes, latency_us); repeatable",
+    )
     p.add_argument("--w-bits", help=f"weight bit choices, e.g. 2-8 or 2,4,8 (default {d('w_bits')})")
     p.add_argument("--a-bits", help=f"activation bit choices, e.g. 8 or 4-8; 16 = float (default {d('a_bits')})")
     p.add_argument("--scheme", help=f"weight grid: uniform | pot | apot (default {d('scheme')})")
     p.add_argument("--clip", help=f"weight clipping: max | mse (default {d('clip')})")
-    p.add_argument("--act-calibration", help=f"activation ranges: minmax | percentile | mse "
-                                             f"(default {d('act_calibration')})")
-    p.add_argument("--params", metavar="JSON", help='the method\'s own options, e.g. \'{"sweep_points": 3}\'')
+    p.add_argument(
+        "--act-calibration", help=f"activation ranges: minmax | percentile | mse (default {d('act_calibration')})"
+    )
+    p.add_argument("--params", metavar="JSON", help="the method's own options, e.g. '{\"sweep_points\": 3}'")
     p.add_argument("--calib-size", type=int, metavar="N", help=f"calibration samples (default {d('calib_size')})")
-    p.add_argument("--val-samples", type=int, metavar="N",
-                   help=f"validation samples scoring each candidate (default {d('val_samples')})")
-    p.add_argument("--seed", type=int, metavar="N",
-                   help=f"the search's RNG and the calibration subset (default {d('seed')})")
-    p.add_argument("--options", metavar="JSON",
-                   help="more spec fields as one JSON object (e.g. '{\"clip\": \"max\"}'); the flags win")
-    ft = p.add_argument_group(f"STE fine-tuning on the data set's training split ({', '.join(FINETUNE_METHODS)}; "
-                              "off by default)")
+    p.add_argument(
+        "--val-samples",
+        type=int,
+        metavar="N",
+        help=f"validation samples scoring each candidate (default {d('val_samples')})",
+    )
+    p.add_argument(
+        "--seed", type=int, metavar="N", help=f"the search's RNG and the calibration subset (default {d('seed')})"
+    )
+    p.add_argument(
+        "--options",
+        metavar="JSON",
+        help='more spec fields as one JSON object (e.g. \'{"clip": "max"}\'); the flags win',
+    )
+    ft = p.add_argument_group(
+        f"STE fine-tuning on the data set's training split ({', '.join(FINETUNE_METHODS)}; off by default)"
+    )
     f = lambda name: _spec_default(name, FineTuneOptions)  # noqa: E731
-    ft.add_argument("--finetune-epochs", type=int, metavar="N",
-                    help="imprinting: N epochs after every bit lowering (Liu 2021 Algorithm 1 uses 4); "
-                         "haq: N epochs per episode before the reward")
-    ft.add_argument("--finetune-steps", type=int, metavar="N",
-                    help="N minibatches per fine-tune instead of whole epochs")
-    ft.add_argument("--finetune-samples", type=int, metavar="N",
-                    help="training images used (a seeded subset; default all of the training split)")
+    ft.add_argument(
+        "--finetune-epochs",
+        type=int,
+        metavar="N",
+        help="imprinting: N epochs after every bit lowering (Liu 2021 Algorithm 1 uses 4); "
+        "haq: N epochs per episode before the reward",
+    )
+    ft.add_argument(
+        "--finetune-steps", type=int, metavar="N", help="N minibatches per fine-tune instead of whole epochs"
+    )
+    ft.add_argument(
+        "--finetune-samples",
+        type=int,
+        metavar="N",
+        help="training images used (a seeded subset; default all of the training split)",
+    )
     ft.add_argument("--finetune-batch", type=int, metavar="N", help=f"minibatch size (default {f('batch_size')})")
     ft.add_argument("--finetune-lr", type=float, metavar="LR", help=f"Adam learning rate (default {f('lr')})")
 
 
-FINETUNE_FLAGS = {"finetune_epochs": "epochs", "finetune_steps": "steps", "finetune_samples": "samples",
-                  "finetune_batch": "batch_size", "finetune_lr": "lr"}
+FINETUNE_FLAGS = {
+    "finetune_epochs": "epochs",
+    "finetune_steps": "steps",
+    "finetune_samples": "samples",
+    "finetune_batch": "batch_size",
+    "finetune_lr": "lr",
+}
 
 
 def spec_fields(args) -> dict:

@@ -38,13 +38,17 @@ def cmd_validate(args) -> None:
     t = Table(title=f"{Path(args.model).name} on the {report.isa} kernels, {report.threads} threads")
     t.add_column("measure")
     t.add_column("value", justify="right")
-    for k, v in [("top-1 (kernels)", percent(report.top1)), ("top-1 (simulation)", percent(report.sim_top1)),
-                 ("top-1 agreement", percent(report.agreement)),
-                 ("max logit difference", f"{report.max_logit_diff:.4g}"),
-                 ("samples", str(report.samples)), ("packed model on disk", f"{report.packed_bytes} B"),
-                 ("tensors held", f"{report.buffer_bytes} B"),
-                 ("layers on the kernels", f"{report.kernel_layers}/{report.layers}"),
-                 *[(f"latency batch {b}", f"{us:.0f} us") for b, us in report.latency_us.items()]]:
+    for k, v in [
+        ("top-1 (kernels)", percent(report.top1)),
+        ("top-1 (simulation)", percent(report.sim_top1)),
+        ("top-1 agreement", percent(report.agreement)),
+        ("max logit difference", f"{report.max_logit_diff:.4g}"),
+        ("samples", str(report.samples)),
+        ("packed model on disk", f"{report.packed_bytes} B"),
+        ("tensors held", f"{report.buffer_bytes} B"),
+        ("layers on the kernels", f"{report.kernel_layers}/{report.layers}"),
+        *[(f"latency batch {b}", f"{us:.0f} us") for b, us in report.latency_us.items()],
+    ]:
         t.add_row(k, v)
     Console().print(t)
 

@@ -1,8 +1,8 @@
 """`bitsearch inspect`, `eval` and `search`: the library (search/) on local files.
 
-    bitsearch inspect MODEL.pt2 [--json]
-    bitsearch eval MODEL.pt2 --data fashion-mnist [--config CFG.json | --uniform W/A] [--split test] [--json]
-    bitsearch search MODEL.pt2 --data fashion-mnist --method sqnr --budget avg_wbits=3 [--out result.json]
+bitsearch inspect MODEL.pt2 [--json]
+bitsearch eval MODEL.pt2 --data fashion-mnist [--config CFG.json | --uniform W/A] [--split test] [--json]
+bitsearch search MODEL.pt2 --data fashion-mnist --method sqnr --budget avg_wbits=3 [--out result.json]
 """
 
 from __future__ import annotations
@@ -11,8 +11,16 @@ import argparse
 import json
 from pathlib import Path
 
-from .common import (add_data_arguments, add_spec_arguments, load_data, percent, print_json, progress_count,
-                     progress_label, spec_from_args)
+from .common import (
+    add_data_arguments,
+    add_spec_arguments,
+    load_data,
+    percent,
+    print_json,
+    progress_count,
+    progress_label,
+    spec_from_args,
+)
 
 
 def cmd_inspect(args) -> None:
@@ -25,21 +33,38 @@ def cmd_inspect(args) -> None:
     total_params = sum(l.params for l in model.layers)
     total_macs = sum(l.macs for l in model.layers)
     if args.json:
-        print_json({
-            "model": str(args.model), "sha256": model.sha256, "input_shape": list(model.input_shape),
-            "layers": [l.to_dict() for l in model.layers],
-            "totals": {"layers": len(model.layers), "layer_params": total_params,
-                       "all_params": model.total_params, "macs": total_macs},
-        })
+        print_json(
+            {
+                "model": str(args.model),
+                "sha256": model.sha256,
+                "input_shape": list(model.input_shape),
+                "layers": [l.to_dict() for l in model.layers],
+                "totals": {
+                    "layers": len(model.layers),
+                    "layer_params": total_params,
+                    "all_params": model.total_params,
+                    "macs": total_macs,
+                },
+            }
+        )
         return
     table = Table(title=f"{Path(args.model).name}  sha256 {model.sha256[:16]}  input {list(model.input_shape)}")
     for col in ("#", "layer", "op", "weight shape", "groups", "stride", "params", "MACs", "in", "out"):
         table.add_column(col, justify="right" if col in ("#", "groups", "params", "MACs") else "left")
     for l in model.layers:
         op = l.op + (" dw" if l.is_depthwise else "")
-        table.add_row(str(l.index), l.name, op, "x".join(map(str, l.weight_shape)), str(l.groups),
-                      "x".join(map(str, l.stride)) or "-", f"{l.params:,}", f"{l.macs:,}",
-                      "x".join(map(str, l.in_shape)), "x".join(map(str, l.out_shape)))
+        table.add_row(
+            str(l.index),
+            l.name,
+            op,
+            "x".join(map(str, l.weight_shape)),
+            str(l.groups),
+            "x".join(map(str, l.stride)) or "-",
+            f"{l.params:,}",
+            f"{l.macs:,}",
+            "x".join(map(str, l.in_shape)),
+            "x".join(map(str, l.out_shape)),
+        )
     table.add_section()
     table.add_row("", f"{len(model.layers)} layers", "", "", "", "", f"{total_params:,}", f"{total_macs:,}", "", "")
     console = Console(width=160)
@@ -79,9 +104,15 @@ def cmd_eval(args) -> None:
     res = sim.evaluate(config, data) if config is not None else fp
     cost = config_cost(model, config) if config is not None else None
     out = {
-        "model": str(args.model), "data": args.data, "split": args.split if getattr(splits, args.split) else "val",
-        "samples": res.samples, "config": "float" if config is None else (args.config or f"uniform W{args.uniform}"),
-        "fp32_top1": fp.top1, "top1": res.top1, "sqnr_db": res.sqnr_db, "kl": res.kl,
+        "model": str(args.model),
+        "data": args.data,
+        "split": args.split if getattr(splits, args.split) else "val",
+        "samples": res.samples,
+        "config": "float" if config is None else (args.config or f"uniform W{args.uniform}"),
+        "fp32_top1": fp.top1,
+        "top1": res.top1,
+        "sqnr_db": res.sqnr_db,
+        "kl": res.kl,
         "cost": cost.to_dict() if cost else None,
     }
     if args.json:
@@ -116,15 +147,27 @@ def cmd_search(args) -> None:
     model = load_model(args.model)
     splits = load_job_data(spec, args.data)
     latency = LatencyTable.load(args.latency_table) if args.latency_table else None
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[count]}"),
-                  TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=Console(stderr=True),
-                  disable=args.json) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[count]}"),
+        TextColumn("{task.fields[best]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=args.json,
+    ) as bar:
         task = bar.add_task(spec.method, total=None, count="", best="")
 
         def on_progress(p):
             best = f"best {percent(p.best.val_top1)}" if p.best and p.best.val_top1 is not None else ""
-            bar.update(task, completed=p.step, total=p.total or None, count=progress_count(p.step, p.total),
-                       description=progress_label(spec.method, p.phase), best=best)
+            bar.update(
+                task,
+                completed=p.step,
+                total=p.total or None,
+                count=progress_count(p.step, p.total),
+                description=progress_label(spec.method, p.phase),
+                best=best,
+            )
 
         result = run_job(spec, model, splits, on_progress, latency=latency)
     if args.out:
@@ -134,18 +177,32 @@ def cmd_search(args) -> None:
     if args.json:
         print_json(result.to_dict())
         return
-    table = Table(title=f"{spec.method} on {Path(args.model).name}: Pareto front ({result.pareto_metric}), "
-                        f"{result.seconds:.1f} s")
+    table = Table(
+        title=f"{spec.method} on {Path(args.model).name}: Pareto front ({result.pareto_metric}), {result.seconds:.1f} s"
+    )
     # val top-1 is the config on the model's own weights; with fine-tuning, the search's fine-tuned
     # weights (not part of the result) reach the extra column's figure
     tuned = any("finetuned_val_top1" in c.meta for c in result.candidates)
-    for col in ("avg w bits", "weight bytes", "BitOPs", "val top-1", *(("fine-tuned top-1",) if tuned else ()),
-                "fits", ""):
+    for col in (
+        "avg w bits",
+        "weight bytes",
+        "BitOPs",
+        "val top-1",
+        *(("fine-tuned top-1",) if tuned else ()),
+        "fits",
+        "",
+    ):
         table.add_column(col, justify="right")
     for c in sorted(result.pareto, key=lambda c: getattr(c.cost, result.pareto_metric)):
-        table.add_row(f"{c.cost.avg_wbits:.2f}", f"{c.cost.weight_bytes:,}", f"{c.cost.bitops:,}",
-                      percent(c.val_top1), *((percent(c.meta.get("finetuned_val_top1")),) if tuned else ()),
-                      "yes" if c.fits else "no", "recommended" if c is result.recommended else "")
+        table.add_row(
+            f"{c.cost.avg_wbits:.2f}",
+            f"{c.cost.weight_bytes:,}",
+            f"{c.cost.bitops:,}",
+            percent(c.val_top1),
+            *((percent(c.meta.get("finetuned_val_top1")),) if tuned else ()),
+            "yes" if c.fits else "no",
+            "recommended" if c is result.recommended else "",
+        )
     out = Console()
     out.print(table)
     if result.recommended is None:
@@ -168,8 +225,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--uniform", help="every layer at W/A bits, e.g. 4/8 (A=16 keeps activations float)")
     p.add_argument("--scheme", choices=["uniform", "pot", "apot"], help="with --uniform (default uniform)")
     p.add_argument("--calibration", choices=["minmax", "percentile", "mse"], help="with --uniform (default mse)")
-    p.add_argument("--split", default="test", choices=["test", "val", "calib"],
-                   help="evaluation split (test falls back to val for data sets without one)")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["test", "val", "calib"],
+        help="evaluation split (test falls back to val for data sets without one)",
+    )
     add_data_arguments(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)

@@ -21,5 +21,11 @@ def extension():
 
     build_dir = Path(os.environ.get("BITSEARCH_KERNEL_BUILD", Path.home() / ".cache" / "bitsearch" / "kernels"))
     build_dir.mkdir(parents=True, exist_ok=True)
-    return load(name="bitsearch_lowbit", sources=[str(SOURCE)], build_directory=str(build_dir),
-                extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"], extra_ldflags=["-fopenmp"], verbose=False)
+    return load(
+        name="bitsearch_lowbit",
+        sources=[str(SOURCE)],
+        build_directory=str(build_dir),
+        extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"],
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )

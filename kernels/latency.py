@@ -12,7 +12,6 @@ import torch
 from search.config import QuantConfig
 from search.cost import LatencyTable
 from search.model import LoadedModel
-
 from search.quant.weight import quantize_weight
 
 from . import ops
@@ -42,13 +41,27 @@ def _layer_call(model: LoadedModel, layer, w_bits: int):
         k, s, pd, d = ([1, v[0]] for v in (layer.kernel, layer.stride, layer.padding, layer.dilation))
         pd[0] = 0
         return lambda: ops.lowbit_conv2d(x2, p.planes, p.qsum, p.scale, bias, p.k, 0.05, 128, 255, k, s, pd, d)
-    return lambda: ops.lowbit_conv2d(x, p.planes, p.qsum, p.scale, bias, p.k, 0.05, 128, 255,
-                                     list(layer.kernel), list(layer.stride), list(layer.padding), list(layer.dilation))
+    return lambda: ops.lowbit_conv2d(
+        x,
+        p.planes,
+        p.qsum,
+        p.scale,
+        bias,
+        p.k,
+        0.05,
+        128,
+        255,
+        list(layer.kernel),
+        list(layer.stride),
+        list(layer.padding),
+        list(layer.dilation),
+    )
 
 
 @torch.no_grad()
-def measure_latency_table(model: LoadedModel, w_bits=range(1, 9), a_bits=(8,), repeats: int = 30,
-                          on_layer=None) -> LatencyTable:
+def measure_latency_table(
+    model: LoadedModel, w_bits=range(1, 9), a_bits=(8,), repeats: int = 30, on_layer=None
+) -> LatencyTable:
     """Median microseconds per layer and width. The kernels' time does not depend on a_bits <= 8 (codes are
     bytes), so those entries share one measurement; a_bits 16 (float activations) runs the float layer."""
     QuantConfig.uniform(model, max(w_bits), 8).check_against(model)
@@ -63,5 +76,6 @@ def measure_latency_table(model: LoadedModel, w_bits=range(1, 9), a_bits=(8,), r
         layers[layer.name] = row
         if on_layer:
             on_layer(i + 1, len(model.layers))
-    return LatencyTable(layers, machine=f"{platform.node()} {platform.machine()} {ops.isa()} "
-                                        f"{torch.get_num_threads()} threads")
+    return LatencyTable(
+        layers, machine=f"{platform.node()} {platform.machine()} {ops.isa()} {torch.get_num_threads()} threads"
+    )

@@ -41,8 +41,14 @@ _STRICT_VIEWS = {torch.ops.aten.view.default, torch.ops.aten._unsafe_view.defaul
 
 
 class PackedModel:
-    def __init__(self, module: torch.nn.Module, config: QuantConfig | dict, input_shape: tuple[int, ...],
-                 static_batch: int | None, kernel_layers: list[str]):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        config: QuantConfig | dict,
+        input_shape: tuple[int, ...],
+        static_batch: int | None,
+        kernel_layers: list[str],
+    ):
         self.module = module
         self.config = config
         self.input_shape = tuple(input_shape)
@@ -76,9 +82,13 @@ class PackedModel:
         directory.mkdir(parents=True, exist_ok=True)
         torch.export.save(self.export(), str(directory / MODEL_FILE))
         config = self.config.model_dump(mode="json") if isinstance(self.config, QuantConfig) else self.config
-        meta = {"layout": LAYOUT, "config": config, "input_shape": list(self.input_shape),
-                "static_batch": self.static_batch,
-                "kernel_layers": self.kernel_layers}
+        meta = {
+            "layout": LAYOUT,
+            "config": config,
+            "input_shape": list(self.input_shape),
+            "static_batch": self.static_batch,
+            "kernel_layers": self.kernel_layers,
+        }
         (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=1))
         return directory
 
@@ -95,8 +105,12 @@ def load_packed(directory: str | os.PathLike, max_bytes: int = 512 << 20) -> Pac
     as data: the archive through bitsearch's safe reader, the metadata checked for type and size, the graph
     allowed only aten and bitsearch ops, and every tensor it computes bounded, before it runs."""
     from search.archive import ArchiveError, read_exported_program
-    from search.model import (ALLOWED_PYTHON_TARGETS, DEFAULT_MAX_INPUT_ELEMENTS, DEFAULT_MAX_TENSOR_ELEMENTS,
-                              check_tensor_sizes)
+    from search.model import (
+        ALLOWED_PYTHON_TARGETS,
+        DEFAULT_MAX_INPUT_ELEMENTS,
+        DEFAULT_MAX_TENSOR_ELEMENTS,
+        check_tensor_sizes,
+    )
 
     directory = Path(directory)
     try:
@@ -106,21 +120,36 @@ def load_packed(directory: str | os.PathLike, max_bytes: int = 512 << 20) -> Pac
     if not isinstance(meta, dict):
         raise ArchiveError(f"{directory / CONFIG_FILE} is not a JSON object")
     if meta.get("layout") != LAYOUT:
-        raise ValueError(f"{directory} holds weights packed in layout {meta.get('layout', 'bitsearch.bitplanes/1')!r}; "
-                         f"this version runs {LAYOUT!r}: pack the config again (bitsearch pack)")
-    input_shape, static_batch, kernel_layers = meta.get("input_shape"), meta.get("static_batch"), meta.get("kernel_layers")
-    if (not isinstance(input_shape, list) or not all(type(d) is int and d > 0 for d in input_shape)
-            or math.prod(input_shape) > DEFAULT_MAX_INPUT_ELEMENTS
-            or not (static_batch is None or type(static_batch) is int and 0 < static_batch <= 4096)
-            or not isinstance(kernel_layers, list) or not all(isinstance(n, str) for n in kernel_layers)
-            or not isinstance(meta.get("config"), dict)):
-        raise ArchiveError(f"{directory / CONFIG_FILE}: input_shape, static_batch, kernel_layers or config is "
-                           "malformed or out of range")
+        raise ValueError(
+            f"{directory} holds weights packed in layout {meta.get('layout', 'bitsearch.bitplanes/1')!r}; "
+            f"this version runs {LAYOUT!r}: pack the config again (bitsearch pack)"
+        )
+    input_shape, static_batch, kernel_layers = (
+        meta.get("input_shape"),
+        meta.get("static_batch"),
+        meta.get("kernel_layers"),
+    )
+    if (
+        not isinstance(input_shape, list)
+        or not all(type(d) is int and d > 0 for d in input_shape)
+        or math.prod(input_shape) > DEFAULT_MAX_INPUT_ELEMENTS
+        or not (static_batch is None or type(static_batch) is int and 0 < static_batch <= 4096)
+        or not isinstance(kernel_layers, list)
+        or not all(isinstance(n, str) for n in kernel_layers)
+        or not isinstance(meta.get("config"), dict)
+    ):
+        raise ArchiveError(
+            f"{directory / CONFIG_FILE}: input_shape, static_batch, kernel_layers or config is "
+            "malformed or out of range"
+        )
     program = read_exported_program(directory / MODEL_FILE, max_bytes=max_bytes)
     for node in program.graph.nodes:
         target = node.target
-        if node.op == "call_function" and target not in ALLOWED_PYTHON_TARGETS and not (
-                isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "bitsearch")):
+        if (
+            node.op == "call_function"
+            and target not in ALLOWED_PYTHON_TARGETS
+            and not (isinstance(target, torch._ops.OpOverload) and target.namespace in ("aten", "bitsearch"))
+        ):
             raise ArchiveError(f"packed model node {node.name!r} calls {target}; only aten and bitsearch ops run")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -134,8 +163,12 @@ def _attr(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
     return gm.graph.get_attr(name)
 
 
-def lower(model: LoadedModel, config: QuantConfig, calib_inputs: torch.Tensor | None = None,
-          simulator: Simulator | None = None) -> PackedModel:
+def lower(
+    model: LoadedModel,
+    config: QuantConfig,
+    calib_inputs: torch.Tensor | None = None,
+    simulator: Simulator | None = None,
+) -> PackedModel:
     """Replace every layer of `model` with its low-bit op under `config`. Give the Simulator the search used
     (or the calibration inputs to build one) so activation ranges and corrected biases are the same."""
     config.check_against(model)
@@ -163,22 +196,31 @@ def lower(model: LoadedModel, config: QuantConfig, calib_inputs: torch.Tensor | 
                 bias = torch.zeros(qw.codes.shape[0])
             tag = f"bitsearch_{layer.index}"
             with gm.graph.inserting_before(node):
-                tensors = [_attr(gm, f"{tag}_{k}", v) for k, v in (
-                    ("planes", packed.planes), ("qsum", packed.qsum), ("scale", packed.scale),
-                    ("bias", bias.float().reshape(layer.groups, -1)))]
+                tensors = [
+                    _attr(gm, f"{tag}_{k}", v)
+                    for k, v in (
+                        ("planes", packed.planes),
+                        ("qsum", packed.qsum),
+                        ("scale", packed.scale),
+                        ("bias", bias.float().reshape(layer.groups, -1)),
+                    )
+                ]
                 common = (packed.k, float(act.scale), int(act.zero_point), int(act.qmax))
                 if layer.op == "linear":
                     new = gm.graph.call_function(torch.ops.bitsearch.lowbit_linear.default, (x, *tensors, *common))
                 else:
                     two_d = layer.op == "conv2d"
                     kernel = list(layer.kernel) if two_d else [1, layer.kernel[0]]
-                    stride, padding, dilation = ((list(v) if two_d else [1, v[0]])
-                                                 for v in (layer.stride, layer.padding, layer.dilation))
+                    stride, padding, dilation = (
+                        (list(v) if two_d else [1, v[0]]) for v in (layer.stride, layer.padding, layer.dilation)
+                    )
                     if not two_d:
                         padding[0] = 0
                     xin = x if two_d else gm.graph.call_function(torch.ops.aten.unsqueeze.default, (x, 2))
-                    new = gm.graph.call_function(torch.ops.bitsearch.lowbit_conv2d.default,
-                                                 (xin, *tensors, *common, kernel, stride, padding, dilation))
+                    new = gm.graph.call_function(
+                        torch.ops.bitsearch.lowbit_conv2d.default,
+                        (xin, *tensors, *common, kernel, stride, padding, dilation),
+                    )
                     if not two_d:
                         new = gm.graph.call_function(torch.ops.aten.squeeze.dim, (new, 2))
             node.replace_all_uses_with(new)
@@ -191,8 +233,10 @@ def lower(model: LoadedModel, config: QuantConfig, calib_inputs: torch.Tensor | 
                 _set_param(gm, node.args[2].target, bias)
             if quant_act:
                 with gm.graph.inserting_before(node):
-                    fq = gm.graph.call_function(torch.ops.aten.fake_quantize_per_tensor_affine.default,
-                                                (x, float(act.scale), int(act.zero_point), 0, int(act.qmax)))
+                    fq = gm.graph.call_function(
+                        torch.ops.aten.fake_quantize_per_tensor_affine.default,
+                        (x, float(act.scale), int(act.zero_point), 0, int(act.qmax)),
+                    )
                 node.args = (fq, *node.args[1:])
     if on_kernels:
         for node in list(gm.graph.nodes):

@@ -37,20 +37,28 @@ _INT64_MAX = (1 << 63) - 1
 def _check_args(planes, qsum, scale, bias, k, a_scale, a_zp, a_qmax) -> None:
     """The C++ ops' checks of the packed weights and activation constants (csrc/lowbit.cpp, check_weights and
     check_activation), so that tracing a graph with malformed weights fails as running it does."""
-    torch._check(planes.dtype == torch.int64 and planes.dim() == 4 and planes.is_contiguous(),
-                 lambda: f"planes must be contiguous int64 [G, N, nblk, bits], got {planes.dtype} {planes.shape}")
+    torch._check(
+        planes.dtype == torch.int64 and planes.dim() == 4 and planes.is_contiguous(),
+        lambda: f"planes must be contiguous int64 [G, N, nblk, bits], got {planes.dtype} {planes.shape}",
+    )
     g, n, nblk, bits = planes.shape
     torch._check(g >= 1 and n >= 1, lambda: f"planes must hold a group and an output channel, got {planes.shape}")
     torch._check(1 <= bits <= 8, lambda: f"planes' last dimension is the weight bit count, 1..8, got {bits}")
     torch._check(1 <= k <= MAX_K, lambda: f"k = {k} is outside 1..{MAX_K}")
     torch._check(nblk == (k + 63) // 64, lambda: f"k = {k} does not match the packed rows ({nblk} blocks of 64)")
     for name, t, dtype in (("qsum", qsum, torch.int64), ("scale", scale, torch.float32), ("bias", bias, torch.float32)):
-        torch._check(t.dtype == dtype and t.is_contiguous() and t.dim() == 2 and t.shape[0] == g and t.shape[1] == n,
-                     lambda: f"{name} must be contiguous {dtype} [G, N] = [{g}, {n}], got {t.dtype} {t.shape}")
-    torch._check(0 <= a_zp <= a_qmax <= 255 and a_qmax >= 1,
-                 lambda: f"activation codes must satisfy 0 <= a_zp <= a_qmax <= 255, got a_zp {a_zp}, a_qmax {a_qmax}")
-    torch._check(0 < a_scale <= _FLOAT_MAX and 1 / a_scale <= _FLOAT_MAX,
-                 lambda: f"a_scale must be a positive float32 with a finite reciprocal, got {a_scale}")
+        torch._check(
+            t.dtype == dtype and t.is_contiguous() and t.dim() == 2 and t.shape[0] == g and t.shape[1] == n,
+            lambda: f"{name} must be contiguous {dtype} [G, N] = [{g}, {n}], got {t.dtype} {t.shape}",
+        )
+    torch._check(
+        0 <= a_zp <= a_qmax <= 255 and a_qmax >= 1,
+        lambda: f"activation codes must satisfy 0 <= a_zp <= a_qmax <= 255, got a_zp {a_zp}, a_qmax {a_qmax}",
+    )
+    torch._check(
+        0 < a_scale <= _FLOAT_MAX and 1 / a_scale <= _FLOAT_MAX,
+        lambda: f"a_scale must be a positive float32 with a finite reciprocal, got {a_scale}",
+    )
 
 
 @torch.library.register_fake("bitsearch::lowbit_linear")
@@ -74,10 +82,14 @@ def _conv_out(size: int, kernel: int, stride: int, padding: int, dilation: int) 
 def _(x, planes, qsum, scale, bias, k, a_scale, a_zp, a_qmax, kernel, stride, padding, dilation):
     _check_args(planes, qsum, scale, bias, k, a_scale, a_zp, a_qmax)
     torch._check(x.is_floating_point() and x.dim() == 4, lambda: "conv input x must be a floating-point [B, C, H, W]")
-    torch._check(all(len(v) == 2 for v in (kernel, stride, padding, dilation)),
-                 lambda: "kernel, stride, padding and dilation must have two values")
-    torch._check(min(*kernel, *stride, *dilation) >= 1 and min(padding) >= 0,
-                 lambda: "kernel, stride and dilation must be >= 1 and padding >= 0")
+    torch._check(
+        all(len(v) == 2 for v in (kernel, stride, padding, dilation)),
+        lambda: "kernel, stride, padding and dilation must have two values",
+    )
+    torch._check(
+        min(*kernel, *stride, *dilation) >= 1 and min(padding) >= 0,
+        lambda: "kernel, stride and dilation must be >= 1 and padding >= 0",
+    )
     b, c, h, w = x.shape
     torch._check(c >= 1 and h >= 1 and w >= 1, lambda: f"conv input x needs C, H and W >= 1, got {tuple(x.shape)}")
     torch._check(c % planes.shape[0] == 0, lambda: "x's channels do not divide into the planes' groups")

@@ -6,7 +6,6 @@ A conv weight [C_out, C_in/G, kh, kw] is packed as rows of K = kh*kw*C_in/G valu
 (a conv1d weight [C_out, C_in/G, k] in (k, channel) order).
 """
 
-
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -80,8 +79,9 @@ def pack(qw: QuantizedWeight, groups: int = 1) -> PackedWeight:
 
     q = indices(qw, groups)
     planes = extension().pack_planes(pad_k(q).contiguous(), qw.bits)
-    return PackedWeight(planes, q.to(torch.int64).sum(-1), qw.scale.float().reshape(groups, -1).contiguous(),
-                        q.shape[-1], qw.bits)
+    return PackedWeight(
+        planes, q.to(torch.int64).sum(-1), qw.scale.float().reshape(groups, -1).contiguous(), q.shape[-1], qw.bits
+    )
 
 
 def unpack(planes: torch.Tensor, k: int) -> torch.Tensor:

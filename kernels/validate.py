@@ -50,9 +50,18 @@ def median_us(fn, repeats: int, warmup: int = 3) -> float:
 
 
 @torch.no_grad()
-def validate(model: LoadedModel, config: QuantConfig, inputs: torch.Tensor, labels: torch.Tensor | None,
-             calib_inputs: torch.Tensor, *, batch_sizes=(1, 64), repeats: int = 20, threads: int | None = None,
-             simulator: Simulator | None = None) -> ValidationReport:
+def validate(
+    model: LoadedModel,
+    config: QuantConfig,
+    inputs: torch.Tensor,
+    labels: torch.Tensor | None,
+    calib_inputs: torch.Tensor,
+    *,
+    batch_sizes=(1, 64),
+    repeats: int = 20,
+    threads: int | None = None,
+    simulator: Simulator | None = None,
+) -> ValidationReport:
     if threads:
         torch.set_num_threads(threads)
     sim = simulator or Simulator(model, calib_inputs)
@@ -71,9 +80,18 @@ def validate(model: LoadedModel, config: QuantConfig, inputs: torch.Tensor, labe
             x = x.repeat((bs + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))[:bs]
         latency[bs] = median_us(lambda: packed.module(x), repeats)
     report = ValidationReport(
-        top1=top1, sim_top1=sim_top1, agreement=float((logits.argmax(1) == sim_logits.argmax(1)).float().mean()),
-        max_logit_diff=float((logits - sim_logits).abs().max()), samples=len(inputs), packed_bytes=packed.nbytes,
-        buffer_bytes=packed.buffer_bytes, latency_us=latency, threads=torch.get_num_threads(), isa=isa(),
-        kernel_layers=len(packed.kernel_layers), layers=len(model.layers))
+        top1=top1,
+        sim_top1=sim_top1,
+        agreement=float((logits.argmax(1) == sim_logits.argmax(1)).float().mean()),
+        max_logit_diff=float((logits - sim_logits).abs().max()),
+        samples=len(inputs),
+        packed_bytes=packed.nbytes,
+        buffer_bytes=packed.buffer_bytes,
+        latency_us=latency,
+        threads=torch.get_num_threads(),
+        isa=isa(),
+        kernel_layers=len(packed.kernel_layers),
+        layers=len(model.layers),
+    )
     report.packed = packed  # not a field: to_dict() leaves it out; callers may save it
     return report

@@ -53,8 +53,11 @@ class InvertedResidual(nn.Module):
         if expand != 1:
             layers += [nn.Conv2d(c_in, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
         layers += [
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
-            nn.Conv2d(hidden, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU6(),
+            nn.Conv2d(hidden, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
         ]
         self.block = nn.Sequential(*layers)
         self.residual = stride == 1 and c_in == c_out
@@ -107,8 +110,15 @@ class MixerBlock(nn.Module):
 class MLPMixer(nn.Module):
     """MLP-Mixer (Tolstikhin et al. 2021): 4x4 patches, 49 tokens; nearly all weights are in linear layers."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, dim: int = 128, depth: int = 4,
-                 patch: int = 4, image: int = 28):
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 1,
+        dim: int = 128,
+        depth: int = 4,
+        patch: int = 4,
+        image: int = 28,
+    ):
         super().__init__()
         tokens = (image // patch) ** 2
         self.patch_embed = nn.Conv2d(in_channels, dim, patch, patch)

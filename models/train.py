@@ -27,7 +27,8 @@ from architectures import ARCHITECTURES  # noqa: E402
 
 from search.data import fashion_mnist_splits  # noqa: E402
 
-# (optimizer, peak lr, epochs); SGD: nesterov momentum 0.9, weight decay 5e-4, batch 128, OneCycle to a peak lr of 0.2 (on ResNet-20 this reaches about 91% on Fashion-MNIST within 2 epochs; we train 3).
+# (optimizer, peak lr, epochs); SGD: nesterov momentum 0.9, weight decay 5e-4, batch 128, OneCycle to a peak lr
+# of 0.2 (on ResNet-20 this reaches about 91% on Fashion-MNIST within 2 epochs; we train 3).
 RECIPES = {
     "resnet20-fmnist": ("sgd", 0.2, 3),
     "mobilenetv2-fmnist": ("sgd", 0.2, 3),

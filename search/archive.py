@@ -37,8 +37,18 @@ MAX_DECLARED_ELEMENTS = 1 << 40  # a declared activation shape, before the model
 # Tensors may share a payload (tied weights); materialised together they may not exceed this many times the
 # archive's size, so a few bytes of payload cannot be declared as many large views.
 MAX_TENSOR_EXPANSION = 4
-_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.int16, torch.int32,
-           torch.int64, torch.uint8, torch.bool}
+_DTYPES = {
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+}
 # torch's graph deserializer keeps the archive being read in a process-global; two threads loading at once
 # would trip over each other.
 _DESERIALIZE_LOCK = threading.Lock()
@@ -76,7 +86,9 @@ def _check_zip(path: Path, max_bytes: int) -> tuple[str, list[str]]:
         raise ArchiveError("not a torch.export .pt2 archive (entries do not share one top-level folder)")
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED:
-            raise ArchiveError(f"archive entry {info.filename!r} is compressed; torch.export archives store raw records")
+            raise ArchiveError(
+                f"archive entry {info.filename!r} is compressed; torch.export archives store raw records"
+            )
     inner = [n[len(root) + 1 :] for n in names]
     if "archive_format" not in inner:
         raise ArchiveError("not a torch.export .pt2 archive (no archive_format record)")
@@ -122,10 +134,17 @@ def _raw_tensors(reader, base_dir: str, config: dict, what: str, budget: list[in
             raise ArchiveError(f"{what} {fqn!r} has malformed tensor metadata: {brief(e)}") from e
         if dtype not in _DTYPES:
             raise ArchiveError(f"{what} {fqn!r} has dtype {dtype}; bitsearch loads real, integer and bool tensors")
-        if (len(sizes) != len(strides) or len(sizes) > 16 or any(not 0 <= s <= MAX_DIM for s in sizes)
-                or any(not 0 <= st <= MAX_DIM for st in strides) or not 0 <= offset <= MAX_DIM):
-            raise ArchiveError(f"{what} {fqn!r} declares an impossible layout: sizes {sizes[:16]}, "
-                               f"strides {strides[:16]}, offset {offset}")
+        if (
+            len(sizes) != len(strides)
+            or len(sizes) > 16
+            or any(not 0 <= s <= MAX_DIM for s in sizes)
+            or any(not 0 <= st <= MAX_DIM for st in strides)
+            or not 0 <= offset <= MAX_DIM
+        ):
+            raise ArchiveError(
+                f"{what} {fqn!r} declares an impossible layout: sizes {sizes[:16]}, "
+                f"strides {strides[:16]}, offset {offset}"
+            )
         if path_name not in flat:
             record = f"{base_dir}{path_name}"
             try:
@@ -142,12 +161,16 @@ def _raw_tensors(reader, base_dir: str, config: dict, what: str, budget: list[in
         # A view may not hold more elements than its payload (stride 0 would let a few bytes declare gigabytes
         # that the copy below allocates), nor reach past it.
         if needed > storage.numel() or numel > storage.numel() - offset and numel:
-            raise ArchiveError(f"{what} {fqn!r}: shape {sizes} with strides {strides} does not fit its "
-                               f"{storage.numel()}-element payload")
+            raise ArchiveError(
+                f"{what} {fqn!r}: shape {sizes} with strides {strides} does not fit its "
+                f"{storage.numel()}-element payload"
+            )
         budget[0] -= numel * storage.element_size()
         if budget[0] < 0:
-            raise ArchiveError(f"{what} {fqn!r}: the archive's tensors take more than {MAX_TENSOR_EXPANSION}x "
-                               "its size once their shared payloads are expanded")
+            raise ArchiveError(
+                f"{what} {fqn!r}: the archive's tensors take more than {MAX_TENSOR_EXPANSION}x "
+                "its size once their shared payloads are expanded"
+            )
         tensor = torch.as_strided(storage, sizes, strides, offset).clone() if numel else torch.zeros(sizes, dtype=dtype)
         out[fqn] = torch.nn.Parameter(tensor, requires_grad=False) if meta.get("is_param") else tensor
     return out
@@ -195,7 +218,7 @@ def read_exported_program(path: str | Path, max_bytes: int = DEFAULT_MAX_ARCHIVE
         constants = _raw_tensors(reader, "data/constants/", constants_cfg, "constant", budget)
     try:
         program = _dict_to_dataclass(schema.ExportedProgram, program_dict)
-    except Exception as e:  # noqa: BLE001 - schema violations surface as many exception types
+    except Exception as e:
         raise ArchiveError(f"exported program JSON does not match torch.export's schema: {brief(e)}") from e
     try:
         with _DESERIALIZE_LOCK:
@@ -205,7 +228,7 @@ def read_exported_program(path: str | Path, max_bytes: int = DEFAULT_MAX_ARCHIVE
         check_program_names(ep)
     except GrammarError as e:
         raise ArchiveError(str(e)) from e
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ArchiveError(f"exported program cannot be rebuilt: {brief(e)}") from e
     return ep
 
@@ -219,8 +242,10 @@ def _check_nested_zip(record: bytes, name: str) -> None:
     except zipfile.BadZipFile:
         return  # not a zip: opaque bytes that nothing reads
     if any(i.compress_type != zipfile.ZIP_STORED for i in infos) or sum(i.file_size for i in infos) > len(record):
-        raise ArchiveError(f"archive record {name!r} holds compressed content; torch.export archives store raw "
-                           "records, refusing a possible zip bomb")
+        raise ArchiveError(
+            f"archive record {name!r} holds compressed content; torch.export archives store raw "
+            "records, refusing a possible zip bomb"
+        )
 
 
 def _check_declared_sizes(program: dict) -> None:
@@ -230,6 +255,8 @@ def _check_declared_sizes(program: dict) -> None:
     for name, meta in (values or {}).items():
         sizes = meta.get("sizes") if isinstance(meta, dict) else None
         concrete = [s.get("as_int") for s in sizes or [] if isinstance(s, dict) and "as_int" in s]
-        if any(not isinstance(v, int) or not 0 <= v <= MAX_DIM for v in concrete) \
-                or math.prod(concrete) > MAX_DECLARED_ELEMENTS:
+        if (
+            any(not isinstance(v, int) or not 0 <= v <= MAX_DIM for v in concrete)
+            or math.prod(concrete) > MAX_DECLARED_ELEMENTS
+        ):
             raise ArchiveError(f"tensor {name!r} declares the shape {concrete[:16]}, beyond any model bitsearch loads")

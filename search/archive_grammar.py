@@ -21,8 +21,14 @@ import re
 import tokenize
 import typing
 
-__all__ = ["GrammarError", "check_program_json", "check_payload_config", "check_program_names",
-           "is_identifier", "is_fqn"]
+__all__ = [
+    "GrammarError",
+    "check_program_json",
+    "check_payload_config",
+    "check_program_names",
+    "is_identifier",
+    "is_fqn",
+]
 
 MAX_NAME = 256
 MAX_EXPR = 2048
@@ -45,14 +51,65 @@ _STRING_ARG = re.compile(r"[ -!#-&(-\[\]-~]{0,256}\Z")
 
 # sympy names a serialized size expression may call, and the assumption keywords torch writes. Anything else
 # (an attribute, a dunder, a builtin) is refused before sympify sees the text.
-_EXPR_NAMES = frozenset({
-    "Symbol", "Integer", "Rational", "Float", "Add", "Mul", "Mod", "Max", "Min", "Abs", "Eq", "Ne", "Lt", "Le",
-    "Gt", "Ge", "And", "Or", "Not", "Piecewise", "ITE", "FloorDiv", "CeilDiv", "CleanDiv", "PythonMod",
-    "IntTrueDiv", "FloatTrueDiv", "TruncToInt", "FloorToInt", "CeilToInt", "RoundToInt", "ToFloat", "Identity",
-    "floor", "ceiling", "true", "false", "True", "False", "oo", "zoo", "nan", "Infinity", "NegativeInfinity",
-    "positive", "negative", "nonnegative", "nonpositive", "integer", "real", "finite", "zero", "commutative",
-    "even", "odd",
-})
+_EXPR_NAMES = frozenset(
+    {
+        "Symbol",
+        "Integer",
+        "Rational",
+        "Float",
+        "Add",
+        "Mul",
+        "Mod",
+        "Max",
+        "Min",
+        "Abs",
+        "Eq",
+        "Ne",
+        "Lt",
+        "Le",
+        "Gt",
+        "Ge",
+        "And",
+        "Or",
+        "Not",
+        "Piecewise",
+        "ITE",
+        "FloorDiv",
+        "CeilDiv",
+        "CleanDiv",
+        "PythonMod",
+        "IntTrueDiv",
+        "FloatTrueDiv",
+        "TruncToInt",
+        "FloorToInt",
+        "CeilToInt",
+        "RoundToInt",
+        "ToFloat",
+        "Identity",
+        "floor",
+        "ceiling",
+        "true",
+        "false",
+        "True",
+        "False",
+        "oo",
+        "zoo",
+        "nan",
+        "Infinity",
+        "NegativeInfinity",
+        "positive",
+        "negative",
+        "nonnegative",
+        "nonpositive",
+        "integer",
+        "real",
+        "finite",
+        "zero",
+        "commutative",
+        "even",
+        "odd",
+    }
+)
 _EXPR_OPS = frozenset({"(", ")", ",", "=", "+", "-", "*", "/", "//", "%", "<", ">", "<=", ">=", "==", "!="})
 # A bare symbol as torch names them (s0, u3, ps12): letters then digits, which no sympy function name is.
 _SYMBOL_NAME = re.compile(r"[a-z]{1,4}[0-9]{1,9}\Z")
@@ -69,8 +126,12 @@ class GrammarError(ValueError):
 
 
 def is_identifier(text: object) -> bool:
-    return (isinstance(text, str) and len(text) <= MAX_NAME and _IDENT.match(text) is not None
-            and not keyword.iskeyword(text))
+    return (
+        isinstance(text, str)
+        and len(text) <= MAX_NAME
+        and _IDENT.match(text) is not None
+        and not keyword.iskeyword(text)
+    )
 
 
 def is_fqn(text: object) -> bool:
@@ -83,8 +144,9 @@ def _show(text: str) -> str:
 
 def _need(ok: bool, what: str, text: str, grammar: str) -> None:
     if not ok:
-        raise GrammarError(f"{what} {_show(text)} is not {grammar}; bitsearch refuses archives whose names could "
-                           "reach generated code")
+        raise GrammarError(
+            f"{what} {_show(text)} is not {grammar}; bitsearch refuses archives whose names could reach generated code"
+        )
 
 
 def check_identifier(text: str, what: str) -> None:
@@ -108,7 +170,7 @@ def check_expr(text: str, what: str = "size expression") -> None:
             continue
         if tok.type == tokenize.NAME and (tok.string in _EXPR_NAMES or _SYMBOL_NAME.match(tok.string)):
             continue
-        if tok.type == tokenize.NUMBER and re.fullmatch(r"[0-9]{1,%d}" % _MAX_INT_DIGITS, tok.string):
+        if tok.type == tokenize.NUMBER and re.fullmatch(rf"[0-9]{{1,{_MAX_INT_DIGITS}}}", tok.string):
             continue
         if tok.type == tokenize.STRING and re.fullmatch(r"'[A-Za-z_][A-Za-z0-9_]{0,63}'", tok.string):
             continue
@@ -133,8 +195,9 @@ def _check_spec_node(node, what: str, count: list[int], depth: int) -> None:
             keys = json.loads(context)
         except (TypeError, json.JSONDecodeError) as e:
             raise GrammarError(f"{what} has a malformed dict context") from e
-        if not isinstance(keys, list) or not all(isinstance(k, int) and not isinstance(k, bool) or is_identifier(k)
-                                                 for k in keys):
+        if not isinstance(keys, list) or not all(
+            isinstance(k, int) and not isinstance(k, bool) or is_identifier(k) for k in keys
+        ):
             raise GrammarError(f"{what}: dict keys must be identifiers or integers")
     elif context not in (None, "null"):
         raise GrammarError(f"{what} carries a context its container type does not use")
@@ -168,22 +231,36 @@ def _schema_field_names() -> frozenset[str]:
 
 # Dicts keyed by data (names), not by schema field names: how each key is checked.
 _KEYED = {
-    "tensor_values": check_identifier, "sym_int_values": check_identifier, "sym_bool_values": check_identifier,
-    "sym_float_values": check_identifier, "opset_version": check_identifier,
+    "tensor_values": check_identifier,
+    "sym_int_values": check_identifier,
+    "sym_bool_values": check_identifier,
+    "sym_float_values": check_identifier,
+    "opset_version": check_identifier,
     "range_constraints": lambda t, w: _need(_SYMBOL_NAME.match(t) is not None, w, t, "a symbol name (e.g. s0)"),
     "as_string_to_argument": check_identifier,
 }
 # Fields whose strings are checked, by field name; a string under any other field is refused.
 _FIELDS: dict[str, typing.Callable[[str, str], None]] = {
-    "name": check_identifier, "as_name": check_identifier, "user_input_name": check_identifier,
-    "forward_arg_names": check_identifier, "verifiers": check_identifier, "type": check_identifier,
-    "parameter_name": check_fqn, "buffer_name": check_fqn, "tensor_constant_name": check_fqn,
-    "fqn": lambda t, w: _need(isinstance(t, str) and len(t) <= MAX_NAME and _CALL_FQN.match(t) is not None, w, t,
-                              "a module path (e.g. layers.0 or layers.0@1)"),
+    "name": check_identifier,
+    "as_name": check_identifier,
+    "user_input_name": check_identifier,
+    "forward_arg_names": check_identifier,
+    "verifiers": check_identifier,
+    "type": check_identifier,
+    "parameter_name": check_fqn,
+    "buffer_name": check_fqn,
+    "tensor_constant_name": check_fqn,
+    "fqn": lambda t, w: _need(
+        isinstance(t, str) and len(t) <= MAX_NAME and _CALL_FQN.match(t) is not None,
+        w,
+        t,
+        "a module path (e.g. layers.0 or layers.0@1)",
+    ),
     "target": lambda t, w: _need(_TARGET.match(t) is not None, w, t, "an operator path (torch.ops.ns.op.overload)"),
     "as_operator": lambda t, w: _need(_TARGET.match(t) is not None, w, t, "an operator path"),
     "expr_str": check_expr,
-    "in_spec": check_spec, "out_spec": check_spec,
+    "in_spec": check_spec,
+    "out_spec": check_spec,
     "as_string": lambda t, w: _need(_STRING_ARG.match(t) is not None, w, t, "a short printable string"),
     "as_strings": lambda t, w: _need(_STRING_ARG.match(t) is not None, w, t, "a short printable string"),
     "as_float": lambda t, w: _need(t in _FLOAT_WORDS, w, t, "a number"),
@@ -191,8 +268,12 @@ _FIELDS: dict[str, typing.Callable[[str, str], None]] = {
     "torch_version": lambda t, w: _need(_VERSION.match(t) is not None, w, t, "a version string"),
 }
 # Refused outright: torch would instantiate a class named by the archive.
-_REFUSED = {"custom_obj_values": "custom (TorchBind) objects", "custom_obj": "custom (TorchBind) objects",
-            "as_custom_obj": "custom (TorchBind) objects", "treespec_namedtuple_fields": "namedtuple outputs"}
+_REFUSED = {
+    "custom_obj_values": "custom (TorchBind) objects",
+    "custom_obj": "custom (TorchBind) objects",
+    "as_custom_obj": "custom (TorchBind) objects",
+    "treespec_namedtuple_fields": "namedtuple outputs",
+}
 
 
 def _walk(obj, field: str | None, known: frozenset[str], where: str) -> None:

@@ -45,7 +45,7 @@ class LayerQuant(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _scheme_bits(self) -> "LayerQuant":
+    def _scheme_bits(self) -> LayerQuant:
         if self.scheme != "uniform" and self.w_bits < 2:
             raise ValueError(f"scheme {self.scheme!r} needs w_bits >= 2; 1-bit weights are binary ('uniform')")
         return self
@@ -58,24 +58,41 @@ class QuantConfig(BaseModel):
     version: Literal[1] = CONFIG_VERSION
     model_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     act_calibration: Literal["minmax", "percentile", "mse"] = "mse"
-    bias_correction: bool = Field(default=True, description="subtract the output shift quantized weights cause "
-                                  "(needs the calibration images' per-channel input means)")
+    bias_correction: bool = Field(
+        default=True,
+        description="subtract the output shift quantized weights cause "
+        "(needs the calibration images' per-channel input means)",
+    )
     layers: dict[str, LayerQuant]
 
     @classmethod
-    def uniform(cls, model, w_bits: int, a_bits: int, **common) -> "QuantConfig":
-        return cls.from_bits(model, {l.name: w_bits for l in model.layers}, {l.name: a_bits for l in model.layers},
-                             **common)
+    def uniform(cls, model, w_bits: int, a_bits: int, **common) -> QuantConfig:
+        return cls.from_bits(
+            model, {l.name: w_bits for l in model.layers}, {l.name: a_bits for l in model.layers}, **common
+        )
 
     @classmethod
-    def from_bits(cls, model, w_bits: dict[str, int], a_bits: dict[str, int] | int = 8, scheme: str = "uniform",
-                  clip: str = "mse", act_calibration: str = "mse", bias_correction: bool = True) -> "QuantConfig":
+    def from_bits(
+        cls,
+        model,
+        w_bits: dict[str, int],
+        a_bits: dict[str, int] | int = 8,
+        scheme: str = "uniform",
+        clip: str = "mse",
+        act_calibration: str = "mse",
+        bias_correction: bool = True,
+    ) -> QuantConfig:
         a = a_bits if isinstance(a_bits, dict) else {l.name: a_bits for l in model.layers}
         try:
-            return cls(model_sha256=model.sha256, act_calibration=act_calibration, bias_correction=bias_correction,
-                       layers={
-                l.name: LayerQuant(w_bits=w_bits[l.name], a_bits=a[l.name], scheme=scheme, clip=clip)
-                for l in model.layers})
+            return cls(
+                model_sha256=model.sha256,
+                act_calibration=act_calibration,
+                bias_correction=bias_correction,
+                layers={
+                    l.name: LayerQuant(w_bits=w_bits[l.name], a_bits=a[l.name], scheme=scheme, clip=clip)
+                    for l in model.layers
+                },
+            )
         except ValidationError as e:
             raise ConfigError(_describe(e)) from e
 
@@ -85,7 +102,7 @@ class QuantConfig(BaseModel):
     def a_bits(self) -> dict[str, int]:
         return {k: v.a_bits for k, v in self.layers.items()}
 
-    def check_against(self, model) -> "QuantConfig":
+    def check_against(self, model) -> QuantConfig:
         if self.model_sha256 != model.sha256:
             raise ConfigError(
                 f"config is for model sha256 {self.model_sha256[:12]}..., not this model ({model.sha256[:12]}...)"
@@ -103,15 +120,17 @@ class QuantConfig(BaseModel):
         return self.model_dump_json(indent=2)
 
     @classmethod
-    def from_json(cls, text: str | bytes, model=None) -> "QuantConfig":
+    def from_json(cls, text: str | bytes, model=None) -> QuantConfig:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise ConfigError(f"config is not valid JSON: {e}") from e
         if not isinstance(raw, dict) or raw.get("format") != CONFIG_FORMAT:
-            raise ConfigError(f"not a bitsearch config (expected \"format\": \"{CONFIG_FORMAT}\")")
+            raise ConfigError(f'not a bitsearch config (expected "format": "{CONFIG_FORMAT}")')
         if raw.get("version") != CONFIG_VERSION:
-            raise ConfigError(f"config version {raw.get('version')!r} is not supported (this bitsearch reads {CONFIG_VERSION})")
+            raise ConfigError(
+                f"config version {raw.get('version')!r} is not supported (this bitsearch reads {CONFIG_VERSION})"
+            )
         try:
             config = cls.model_validate(raw)
         except ValidationError as e:
@@ -125,4 +144,3 @@ def _describe(e: ValidationError) -> str:
         where = ".".join(str(p) for p in err["loc"])
         parts.append(f"{where}: {err['msg']}" if where else err["msg"])
     return "invalid config: " + "; ".join(parts)
-

@@ -1,15 +1,15 @@
 """Cost model (docs/methods.md#cost-model). Every figure is defined here, once:
 
-  avg_wbits     sum(params_l * wb_l) / sum(params_l) over quantizable layers
-  weight_bytes  sum over layers of ceil(params_l * wb_l / 8)          packed codes
-                + 4 * C_out                                          fp32 per-channel scales
-                + 4 * 2^wb_l for codebook schemes (pot, apot)        fp32 codebook
-                + 4 * C_out when the layer has a bias                fp32 bias
-                + 4 * numel of every other float tensor the graph uses (norms, embeddings)
-  bitops        sum(MACs_l * wb_l * ab_l) per sample; float activations count as 16 bits
-  act_bytes     the largest quantized-layer input, ceil(numel * ab_l / 8) bytes per sample
-                (float activations: 4 bytes per element), as in Sony MCT's activation memory
-  latency_us    sum over layers of a measured table lat[layer][(wb, ab)] in microseconds
+avg_wbits     sum(params_l * wb_l) / sum(params_l) over quantizable layers
+weight_bytes  sum over layers of ceil(params_l * wb_l / 8)          packed codes
+              + 4 * C_out                                          fp32 per-channel scales
+              + 4 * 2^wb_l for codebook schemes (pot, apot)        fp32 codebook
+              + 4 * C_out when the layer has a bias                fp32 bias
+              + 4 * numel of every other float tensor the graph uses (norms, embeddings)
+bitops        sum(MACs_l * wb_l * ab_l) per sample; float activations count as 16 bits
+act_bytes     the largest quantized-layer input, ceil(numel * ab_l / 8) bytes per sample
+              (float activations: 4 bytes per element), as in Sony MCT's activation memory
+latency_us    sum over layers of a measured table lat[layer][(wb, ab)] in microseconds
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def over_limit(value: float, limit: float) -> bool:
     return value > limit * (1 + LIMIT_SLACK)
 
 
-def within(cost: "Cost", limits: dict[str, float]) -> bool:
+def within(cost: Cost, limits: dict[str, float]) -> bool:
     """Every limit met; `limits` may be other than a Budget's (a search's swept limits)."""
     return all(getattr(cost, m) is not None and not over_limit(getattr(cost, m), v) for m, v in limits.items())
 
@@ -66,7 +66,7 @@ class LatencyTable:
         self.machine = machine
 
     @classmethod
-    def load(cls, path: str | Path) -> "LatencyTable":
+    def load(cls, path: str | Path) -> LatencyTable:
         raw = json.loads(Path(path).read_text())
         return cls(raw["layers"], raw.get("machine", "unknown"))
 
@@ -86,21 +86,26 @@ def _act_bits_for_cost(a_bits: int) -> int:
 
 def layer_weight_bytes(layer, w_bits: int, scheme: str = "uniform") -> int:
     codebook = 4 * (1 << w_bits) if scheme != "uniform" else 0
-    return math.ceil(layer.params * w_bits / 8) + 4 * layer.c_out + codebook + (4 * layer.c_out if layer.has_bias else 0)
+    return (
+        math.ceil(layer.params * w_bits / 8) + 4 * layer.c_out + codebook + (4 * layer.c_out if layer.has_bias else 0)
+    )
 
 
 def unquantized_bytes(model) -> int:
     """fp32 bytes of every tensor the graph uses that is not a layer weight or bias."""
     layer_tensors = set()
-    for name, node in model.layer_nodes.items():
+    for node in model.layer_nodes.values():
         layer_tensors.add(node.args[1].target)
         if len(node.args) > 2 and getattr(node.args[2], "op", None) == "get_attr":
             layer_tensors.add(node.args[2].target)
-    return sum(4 * t.numel() for k, t in model.used_tensors().items() if k not in layer_tensors and t.is_floating_point())
+    return sum(
+        4 * t.numel() for k, t in model.used_tensors().items() if k not in layer_tensors and t.is_floating_point()
+    )
 
 
-def layer_costs(model, layer, w_bits: int, a_bits: int, scheme: str = "uniform",
-                latency: LatencyTable | None = None) -> dict[str, float]:
+def layer_costs(
+    model, layer, w_bits: int, a_bits: int, scheme: str = "uniform", latency: LatencyTable | None = None
+) -> dict[str, float]:
     """One layer's additive share of each metric (act_bytes is a max, not a sum)."""
     total_params = sum(l.params for l in model.layers)
     act_elem_bits = a_bits if a_bits < FLOAT_ACT_BITS else 32
@@ -113,15 +118,27 @@ def layer_costs(model, layer, w_bits: int, a_bits: int, scheme: str = "uniform",
     }
 
 
-def cost_of(model, w_bits: dict[str, int], a_bits: dict[str, int], schemes: dict[str, str] | None = None,
-            latency: LatencyTable | None = None) -> Cost:
-    per_layer = [layer_costs(model, l, w_bits[l.name], a_bits[l.name], (schemes or {}).get(l.name, "uniform"), latency)
-                 for l in model.layers]
+def cost_of(
+    model,
+    w_bits: dict[str, int],
+    a_bits: dict[str, int],
+    schemes: dict[str, str] | None = None,
+    latency: LatencyTable | None = None,
+) -> Cost:
+    per_layer = [
+        layer_costs(model, l, w_bits[l.name], a_bits[l.name], (schemes or {}).get(l.name, "uniform"), latency)
+        for l in model.layers
+    ]
     total = {m: sum(c[m] for c in per_layer) for m in ("weight_bytes", "bitops", "latency_us")}
     # The average from integer bit counts, so a uniform config reads exactly its width.
     avg = sum(l.params * w_bits[l.name] for l in model.layers) / sum(l.params for l in model.layers)
-    return Cost(avg, int(total["weight_bytes"]) + unquantized_bytes(model), int(total["bitops"]),
-                max(c["act_bytes"] for c in per_layer), total["latency_us"] if latency is not None else None)
+    return Cost(
+        avg,
+        int(total["weight_bytes"]) + unquantized_bytes(model),
+        int(total["bitops"]),
+        max(c["act_bytes"] for c in per_layer),
+        total["latency_us"] if latency is not None else None,
+    )
 
 
 def config_cost(model, config, latency: LatencyTable | None = None) -> Cost:
@@ -156,7 +173,7 @@ class Budget(BaseModel):
         return not self.violations(cost)
 
     @classmethod
-    def parse(cls, items: list[str]) -> "Budget":
+    def parse(cls, items: list[str]) -> Budget:
         """From CLI items like 'avg_wbits=3' or 'weight_bytes=60000'."""
         values: dict[str, float] = {}
         for item in items:
@@ -180,21 +197,30 @@ class Budget(BaseModel):
             raise BudgetError(f"invalid budget: {e}") from e
 
 
-def check_feasible(model, budget: Budget, w_choices: list[int], a_choices: list[int],
-                   latency: LatencyTable | None = None, scheme: str = "uniform") -> None:
+def check_feasible(
+    model,
+    budget: Budget,
+    w_choices: list[int],
+    a_choices: list[int],
+    latency: LatencyTable | None = None,
+    scheme: str = "uniform",
+) -> None:
     """Raise BudgetError, naming the smallest feasible value, when even the cheapest config breaks a limit.
 
     Every metric is monotone in the bits, so the all-minimum config is the cheapest for each of them.
     """
     wmin = {l.name: min(w_choices) for l in model.layers}
     amin = {l.name: min(a_choices) for l in model.layers}
-    cheapest = cost_of(model, wmin, amin, {l.name: scheme for l in model.layers},
-                       latency if budget.latency_us is not None else None)
+    cheapest = cost_of(
+        model, wmin, amin, {l.name: scheme for l in model.layers}, latency if budget.latency_us is not None else None
+    )
     problems = []
     for metric, limit in budget.limits().items():
         value = getattr(cheapest, metric)
         if value is not None and over_limit(value, limit):
-            problems.append(f"{metric} <= {limit:g} is infeasible; the smallest feasible value is {value:g} "
-                            f"(every layer at W{min(w_choices)}A{min(a_choices)})")
+            problems.append(
+                f"{metric} <= {limit:g} is infeasible; the smallest feasible value is {value:g} "
+                f"(every layer at W{min(w_choices)}A{min(a_choices)})"
+            )
     if problems:
         raise BudgetError("; ".join(problems))

@@ -45,7 +45,7 @@ class LabelledSet:
     def __len__(self) -> int:
         return int(self.inputs.shape[0])
 
-    def subset(self, index: torch.Tensor | slice) -> "LabelledSet":
+    def subset(self, index: torch.Tensor | slice) -> LabelledSet:
         return LabelledSet(self.inputs[index], None if self.labels is None else self.labels[index])
 
     @property
@@ -77,7 +77,7 @@ def _read_idx(path: Path) -> np.ndarray:
             f"Fashion-MNIST file {path} is missing: install Debian's package "
             "`dataset-fashion-mnist` (apt-get install dataset-fashion-mnist)"
         ) from e
-    magic, = struct.unpack(">I", raw[:4])
+    (magic,) = struct.unpack(">I", raw[:4])
     ndim = magic & 0xFF
     dims = struct.unpack(">" + "I" * ndim, raw[4 : 4 + 4 * ndim])
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
@@ -113,8 +113,9 @@ def fashion_mnist_splits(calib_size: int = DEFAULT_CALIB_SIZE, seed: int = DEFAU
     heldout, train_idx = order[:FASHION_MNIST_HELDOUT], order[FASHION_MNIST_HELDOUT:]
     train = full.subset(train_idx)
     calib_idx = train_idx[_permutation(len(train_idx), seed)[:calib_size]]
-    return DataSplits("fashion-mnist", calib=full.subset(calib_idx), val=full.subset(heldout),
-                      test=fashion_mnist("test"), train=train)
+    return DataSplits(
+        "fashion-mnist", calib=full.subset(calib_idx), val=full.subset(heldout), test=fashion_mnist("test"), train=train
+    )
 
 
 def load_dataset_file(path: str | os.PathLike, max_bytes: int | None = None) -> LabelledSet:
@@ -133,7 +134,9 @@ def load_dataset_file(path: str | os.PathLike, max_bytes: int | None = None) -> 
         raise DatasetError(f"data set has no `inputs` tensor (found: {sorted(tensors)})")
     unknown = set(tensors) - {"inputs", "labels"}
     if unknown:
-        raise DatasetError(f"data set has unexpected tensors {sorted(unknown)}; expected `inputs` and optional `labels`")
+        raise DatasetError(
+            f"data set has unexpected tensors {sorted(unknown)}; expected `inputs` and optional `labels`"
+        )
     inputs = tensors["inputs"]
     if inputs.dtype != torch.float32:
         raise DatasetError(f"`inputs` must be float32, got {inputs.dtype}")
@@ -161,8 +164,9 @@ def save_dataset_file(data: LabelledSet, path: str | os.PathLike) -> None:
     save_file(tensors, str(path))
 
 
-def splits_from_set(name: str, data: LabelledSet, calib_size: int = DEFAULT_CALIB_SIZE,
-                    seed: int = DEFAULT_SPLIT_SEED) -> DataSplits:
+def splits_from_set(
+    name: str, data: LabelledSet, calib_size: int = DEFAULT_CALIB_SIZE, seed: int = DEFAULT_SPLIT_SEED
+) -> DataSplits:
     """Calibration is the first calib_size of a seeded permutation, validation the rest
     (or, for very small sets, the calibration images again)."""
     if len(data) < 2:
@@ -172,8 +176,9 @@ def splits_from_set(name: str, data: LabelledSet, calib_size: int = DEFAULT_CALI
     return DataSplits(name, calib=data.subset(order[:n_calib]), val=data.subset(order[n_calib:]))
 
 
-def load_splits(source: str, calib_size: int = DEFAULT_CALIB_SIZE, seed: int = DEFAULT_SPLIT_SEED,
-                max_bytes: int | None = None) -> DataSplits:
+def load_splits(
+    source: str, calib_size: int = DEFAULT_CALIB_SIZE, seed: int = DEFAULT_SPLIT_SEED, max_bytes: int | None = None
+) -> DataSplits:
     """`source` is a built-in name or the path of a safetensors data set."""
     if source == "fashion-mnist":
         return fashion_mnist_splits(calib_size, seed)

@@ -35,8 +35,8 @@ import copy
 import dataclasses
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,8 +63,9 @@ class FineTuneOptions(BaseModel):
 
     epochs: int = Field(default=0, ge=0, description="passes over the training images per fine-tune (0 = off)")
     steps: int = Field(default=0, ge=0, description="if > 0, this many minibatches per fine-tune instead of epochs")
-    samples: int | None = Field(default=None, ge=1, description="training images used (a seeded subset), "
-                                "None = the whole training split")
+    samples: int | None = Field(
+        default=None, ge=1, description="training images used (a seeded subset), None = the whole training split"
+    )
     batch_size: int = Field(default=128, ge=1, le=65536)
     lr: float = Field(default=1e-4, gt=0, le=1.0, description="Adam learning rate on the shadow weights")
 
@@ -87,8 +88,9 @@ class FitReport:
 def training_set(train: LabelledSet | None, options: FineTuneOptions, seed: int) -> LabelledSet:
     """The labelled images fine-tuning uses: all of `train` or a subset drawn with `seed`."""
     if train is None or train.labels is None:
-        raise FineTuneError("fine-tuning needs a labelled training set (the built-in fashion-mnist has one; "
-                            "a data set file does not)")
+        raise FineTuneError(
+            "fine-tuning needs a labelled training set (the built-in fashion-mnist has one; a data set file does not)"
+        )
     if options.samples is not None and options.samples < len(train):
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
         train = train.subset(order[: options.samples])
@@ -120,8 +122,9 @@ class STEFineTuner:
     forward pass uses (a Simulator's `stats` for this model: activation ranges, bias-correction means).
     """
 
-    def __init__(self, model: LoadedModel, stats: dict[str, ActStats], train: LabelledSet,
-                 options: FineTuneOptions, seed: int):
+    def __init__(
+        self, model: LoadedModel, stats: dict[str, ActStats], train: LabelledSet, options: FineTuneOptions, seed: int
+    ):
         if not options.enabled:
             raise FineTuneError("fine-tuning is off (epochs and steps are 0)")
         self.model = model
@@ -131,14 +134,21 @@ class STEFineTuner:
         self.seed = seed
         self.batch_size = model.static_batch or options.batch_size
         if model.static_batch and len(train) < model.static_batch:
-            raise FineTuneError(f"the model was exported with a fixed batch of {model.static_batch}, "
-                                f"more than the {len(train)} training images")
+            raise FineTuneError(
+                f"the model was exported with a fixed batch of {model.static_batch}, "
+                f"more than the {len(train)} training images"
+            )
         self.weights = {l.name: model.weight(l.name).detach().clone().float() for l in model.layers}
-        self.biases = {l.name: model.bias(l.name).detach().clone().float() for l in model.layers
-                       if model.bias(l.name) is not None}
-        self.targets = {l.name: (model.layer_nodes[l.name].args[1].target,
-                                 model.layer_nodes[l.name].args[2].target if l.name in self.biases else None)
-                        for l in model.layers}
+        self.biases = {
+            l.name: model.bias(l.name).detach().clone().float() for l in model.layers if model.bias(l.name) is not None
+        }
+        self.targets = {
+            l.name: (
+                model.layer_nodes[l.name].args[1].target,
+                model.layer_nodes[l.name].args[2].target if l.name in self.biases else None,
+            )
+            for l in model.layers
+        }
         self.fits = 0
         self._sim: Simulator | None = None
 
@@ -172,8 +182,7 @@ class STEFineTuner:
                 b = self.biases[name]
                 if config.bias_correction:  # the Simulator's correction, as a constant shift
                     layer = self.model.layer(name)
-                    b = b - output_shift(w_q - self.weights[name].detach(), sim.stats[name].channel_mean,
-                                         layer.groups)
+                    b = b - output_shift(w_q - self.weights[name].detach(), sim.stats[name].channel_mean, layer.groups)
                 overrides[b_target] = b
         out = torch.func.functional_call(sim.gm, overrides, (x,))
         return out[0] if isinstance(out, (tuple, list)) else out
@@ -225,9 +234,15 @@ class STEFineTuner:
         return FitReport(done, means[0] if means else math.nan, means[-1] if means else math.nan, means)
 
 
-def finetuned_simulator(model: LoadedModel, stats: dict[str, ActStats], train: LabelledSet,
-                        options: FineTuneOptions, seed: int, config: QuantConfig,
-                        on_batch: Callable[[], None] | None = None) -> tuple[Simulator, FitReport]:
+def finetuned_simulator(
+    model: LoadedModel,
+    stats: dict[str, ActStats],
+    train: LabelledSet,
+    options: FineTuneOptions,
+    seed: int,
+    config: QuantConfig,
+    on_batch: Callable[[], None] | None = None,
+) -> tuple[Simulator, FitReport]:
     """Fine-tune a fresh copy of `model`'s weights under `config`; a Simulator over the result."""
     tuner = STEFineTuner(model, stats, train, options, seed)
     report = tuner.fit(config, on_batch)

@@ -31,7 +31,11 @@ LINEAR_OPS = {aten.linear.default}
 BATCH_NORM_OPS = {aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default}
 # aten ops whose semantics we do not lower or simulate; everything else in aten runs as float.
 REJECTED_ATEN = {
-    "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "_native_batch_norm_legit",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "_native_batch_norm_legit",
     "_native_batch_norm_legit_functional",
 }
 ALLOWED_PYTHON_TARGETS = {operator.getitem, operator.add, operator.mul, operator.sub, operator.floordiv}
@@ -180,8 +184,10 @@ def _tuple(v, n: int) -> tuple[int, ...]:
 def _conv_args(node: fx.Node) -> dict:
     """Normalise aten.conv1d/conv2d/convolution arguments."""
     schema_args = node.target._schema.arguments
-    args = {a.name: (node.args[i] if i < len(node.args) else node.kwargs.get(a.name, a.default_value))
-            for i, a in enumerate(schema_args)}
+    args = {
+        a.name: (node.args[i] if i < len(node.args) else node.kwargs.get(a.name, a.default_value))
+        for i, a in enumerate(schema_args)
+    }
     if node.target is aten.convolution.default and args["transposed"]:
         raise ModelError(f"node {node.name!r}: transposed convolution is not supported")
     w_shape = _shape(node.args[1])
@@ -190,7 +196,9 @@ def _conv_args(node: fx.Node) -> dict:
         raise ModelError(f"node {node.name!r}: conv{dims}d is not supported (conv1d, conv2d and linear are)")
     padding = args["padding"]
     if isinstance(padding, str):
-        raise ModelError(f"node {node.name!r}: string padding {padding!r} is not supported; export with numeric padding")
+        raise ModelError(
+            f"node {node.name!r}: string padding {padding!r} is not supported; export with numeric padding"
+        )
     return {
         "dims": dims,
         "stride": _tuple(args["stride"], dims),
@@ -222,8 +230,13 @@ def _fold_batch_norm(gm: fx.GraphModule) -> None:
         if bn.op != "call_function" or bn.target not in BATCH_NORM_OPS:
             continue
         conv = bn.args[0]
-        if not (isinstance(conv, fx.Node) and conv.target in CONV_OPS and len(conv.users) == 1
-                and isinstance(conv.args[1], fx.Node) and conv.args[1].op == "get_attr"):
+        if not (
+            isinstance(conv, fx.Node)
+            and conv.target in CONV_OPS
+            and len(conv.users) == 1
+            and isinstance(conv.args[1], fx.Node)
+            and conv.args[1].op == "get_attr"
+        ):
             continue
         if bn.target is aten.batch_norm.default:
             if bn.args[5]:  # training=True: statistics come from the batch, nothing to fold
@@ -258,7 +271,7 @@ def _fold_batch_norm(gm: fx.GraphModule) -> None:
             conv.args = tuple(args)
         b_node.meta["val"] = new_b
         replaced.replace_all_uses_with(conv)
-        for n in ([replaced, bn] if replaced is not bn else [bn]):
+        for n in [replaced, bn] if replaced is not bn else [bn]:
             gm.graph.erase_node(n)
     gm.graph.eliminate_dead_code()
     _drop_unused_attrs(gm)
@@ -290,7 +303,9 @@ def _discover_layers(gm: fx.GraphModule, max_layers: int) -> tuple[list[Layer], 
             continue
         w_node = node.args[1]
         if not (isinstance(w_node, fx.Node) and w_node.op == "get_attr"):
-            raise ModelError(f"node {node.name!r}: the weight is computed at run time, not a parameter; cannot quantize it")
+            raise ModelError(
+                f"node {node.name!r}: the weight is computed at run time, not a parameter; cannot quantize it"
+            )
         w_shape = tuple(_get_attr(gm, w_node.target).shape)
         in_shape, out_shape = _per_sample(_shape(node.args[0])), _per_sample(_shape(node))
         has_bias = len(node.args) > 2 and isinstance(node.args[2], fx.Node)
@@ -307,8 +322,24 @@ def _discover_layers(gm: fx.GraphModule, max_layers: int) -> tuple[list[Layer], 
         name = w_node.target[: -len(".weight")] if w_node.target.endswith(".weight") else w_node.target
         if name in nodes:  # the same weight used twice: tell the uses apart
             name = f"{name}#{sum(1 for n in nodes if n.split('#')[0] == name)}"
-        layers.append(Layer(name, op, w_shape, groups, stride, padding, dilation, tuple(kernel), has_bias,
-                            params, int(macs), in_shape, out_shape, len(layers)))
+        layers.append(
+            Layer(
+                name,
+                op,
+                w_shape,
+                groups,
+                stride,
+                padding,
+                dilation,
+                tuple(kernel),
+                has_bias,
+                params,
+                int(macs),
+                in_shape,
+                out_shape,
+                len(layers),
+            )
+        )
         nodes[name] = node
         if len(layers) > max_layers:
             raise ModelError(f"model has more than {max_layers} quantizable layers")
@@ -337,8 +368,10 @@ def check_tensor_sizes(gm: fx.GraphModule, in_shape: tuple[int, ...], max_elemen
             out = super().run_node(n)
             for t in _pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor) and t.numel() > max_elements:
-                    raise ModelError(f"node {n.name!r} computes a tensor of shape {list(t.shape)}, over the limit "
-                                     f"of {max_elements} elements")
+                    raise ModelError(
+                        f"node {n.name!r} computes a tensor of shape {list(t.shape)}, over the limit "
+                        f"of {max_elements} elements"
+                    )
             return out
 
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -347,13 +380,17 @@ def check_tensor_sizes(gm: fx.GraphModule, in_shape: tuple[int, ...], max_elemen
             SizeCheck(gm).run(x)
         except ModelError:
             raise
-        except Exception as e:  # noqa: BLE001 - a graph that cannot run at its own input shape
+        except Exception as e:
             raise ModelError(f"the graph does not run at its input shape {list(in_shape)}: {brief(e)}") from e
 
 
-def load_model(path: str | Path, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
-               max_layers: int = DEFAULT_MAX_LAYERS, max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS,
-               max_tensor_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS) -> LoadedModel:
+def load_model(
+    path: str | Path,
+    max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
+    max_layers: int = DEFAULT_MAX_LAYERS,
+    max_input_elements: int = DEFAULT_MAX_INPUT_ELEMENTS,
+    max_tensor_elements: int = DEFAULT_MAX_TENSOR_ELEMENTS,
+) -> LoadedModel:
     """Load a .pt2 archive safely, fold BatchNorm and discover the quantizable layers."""
     path = Path(path)
     ep = read_exported_program(path, max_bytes)
@@ -365,7 +402,7 @@ def load_model(path: str | Path, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
         with warnings.catch_warnings():  # torch's own pytree deprecation noise
             warnings.simplefilter("ignore", FutureWarning)
             gm = ep.module(check_guards=False)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         raise ModelError(f"exported program cannot be turned into a module: {brief(e)}") from e
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     in_shape = _shape(placeholders[0])
@@ -374,8 +411,9 @@ def load_model(path: str | Path, max_bytes: int = DEFAULT_MAX_ARCHIVE_BYTES,
     static_batch = in_shape[0] if isinstance(in_shape[0], int) else None
     per_sample = _per_sample(in_shape)
     if math.prod(per_sample) > max_input_elements:
-        raise ModelError(f"the model's input is {list(per_sample)} per sample, over the limit of "
-                         f"{max_input_elements} elements")
+        raise ModelError(
+            f"the model's input is {list(per_sample)} per sample, over the limit of {max_input_elements} elements"
+        )
     _check_supported(gm)
     check_tensor_sizes(gm, (static_batch or 1, *per_sample), max_tensor_elements)
     _fold_batch_norm(gm)

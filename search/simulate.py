@@ -68,8 +68,7 @@ def evaluate_float(model: LoadedModel, data) -> float:
 
 
 class Simulator:
-    def __init__(self, model: LoadedModel, calib_inputs: torch.Tensor | None,
-                 stats: dict[str, ActStats] | None = None):
+    def __init__(self, model: LoadedModel, calib_inputs: torch.Tensor | None, stats: dict[str, ActStats] | None = None):
         """`stats` reuses another simulator's calibration (activation ranges and bias-correction means)
         instead of calibrating on `calib_inputs`: fine-tuned weights are evaluated with the
         calibration they were trained under (search/finetune.py)."""
@@ -132,8 +131,9 @@ class Simulator:
         """The QuantizedWeight (codes and scales) behind quantized_weight(): what the kernels pack."""
         return quantize_weight(self._float_weights[layer], bits, scheme, clip)
 
-    def layer_bias(self, layer: str, bits: int | None, scheme: str = "uniform", clip: str = "mse",
-                   bias_correction: bool = True) -> torch.Tensor | None:
+    def layer_bias(
+        self, layer: str, bits: int | None, scheme: str = "uniform", clip: str = "mse", bias_correction: bool = True
+    ) -> torch.Tensor | None:
         """The bias the simulation uses for this layer at these bits (corrected when enabled); None if none."""
         if layer not in self._bias_targets:
             return None
@@ -164,12 +164,21 @@ class Simulator:
     def apply(self, config: QuantConfig) -> None:
         config.check_against(self.model)
         for name, lq in config.layers.items():
-            self.set_layer(name, lq.w_bits, lq.a_bits, lq.scheme, lq.clip, config.act_calibration,
-                           config.bias_correction)
+            self.set_layer(
+                name, lq.w_bits, lq.a_bits, lq.scheme, lq.clip, config.act_calibration, config.bias_correction
+            )
         self.config = config
 
-    def set_layer(self, name: str, w_bits: int | None, a_bits: int | None, scheme: str = "uniform",
-                  clip: str = "mse", act_calibration: str = "mse", bias_correction: bool = True) -> None:
+    def set_layer(
+        self,
+        name: str,
+        w_bits: int | None,
+        a_bits: int | None,
+        scheme: str = "uniform",
+        clip: str = "mse",
+        act_calibration: str = "mse",
+        bias_correction: bool = True,
+    ) -> None:
         """Quantize one layer (None keeps its weights or its input float); the others stay as they are."""
         w = self._float_weights[name] if w_bits is None else self.quantized_weight(name, w_bits, scheme, clip)
         _set_param(self.gm, self._weight_targets[name], w)
@@ -206,7 +215,7 @@ class Simulator:
         acc = top1(logits, data.labels) if data.labels is not None else None
         return EvalResult(acc, sqnr_db(ref, logits), kl_divergence(ref, logits), len(data.inputs))
 
-    def incremental(self, x: torch.Tensor) -> "IncrementalRunner":
+    def incremental(self, x: torch.Tensor) -> IncrementalRunner:
         return IncrementalRunner(self, x)
 
     def weight_sqnr_db(self, layer: str, bits: int, scheme: str = "uniform", clip: str = "mse") -> float:

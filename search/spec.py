@@ -18,8 +18,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 from .cost import METRICS, Budget, BudgetError, LatencyTable
 from .data import DEFAULT_CALIB_SIZE, DataSplits, load_splits
 from .model import LoadedModel
-from .searches import (CandidateCallback, ProgressCallback, SearchOptions, SearchResult, check_method_options,
-                       run_search)
+from .searches import CandidateCallback, ProgressCallback, SearchOptions, SearchResult, check_method_options, run_search
 from .simulate import Simulator
 
 __all__ = ["JobSpec", "SpecError", "load_job_data", "make_spec", "parse_budget", "run_job"]
@@ -39,8 +38,9 @@ def parse_budget(raw) -> Budget:
     if isinstance(raw, (list, tuple)) and all(isinstance(item, str) for item in raw):
         return Budget.parse(list(raw))
     if not isinstance(raw, dict) or not raw:
-        raise BudgetError(f"a budget is a non-empty object of limits, e.g. {{\"avg_wbits\": 3}}; metrics: "
-                          f"{', '.join(METRICS)}")
+        raise BudgetError(
+            f'a budget is a non-empty object of limits, e.g. {{"avg_wbits": 3}}; metrics: {", ".join(METRICS)}'
+        )
     unknown = sorted(set(raw) - set(METRICS))
     if unknown:
         raise BudgetError(f"unknown metric(s) {unknown}; expected {', '.join(METRICS)}")
@@ -63,8 +63,9 @@ class JobSpec(SearchOptions):
     budget: Budget = Field(description='upper limits, e.g. {"avg_wbits": 3}')
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="the search's RNG and the calibration subset")
     calib_size: int = Field(default=DEFAULT_CALIB_SIZE, ge=16, le=65536, description="calibration samples")
-    val_samples: int = Field(default=2000, ge=100, le=100000,
-                             description="validation samples each candidate is scored on")
+    val_samples: int = Field(
+        default=2000, ge=100, le=100000, description="validation samples each candidate is scored on"
+    )
 
     @field_validator("budget", mode="before")
     @classmethod
@@ -72,12 +73,12 @@ class JobSpec(SearchOptions):
         return parse_budget(v)
 
     @model_validator(mode="after")
-    def _method_takes_these_options(self) -> "JobSpec":
+    def _method_takes_these_options(self) -> JobSpec:
         check_method_options(self.method, self)
         return self
 
     @classmethod
-    def from_job(cls, method: str, budget: dict, options: dict) -> "JobSpec":
+    def from_job(cls, method: str, budget: dict, options: dict) -> JobSpec:
         """The spec of a stored job (its method, budget limits and job_options())."""
         return cls(method=method, budget=budget, **options)
 
@@ -107,8 +108,9 @@ def make_spec(**fields) -> JobSpec:
         raise SpecError("; ".join(problems)) from e
 
 
-def load_job_data(spec: JobSpec, source: str | Path, name: str | None = None,
-                  max_bytes: int | None = None) -> DataSplits:
+def load_job_data(
+    spec: JobSpec, source: str | Path, name: str | None = None, max_bytes: int | None = None
+) -> DataSplits:
     """The calibration and validation (and test, training) splits a job runs on: a built-in data set's name or
     a safetensors file, split by the spec's seed and calibration size."""
     splits = load_splits(str(source), calib_size=spec.calib_size, seed=spec.seed, max_bytes=max_bytes)
@@ -117,8 +119,15 @@ def load_job_data(spec: JobSpec, source: str | Path, name: str | None = None,
     return splits
 
 
-def run_job(spec: JobSpec, model: LoadedModel, splits: DataSplits, on_progress: ProgressCallback | None = None,
-            on_candidate: CandidateCallback | None = None, latency: LatencyTable | None = None,
-            simulator: Simulator | None = None) -> SearchResult:
-    return run_search(spec.method, model, splits, spec.budget, spec.search_options(), on_progress, latency,
-                      simulator, on_candidate)
+def run_job(
+    spec: JobSpec,
+    model: LoadedModel,
+    splits: DataSplits,
+    on_progress: ProgressCallback | None = None,
+    on_candidate: CandidateCallback | None = None,
+    latency: LatencyTable | None = None,
+    simulator: Simulator | None = None,
+) -> SearchResult:
+    return run_search(
+        spec.method, model, splits, spec.budget, spec.search_options(), on_progress, latency, simulator, on_candidate
+    )

@@ -1,9 +1,9 @@
 """`bitsearch-admin`: manage API keys (and the schema) on the configured database.
 
-    bitsearch-admin create-key OWNER        prints a new key once; only its hash is stored
-    bitsearch-admin list-keys
-    bitsearch-admin revoke-key ID
-    bitsearch-admin migrate
+bitsearch-admin create-key OWNER        prints a new key once; only its hash is stored
+bitsearch-admin list-keys
+bitsearch-admin revoke-key ID
+bitsearch-admin migrate
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(create_key(db, args.owner))
             elif args.command == "list-keys":
                 for k in db.scalars(select(ApiKey).order_by(ApiKey.id)):
-                    print(f"{k.id}\t{k.owner}\t{k.prefix}...\t{'revoked' if k.revoked else 'active'}\t{k.created_at:%Y-%m-%d}")
+                    state = "revoked" if k.revoked else "active"
+                    print(f"{k.id}\t{k.owner}\t{k.prefix}...\t{state}\t{k.created_at:%Y-%m-%d}")
             elif args.command == "revoke-key":
                 if db.execute(update(ApiKey).where(ApiKey.id == args.id).values(revoked=True)).rowcount != 1:
                     raise ValueError(f"no key with id {args.id}")

@@ -32,7 +32,7 @@ class ArtifactStore:
             raise ValueError(f"invalid artifact name {kind}/{key}")
         return self.root / kind / key
 
-    def stage(self, kind: str, src: BinaryIO, max_bytes: int) -> "StagedFile":
+    def stage(self, kind: str, src: BinaryIO, max_bytes: int) -> StagedFile:
         """Copy `src` to a temporary file inside the store, hashing it; over max_bytes: TooLarge.
 
         Nothing is visible under a final name until `commit()`, so a rejected upload leaves no trace.
@@ -47,8 +47,10 @@ class ArtifactStore:
                 while chunk := src.read(1 << 20):
                     size += len(chunk)
                     if size > max_bytes:
-                        raise TooLarge(f"the {kind[:-1] if kind.endswith('s') else kind} upload is over the limit "
-                                       f"of {max_bytes} bytes")
+                        raise TooLarge(
+                            f"the {kind[:-1] if kind.endswith('s') else kind} upload is over the limit "
+                            f"of {max_bytes} bytes"
+                        )
                     digest.update(chunk)
                     out.write(chunk)
                 out.flush()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from enum import StrEnum
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
@@ -11,7 +11,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def new_id() -> str:
@@ -98,8 +98,9 @@ class Job(Base):
 
     model: Mapped[ModelRecord] = relationship()
     dataset: Mapped[DatasetRecord] = relationship()
-    candidates: Mapped[list["CandidateRecord"]] = relationship(back_populates="job", cascade="all, delete-orphan",
-                                                               order_by="CandidateRecord.seq")
+    candidates: Mapped[list[CandidateRecord]] = relationship(
+        back_populates="job", cascade="all, delete-orphan", order_by="CandidateRecord.seq"
+    )
 
 
 class CandidateRecord(Base):
@@ -125,8 +126,9 @@ class CandidateRecord(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     job: Mapped[Job] = relationship(back_populates="candidates")
-    validation: Mapped["ValidationRecord | None"] = relationship(back_populates="candidate", uselist=False,
-                                                                cascade="all, delete-orphan")
+    validation: Mapped[ValidationRecord | None] = relationship(
+        back_populates="candidate", uselist=False, cascade="all, delete-orphan"
+    )
 
 
 class ValidationStatus(StrEnum):

@@ -31,10 +31,14 @@ class Settings(BaseSettings):
     max_layers: int = 4096
     # Measured: the child starts at about 0.75 GB of address space (torch loaded); a 256 MiB model peaks at 1.3 GB,
     # a 480 MiB data set at 2.1 GB.
-    upload_analysis_memory_mb: int = Field(default=3072, description="address-space limit (RLIMIT_AS) of the child "
-                                           "process that analyses one upload; over it the upload gets a 413")
-    upload_analysis_time_s: float = Field(default=120.0, gt=0, description="an upload's analysis is killed after "
-                                          "this long (422)")
+    upload_analysis_memory_mb: int = Field(
+        default=3072,
+        description="address-space limit (RLIMIT_AS) of the child "
+        "process that analyses one upload; over it the upload gets a 413",
+    )
+    upload_analysis_time_s: float = Field(
+        default=120.0, gt=0, description="an upload's analysis is killed after this long (422)"
+    )
     upload_analysis_concurrency: int = Field(default=2, ge=1, description="uploads analysed at once; more wait")
 
     task_time_limit_s: int = Field(default=6 * 3600, description="hard limit per search task")
@@ -49,12 +53,19 @@ class Settings(BaseSettings):
 
     rate_limit_per_s: float = Field(default=100.0, description="requests per second per API key (or client address)")
     rate_limit_burst: int = Field(default=200, description="requests a key may send at once before the rate applies")
-    auth_failures_per_s: float = Field(default=1.0, gt=0, description="requests with an invalid API key per second "
-                                       "per client address, once the burst is spent (429 beyond)")
+    auth_failures_per_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="requests with an invalid API key per second "
+        "per client address, once the burst is spent (429 beyond)",
+    )
     auth_failures_burst: int = Field(default=20, ge=1, description="invalid-key requests an address may send at once")
     max_active_jobs: int = Field(default=4, description="queued + running jobs per owner")
-    max_finetune_images: int = Field(default=240_000, description="training images one fine-tune may run through "
-                                     "(epochs x samples, or steps x batch size); the thesis's 4 epochs of 60k fit")
+    max_finetune_images: int = Field(
+        default=240_000,
+        description="training images one fine-tune may run through "
+        "(epochs x samples, or steps x batch size); the thesis's 4 epochs of 60k fit",
+    )
     key_cache_s: float = Field(default=30.0, description="how long a key lookup is cached (revocation delay)")
 
     def resolved_database_url(self) -> str:

@@ -96,6 +96,7 @@ def _replace_strings(obj, old: str, new: str):
 
 def with_renamed(src: Path, dst: Path, old: str, new: str) -> Path:
     """Rename `old` to `new` wherever the archive's program and tensor configs use it."""
+
     def edit(records):
         for name in list(records):
             if name.endswith(".json") and (name.startswith("models/") or "_config.json" in name):
@@ -106,6 +107,7 @@ def with_renamed(src: Path, dst: Path, old: str, new: str) -> Path:
 
 def with_program_edit(src: Path, dst: Path, edit_program) -> Path:
     """Apply edit_program(program_dict) to the archive's exported program JSON."""
+
     def edit(records):
         name = next(n for n in records if n.startswith("models/") and n.endswith(".json"))
         program = json.loads(records[name])
@@ -117,6 +119,7 @@ def with_program_edit(src: Path, dst: Path, edit_program) -> Path:
 
 def with_input_shape(src: Path, dst: Path, per_sample: list[int]) -> Path:
     """Declare another per-sample input shape (the batch dimension is kept)."""
+
     def edit(program):
         graph = program["graph_module"]["graph"]
         spec = next(s for s in program["graph_module"]["signature"]["input_specs"] if "user_input" in s)
@@ -128,6 +131,7 @@ def with_input_shape(src: Path, dst: Path, per_sample: list[int]) -> Path:
 
 def with_weight_layout(src: Path, dst: Path, fqn: str, sizes: list[int], strides: list[int]) -> Path:
     """Declare another shape and stride for one weight, keeping its payload."""
+
     def edit(records):
         cfg_name = next(n for n in records if n.endswith("_weights_config.json"))
         cfg = json.loads(records[cfg_name])
@@ -141,6 +145,7 @@ def with_weight_layout(src: Path, dst: Path, fqn: str, sizes: list[int], strides
 
 def with_payload_aliases(src: Path, dst: Path, copies: int) -> Path:
     """Many extra tensors that all view the largest weight's payload (each would be materialised)."""
+
     def edit(records):
         cfg_name = next(n for n in records if n.endswith("_weights_config.json"))
         cfg = json.loads(records[cfg_name])
@@ -154,6 +159,7 @@ def with_payload_aliases(src: Path, dst: Path, copies: int) -> Path:
 
 def with_compressed_sample_inputs(src: Path, dst: Path, size: int = 256 << 20) -> Path:
     """Sample inputs that are a deflated zip expanding to `size` bytes (a bomb one level down)."""
+
     def edit(records):
         name = next(n for n in records if n.startswith("data/sample_inputs/"))
         buf = io.BytesIO()
@@ -167,6 +173,7 @@ def with_compressed_sample_inputs(src: Path, dst: Path, size: int = 256 << 20) -
 def with_int_list_argument(src: Path, dst: Path, op: str, values: list[int]) -> Path:
     """Change the int-list argument of the first node calling `op` (e.g. repeat's repeats): the declared
     output shapes stay as they were, so only running the graph shows the real size."""
+
     def edit(program):
         node = next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"] == op)
         arg = next(i["arg"] for i in node["inputs"] if "as_ints" in i["arg"])

@@ -39,8 +39,9 @@ class Stack:
         self.name = uuid.uuid4().hex[:10]
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = dict(os.environ, BITSEARCH_VAR_DIR=str(self.var_dir), BITSEARCH_QUEUE=f"test-{self.name}",
-                        PYTHONUNBUFFERED="1")
+        self.env = dict(
+            os.environ, BITSEARCH_VAR_DIR=str(self.var_dir), BITSEARCH_QUEUE=f"test-{self.name}", PYTHONUNBUFFERED="1"
+        )
         if backend == "postgres":
             self.database = f"bitsearch_test_{self.name}"
             self.env["BITSEARCH_DATABASE_URL"] = f"postgresql+psycopg://postgres@127.0.0.1:5432/{self.database}"
@@ -56,7 +57,7 @@ class Stack:
     def database_url(self) -> str:
         return self.env.get("BITSEARCH_DATABASE_URL") or f"sqlite:///{(self.var_dir / 'bitsearch.db').resolve()}"
 
-    def start(self, workers: int = 1) -> "Stack":
+    def start(self, workers: int = 1) -> Stack:
         self.var_dir.mkdir(parents=True, exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         if self.backend == "postgres":
@@ -65,25 +66,52 @@ class Stack:
             self.keys[owner] = self.create_key(owner)
         self.api = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            env=self.env, cwd=ROOT, stdout=open(self.logs / "api.log", "ab"), stderr=subprocess.STDOUT)
+            env=self.env,
+            cwd=ROOT,
+            stdout=open(self.logs / "api.log", "ab"),
+            stderr=subprocess.STDOUT,
+        )
         for _ in range(workers):
             self.start_worker()
         self.wait_ready()
         return self
 
     def create_key(self, owner: str) -> str:
-        out = subprocess.run([sys.executable, "-m", "store.admin", "create-key", owner], env=self.env, cwd=ROOT,
-                             check=True, capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-m", "store.admin", "create-key", owner],
+            env=self.env,
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         return out.stdout.strip()
 
     def start_worker(self) -> subprocess.Popen:
         n = len(self.workers)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--loglevel=INFO",
-             "-Q", self.env["BITSEARCH_QUEUE"], "--concurrency=1", "--without-gossip", "--without-mingle",
-             "-n", f"w{n}-{self.name}@%h"],
-            env=self.env, cwd=ROOT, stdout=open(self.logs / f"worker{n}.log", "ab"), stderr=subprocess.STDOUT,
-            start_new_session=True)  # its own process group: kill_worker takes the forked children too
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--loglevel=INFO",
+                "-Q",
+                self.env["BITSEARCH_QUEUE"],
+                "--concurrency=1",
+                "--without-gossip",
+                "--without-mingle",
+                "-n",
+                f"w{n}-{self.name}@%h",
+            ],
+            env=self.env,
+            cwd=ROOT,
+            stdout=open(self.logs / f"worker{n}.log", "ab"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # its own process group: kill_worker takes the forked children too
         self.workers.append(proc)
         return proc
 

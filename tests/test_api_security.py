@@ -28,8 +28,13 @@ FAILED_AUTH_BURST = 10
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("apisec"), backend="postgres", max_active_jobs=4,
-              auth_failures_burst=FAILED_AUTH_BURST, auth_failures_per_s=0.2)
+    s = Stack(
+        tmp_path_factory.mktemp("apisec"),
+        backend="postgres",
+        max_active_jobs=4,
+        auth_failures_burst=FAILED_AUTH_BURST,
+        auth_failures_per_s=0.2,
+    )
     s.start(workers=0)
     yield s
     s.stop()
@@ -47,8 +52,12 @@ def tiny_models(tmp_path_factory) -> list[Path]:
 
 
 def form(method="uniform", budget=None, options=None, **extra) -> dict:
-    return {"method": method, "budget": json.dumps(budget or {"avg_wbits": 4}),
-            "options": json.dumps(options or QUICK), **extra}
+    return {
+        "method": method,
+        "budget": json.dumps(budget or {"avg_wbits": 4}),
+        "options": json.dumps(options or QUICK),
+        **extra,
+    }
 
 
 def upload(path: Path) -> dict:
@@ -80,6 +89,7 @@ def sha256(path: Path) -> str:
 
 
 # -- (2) analysis in a child process --------------------------------------------------------------------------------
+
 
 def test_analysis_child_reports_the_model_and_is_killed_at_its_time_limit():
     """The child's JSON, rebuilt in the API, prices configs exactly as the loaded model does; an analysis over the
@@ -127,6 +137,7 @@ def test_an_analysis_over_the_memory_limit_gets_413_and_the_api_stays_up(tmp_pat
 
 # -- (3) the per-owner active-job limit ----------------------------------------------------------------------------
 
+
 def _race_for_slots(stack: Stack) -> None:
     with stack.client() as c:
         first = post(c, RESNET)
@@ -171,12 +182,21 @@ def test_the_active_job_limit_holds_on_sqlite(tmp_path):
 
 # -- (5) concurrent uploads ----------------------------------------------------------------------------------------
 
+
 def test_concurrent_uploads_store_one_row_per_file(stack, tiny_models):
     clear_jobs(stack)
     same, others = tiny_models[0], tiny_models[1:5]
     # Alice and Bob two each of the same file and of the others: under the limit of 4 active jobs per owner.
-    work = [("alice", same), ("alice", same), ("bob", same), ("bob", same),
-            ("alice", others[0]), ("alice", others[1]), ("bob", others[2]), ("bob", others[3])]
+    work = [
+        ("alice", same),
+        ("alice", same),
+        ("bob", same),
+        ("bob", same),
+        ("alice", others[0]),
+        ("alice", others[1]),
+        ("bob", others[2]),
+        ("bob", others[3]),
+    ]
     barrier = threading.Barrier(len(work))
 
     def submit(item):
@@ -201,6 +221,7 @@ def test_concurrent_uploads_store_one_row_per_file(stack, tiny_models):
 
 # -- (7) nothing stored by a refused request ------------------------------------------------------------------------
 
+
 def test_a_refused_request_leaves_no_file_and_no_row(stack, tmp_path):
     from search.data import LabelledSet, save_dataset_file
 
@@ -210,8 +231,11 @@ def test_a_refused_request_leaves_no_file_and_no_row(stack, tmp_path):
     wrong = tmp_path / "wrong_shape.safetensors"
     save_dataset_file(LabelledSet(torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)), wrong)
     with stack.client() as c:
-        r = c.post("/jobs", data=form(), files={**upload(model),
-                                                 "data": (wrong.name, wrong.read_bytes(), "application/octet-stream")})
+        r = c.post(
+            "/jobs",
+            data=form(),
+            files={**upload(model), "data": (wrong.name, wrong.read_bytes(), "application/octet-stream")},
+        )
     assert r.status_code == 422 and "[3, 32, 32]" in r.json()["detail"], r.text
     model_sha, data_sha = sha256(model), sha256(wrong)
     assert not (stack.var_dir / "artifacts" / "models" / model_sha).exists()
@@ -223,6 +247,7 @@ def test_a_refused_request_leaves_no_file_and_no_row(stack, tmp_path):
 
 
 # -- (8) what leaks ---------------------------------------------------------------------------------------------------
+
 
 def test_an_unknown_op_gets_a_one_line_400_without_server_paths(stack, tmp_path):
     @torch.library.custom_op("bitsearch_test::double", mutates_args=())
@@ -246,7 +271,9 @@ def test_an_unknown_op_gets_a_one_line_400_without_server_paths(stack, tmp_path)
         r = post(c, path)
     detail = r.json()["detail"]
     assert r.status_code == 400 and "bitsearch_test.double" in detail, r.text
-    assert "\n" not in detail and "Traceback" not in detail and str(ROOT) not in detail and "site-packages" not in detail
+    assert (
+        "\n" not in detail and "Traceback" not in detail and str(ROOT) not in detail and "site-packages" not in detail
+    )
     assert len(detail) <= 600
 
 
@@ -268,7 +295,7 @@ def test_a_server_error_is_generic_and_logged_with_its_request_id(stack):
     log = (stack.logs / "api.log").read_text()
     line = next(l for l in log.splitlines() if rid in l)
     assert "failed" in line
-    after = log[log.index(line):]
+    after = log[log.index(line) :]
     assert "UndefinedTable" in after[:20000]  # the details are in the log, under the id
     assert log.count(f"request {rid}") == 1  # logged once
 
@@ -285,8 +312,17 @@ def test_job_error_details_are_shown_to_the_owner_only(stack):
     from sqlalchemy.orm import Session
 
     with Session(engine) as db:
-        cand = CandidateRecord(job_id=job_id, seq=0, config={"layers": {}}, avg_wbits=4.0, weight_bytes=1, bitops=1,
-                               act_bytes=1, score=0.0, pareto=True)
+        cand = CandidateRecord(
+            job_id=job_id,
+            seq=0,
+            config={"layers": {}},
+            avg_wbits=4.0,
+            weight_bytes=1,
+            bitops=1,
+            act_bytes=1,
+            score=0.0,
+            pareto=True,
+        )
         cand.validation = ValidationRecord(status="failed", error=secret)
         db.add(cand)
         db.commit()
@@ -353,11 +389,16 @@ def test_the_pages_take_the_key_from_the_fragment(stack):
 
 # -- (4) keys before bodies -------------------------------------------------------------------------------------------
 
+
 def _post_head_then_wait(stack: Stack, headers: dict[str, str], declared: int, sent: int) -> tuple[bytes, float]:
     """Send a POST's headers and `sent` of `declared` body bytes, then wait for an answer without sending more."""
     host, port = "127.0.0.1", stack.port
-    head = [f"POST /jobs HTTP/1.1", f"Host: {host}:{port}",
-            "Content-Type: multipart/form-data; boundary=xyz", f"Content-Length: {declared}"]
+    head = [
+        "POST /jobs HTTP/1.1",
+        f"Host: {host}:{port}",
+        "Content-Type: multipart/form-data; boundary=xyz",
+        f"Content-Length: {declared}",
+    ]
     head += [f"{k}: {v}" for k, v in headers.items()]
     started = time.monotonic()
     with socket.create_connection((host, port), timeout=10) as sock:
@@ -384,9 +425,13 @@ def test_a_body_without_a_valid_key_is_not_read(stack):
         assert seconds < 10
     # A valid key gets as far as the body: the server waits for it (no answer until it comes or times out).
     with socket.create_connection(("127.0.0.1", stack.port), timeout=10) as sock:
-        sock.sendall((f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {stack.keys['alice']}\r\n"
-                      f"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: {declared}\r\n\r\n"
-                      ).encode() + b"--xyz\r\n")
+        sock.sendall(
+            (
+                f"POST /jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {stack.keys['alice']}\r\n"
+                f"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: {declared}\r\n\r\n"
+            ).encode()
+            + b"--xyz\r\n"
+        )
         sock.settimeout(1.5)
         with pytest.raises(socket.timeout):
             sock.recv(100)
@@ -403,8 +448,12 @@ def test_a_body_without_a_valid_key_is_not_read(stack):
 
     started = time.monotonic()
     try:
-        r = httpx.post(f"{stack.url}/jobs", content=body(), timeout=30,
-                       headers={"Content-Type": "multipart/form-data; boundary=xyz", "Content-Length": str(declared)})
+        r = httpx.post(
+            f"{stack.url}/jobs",
+            content=body(),
+            timeout=30,
+            headers={"Content-Type": "multipart/form-data; boundary=xyz", "Content-Length": str(declared)},
+        )
         status = r.status_code
     except httpx.HTTPError:  # the server closed the connection while the client was still sending
         status = None
@@ -418,8 +467,9 @@ def test_invalid_keys_are_rate_limited_per_address(stack):
     codes = []
     with httpx.Client(base_url=stack.url, timeout=30) as c:
         for _ in range(50):
-            codes.append(c.get("/jobs", headers={"Authorization": "Bearer bsk_" + secrets.token_urlsafe(32)})
-                         .status_code)
+            codes.append(
+                c.get("/jobs", headers={"Authorization": "Bearer bsk_" + secrets.token_urlsafe(32)}).status_code
+            )
         last = c.get("/jobs", headers={"X-API-Key": "bsk_nope"})
     assert set(codes) == {401, 429}, codes
     assert codes.count(401) <= FAILED_AUTH_BURST and codes[-1] == 429

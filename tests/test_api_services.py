@@ -25,8 +25,9 @@ def service(tmp_path_factory):
     saved = {k: v for k, v in os.environ.items() if k.startswith("BITSEARCH_")}
     for k in saved:
         del os.environ[k]
-    os.environ.update(BITSEARCH_VAR_DIR=str(var), BITSEARCH_MAX_ACTIVE_JOBS="2",
-                      BITSEARCH_BROKER_URL="memory://")  # queueing succeeds, and no worker takes the job
+    os.environ.update(
+        BITSEARCH_VAR_DIR=str(var), BITSEARCH_MAX_ACTIVE_JOBS="2", BITSEARCH_BROKER_URL="memory://"
+    )  # queueing succeeds, and no worker takes the job
     get_settings.cache_clear()
     try:
         from api.main import create_app
@@ -51,9 +52,17 @@ def _post(client, key, budget=None, options=None, method="uniform", **form):
     if "model_id" not in form:
         files["model"] = ("resnet20.pt2", RESNET.read_bytes(), "application/zip")
     form.setdefault("data_name", "fashion-mnist")
-    return client.post("/jobs", headers={"Authorization": f"Bearer {key}"}, files=files,
-                       data={"method": method, "budget": json.dumps(budget or {"avg_wbits": 4}),
-                             "options": json.dumps(QUICK if options is None else options), **form})
+    return client.post(
+        "/jobs",
+        headers={"Authorization": f"Bearer {key}"},
+        files=files,
+        data={
+            "method": method,
+            "budget": json.dumps(budget or {"avg_wbits": 4}),
+            "options": json.dumps(QUICK if options is None else options),
+            **form,
+        },
+    )
 
 
 def test_build_spec_names_what_is_wrong_without_http():
@@ -87,8 +96,9 @@ def test_create_list_cancel_through_the_service_functions(service):
 
     def request(budget='{"avg_wbits": 4}', **kw):
         spec, top_k = jobs.build_spec("uniform", budget, json.dumps(QUICK), 0)
-        return jobs.JobRequest(spec, top_k, model=jobs.Upload(open(RESNET, "rb"), "resnet20.pt2"),
-                               data_name="fashion-mnist", **kw)
+        return jobs.JobRequest(
+            spec, top_k, model=jobs.Upload(open(RESNET, "rb"), "resnet20.pt2"), data_name="fashion-mnist", **kw
+        )
 
     created = jobs.create_job(settings, store, "carol", request(), queued.append)
     assert queued == [created.id] and (store.path("models", created.model_id)).is_file()
@@ -146,6 +156,11 @@ def test_stored_options_rebuild_the_same_spec(service):
     with session_scope(settings.resolved_database_url()) as db:
         job = db.get(Job, r.json()["id"])
         spec = JobSpec.from_job(job.method, job.budget, job.options)
-    assert (spec.seed, spec.calib_size, spec.val_samples, spec.w_bits, spec.params) == (7, 64, 150, [2, 4, 8],
-                                                                                       {"count": 3})
+    assert (spec.seed, spec.calib_size, spec.val_samples, spec.w_bits, spec.params) == (
+        7,
+        64,
+        150,
+        [2, 4, 8],
+        {"count": 3},
+    )
     assert Path(settings.resolved_artifact_dir(), "models", r.json()["model_id"]).is_file()

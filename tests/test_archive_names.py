@@ -14,12 +14,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import export_model
+from hostile import (
+    code_in_a_name,
+    code_in_an_expression,
+    with_compressed_sample_inputs,
+    with_input_shape,
+    with_int_list_argument,
+    with_payload_aliases,
+    with_program_edit,
+    with_renamed,
+    with_weight_layout,
+)
 from torch import nn
 
-from conftest import TinyNet, export_model
-from hostile import (code_in_a_name, code_in_an_expression, with_compressed_sample_inputs, with_input_shape,
-                     with_int_list_argument, with_payload_aliases, with_program_edit, with_renamed,
-                     with_weight_layout)
 from search.archive import ArchiveError
 from search.model import load_model
 
@@ -59,7 +67,7 @@ def _torch_runs_it(path: Path, marker: Path) -> bool:
     """Whether torch's own loader runs the archive's code (load, build the module, run it once)."""
     try:
         torch.export.load(str(path)).module()(torch.randn(2, 1, 28, 28))
-    except Exception:  # noqa: BLE001 - the attack may break the model after its code ran
+    except Exception:
         pass
     ran = marker.exists()
     marker.unlink(missing_ok=True)
@@ -93,6 +101,7 @@ def test_code_in_a_name_is_refused_and_never_runs(named_path, tmp_path, what, ol
 
 def _set_first(program: dict, key: str, value) -> None:
     """Set the first `key` found in the program (depth first)."""
+
     def walk(o):
         if isinstance(o, dict):
             if key in o:
@@ -110,6 +119,7 @@ def _all_exprs(marker):
             for size in meta.get("sizes", []):
                 if "as_expr" in size:
                     size["as_expr"]["expr_str"] = code_in_an_expression(marker)
+
     return edit
 
 
@@ -117,10 +127,22 @@ PROGRAM_EDITS = {
     # sympify evaluates the size expressions.
     "size expression": (_all_exprs, True),
     "forward argument names": (lambda m: lambda p: _set_first(p, "forward_arg_names", [code_in_a_name(m)]), False),
-    "range constraint symbol": (lambda m: lambda p: p.update(range_constraints={
-        code_in_a_name(m): next(iter(p["range_constraints"].values()))}), False),
-    "input structure (dict key)": (lambda m: lambda p: _set_first(p, "in_spec", lambda s: s.replace(
-        '"context": "[]"', '"context": ' + json.dumps(json.dumps([code_in_a_name(m)])))), False),
+    "range constraint symbol": (
+        lambda m: (
+            lambda p: p.update(range_constraints={code_in_a_name(m): next(iter(p["range_constraints"].values()))})
+        ),
+        False,
+    ),
+    "input structure (dict key)": (
+        lambda m: (
+            lambda p: _set_first(
+                p,
+                "in_spec",
+                lambda s: s.replace('"context": "[]"', '"context": ' + json.dumps(json.dumps([code_in_a_name(m)]))),
+            )
+        ),
+        False,
+    ),
     "string argument": (lambda m: lambda p: _set_first(p, "as_string", code_in_a_name(m)), False),
     "operator path": (lambda m: lambda p: _set_first(p, "target", "torch.ops.aten.__class__.__init__"), False),
     "unknown field": (lambda m: lambda p: p["graph_module"].update(extra=code_in_a_name(m)), False),
@@ -154,17 +176,18 @@ def test_cli_refuses_a_hostile_name_without_running_it(named_path, tmp_path):
 
 
 def test_load_packed_refuses_a_hostile_name(tiny_model, tiny_model_path, fmnist, tmp_path):
-    from hostile import rewrite_archive
     from kernels.lower import MODEL_FILE, load_packed, lower
     from search.config import QuantConfig
 
     packed_dir = lower(tiny_model, QuantConfig.uniform(tiny_model, 4, 8), fmnist.calib.inputs[:64]).save(
-        tmp_path / "packed")
+        tmp_path / "packed"
+    )
     assert load_packed(packed_dir).forward(torch.randn(2, 1, 28, 28)).shape == (2, 10)
     marker = tmp_path / "pwned"
     program = _program(packed_dir / MODEL_FILE)
-    buffer = next(s["buffer"]["buffer_name"] for s in program["graph_module"]["signature"]["input_specs"]
-                  if "buffer" in s)
+    buffer = next(
+        s["buffer"]["buffer_name"] for s in program["graph_module"]["signature"]["input_specs"] if "buffer" in s
+    )
     hostile = with_renamed(packed_dir / MODEL_FILE, tmp_path / "hostile.pt2", buffer, code_in_a_name(marker))
     hostile.replace(packed_dir / MODEL_FILE)
     with pytest.raises(ArchiveError, match="generated code"):
@@ -174,6 +197,7 @@ def test_load_packed_refuses_a_hostile_name(tiny_model, tiny_model_path, fmnist,
 
 # -- memory bombs: refused from the declared figures, before anything is allocated ------------------------------
 
+
 def _peak_rss_mb() -> float:
     import resource
 
@@ -181,19 +205,28 @@ def _peak_rss_mb() -> float:
 
 
 BOMBS = {
-    "input of 2^28 elements per sample": (lambda src, dst: with_input_shape(src, dst, [1, 16384, 16384]),
-                                          "input is .* over the limit"),
-    "stride-0 weight": (lambda src, dst: with_weight_layout(src, dst, "fc.weight", [1 << 15, 1 << 15], [0, 0]),
-                        "does not fit its"),
-    "weight past its payload": (lambda src, dst: with_weight_layout(src, dst, "fc.weight", [10, 2705], [2705, 1]),
-                                "does not fit its"),
+    "input of 2^28 elements per sample": (
+        lambda src, dst: with_input_shape(src, dst, [1, 16384, 16384]),
+        "input is .* over the limit",
+    ),
+    "stride-0 weight": (
+        lambda src, dst: with_weight_layout(src, dst, "fc.weight", [1 << 15, 1 << 15], [0, 0]),
+        "does not fit its",
+    ),
+    "weight past its payload": (
+        lambda src, dst: with_weight_layout(src, dst, "fc.weight", [10, 2705], [2705, 1]),
+        "does not fit its",
+    ),
     "one payload viewed 400 times": (lambda src, dst: with_payload_aliases(src, dst, 400), "times its size|4x"),
     "compressed sample inputs": (with_compressed_sample_inputs, "compressed content"),
     "an op that computes more than declared": (
         lambda src, dst: with_int_list_argument(src, dst, "torch.ops.aten.repeat.default", [1, 1, 4096, 4096]),
-        "computes a tensor of shape .* over the limit"),
-    "negative size": (lambda src, dst: with_weight_layout(src, dst, "fc.weight", [-1, 10], [10, 1]),
-                      "impossible layout"),
+        "computes a tensor of shape .* over the limit",
+    ),
+    "negative size": (
+        lambda src, dst: with_weight_layout(src, dst, "fc.weight", [-1, 10], [10, 1]),
+        "impossible layout",
+    ),
 }
 
 
@@ -227,6 +260,7 @@ def test_a_legitimately_shared_weight_still_loads(tmp_path):
 
 # -- the same attacks through the service ------------------------------------------------------------------------
 
+
 def _memory_kib(pid: int) -> dict[str, int]:
     fields = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -248,15 +282,19 @@ def api_stack(tmp_path_factory):
 
 
 def _post(client, path: Path):
-    return client.post("/jobs", data={"method": "uniform", "budget": json.dumps({"avg_wbits": 4}),
-                                      "data_name": "fashion-mnist"},
-                       files={"model": (path.name, path.read_bytes(), "application/zip")})
+    return client.post(
+        "/jobs",
+        data={"method": "uniform", "budget": json.dumps({"avg_wbits": 4}), "data_name": "fashion-mnist"},
+        files={"model": (path.name, path.read_bytes(), "application/zip")},
+    )
 
 
 def test_uploads_with_code_or_bombs_are_refused_quickly_and_the_api_stays_small(api_stack, named_path, tmp_path):
     marker = tmp_path / "pwned"
-    attacks = {what: with_renamed(named_path, tmp_path / f"name{i}.pt2", old, code_in_a_name(marker))
-               for i, (what, old, _) in enumerate(RENAMES)}
+    attacks = {
+        what: with_renamed(named_path, tmp_path / f"name{i}.pt2", old, code_in_a_name(marker))
+        for i, (what, old, _) in enumerate(RENAMES)
+    }
     attacks["size expression"] = with_program_edit(named_path, tmp_path / "expr.pt2", _all_exprs(marker))
     for what, (make, _) in BOMBS.items():
         attacks[what] = make(named_path, tmp_path / f"bomb_{len(attacks)}.pt2")

@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import reference_model
 
 BITSEARCH = Path(sys.executable).parent / "bitsearch"
 
 
 def run(*args, check=True, env=None, cwd=None, input=None):
-    proc = subprocess.run([str(BITSEARCH), *map(str, args)], capture_output=True, text=True, timeout=600, env=env,
-                          cwd=cwd, input=input)
+    proc = subprocess.run(
+        [str(BITSEARCH), *map(str, args)], capture_output=True, text=True, timeout=600, env=env, cwd=cwd, input=input
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -29,8 +29,11 @@ def run(*args, check=True, env=None, cwd=None, input=None):
 
 def client_env(tmp_path, **extra) -> dict:
     """The environment of a user with no key and no server configured (HOME under tmp_path), plus `extra`."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("BITSEARCH_API_KEY", "BITSEARCH_SERVER", "BITSEARCH_VAR_DIR", "XDG_CONFIG_HOME")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("BITSEARCH_API_KEY", "BITSEARCH_SERVER", "BITSEARCH_VAR_DIR", "XDG_CONFIG_HOME")
+    }
     return {**env, "HOME": str(tmp_path / "home"), "COLUMNS": "200", **extra}
 
 
@@ -44,8 +47,9 @@ def test_inspect_lists_the_resnet20_layer_table():
 
 
 def test_eval_reports_accuracy_sqnr_and_cost(tiny_model_path, tiny_model, tmp_path):
-    data = json.loads(run("eval", tiny_model_path, "--data", "fashion-mnist", "--uniform", "4/8", "--split", "val",
-                          "--json").stdout)
+    data = json.loads(
+        run("eval", tiny_model_path, "--data", "fashion-mnist", "--uniform", "4/8", "--split", "val", "--json").stdout
+    )
     assert data["split"] == "val" and data["samples"] == 5000
     assert 0.5 < data["top1"] <= data["fp32_top1"] + 0.01 and data["sqnr_db"] > 10
     assert data["cost"]["avg_wbits"] == 4.0 and data["cost"]["weight_bytes"] > 0 and data["cost"]["bitops"] > 0
@@ -53,8 +57,9 @@ def test_eval_reports_accuracy_sqnr_and_cost(tiny_model_path, tiny_model, tmp_pa
 
     cfg = tmp_path / "cfg.json"
     cfg.write_text(QuantConfig.uniform(tiny_model, 4, 8).to_json())
-    again = json.loads(run("eval", tiny_model_path, "--data", "fashion-mnist", "--config", cfg, "--split", "val",
-                           "--json").stdout)
+    again = json.loads(
+        run("eval", tiny_model_path, "--data", "fashion-mnist", "--config", cfg, "--split", "val", "--json").stdout
+    )
     assert again["top1"] == data["top1"] and again["sqnr_db"] == data["sqnr_db"]
     table = run("eval", tiny_model_path, "--data", "fashion-mnist", "--uniform", "8/8", "--split", "val").stdout
     assert "top-1" in table and "output SQNR" in table and "BitOPs" in table
@@ -86,19 +91,38 @@ def test_search_through_the_cli_matches_run_job_on_the_same_spec(tiny_model_path
 
     out = tmp_path / "result.json"
     threads = str(torch.get_num_threads())  # the same reduction order in both processes
-    run("search", tiny_model_path, "--data", "fashion-mnist", "--method", "sqnr", "--budget", "avg_wbits=4",
-        "--seed", 7, "--calib-size", 64, "--val-samples", 200, "--params", json.dumps(SQNR_FAST), "--out", out,
-        "--json", env=client_env(tmp_path, OMP_NUM_THREADS=threads))
-    spec = make_spec(method="sqnr", budget={"avg_wbits": 4}, seed=7, calib_size=64, val_samples=200,
-                     params=SQNR_FAST)
+    run(
+        "search",
+        tiny_model_path,
+        "--data",
+        "fashion-mnist",
+        "--method",
+        "sqnr",
+        "--budget",
+        "avg_wbits=4",
+        "--seed",
+        7,
+        "--calib-size",
+        64,
+        "--val-samples",
+        200,
+        "--params",
+        json.dumps(SQNR_FAST),
+        "--out",
+        out,
+        "--json",
+        env=client_env(tmp_path, OMP_NUM_THREADS=threads),
+    )
+    spec = make_spec(method="sqnr", budget={"avg_wbits": 4}, seed=7, calib_size=64, val_samples=200, params=SQNR_FAST)
     library = run_job(spec, load_model(tiny_model_path), load_job_data(spec, "fashion-mnist")).to_dict()
     through_cli = json.loads(out.read_text())
 
     def key(c):
         return c["w_bits"], c["a_bits"], c["val_top1"], c["val_sqnr_db"], c["fits"], c["pareto"]
 
-    assert through_cli["candidates"] and [key(c) for c in through_cli["candidates"]] == \
-        [key(c) for c in library["candidates"]]
+    assert through_cli["candidates"] and [key(c) for c in through_cli["candidates"]] == [
+        key(c) for c in library["candidates"]
+    ]
     assert through_cli["recommended"] == library["recommended"]
 
 
@@ -109,11 +133,23 @@ def test_an_unknown_params_key_is_refused_by_name_before_anything_runs(tiny_mode
     assert proc.returncode == 2 and "bogus_key" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count("\n") == 1
     # submit checks the same spec locally: refused before it tries to reach the (absent) server
-    proc = run("submit", tiny_model_path, *common, "--server", "http://127.0.0.1:9", check=False,
-               env=client_env(tmp_path))
+    proc = run(
+        "submit", tiny_model_path, *common, "--server", "http://127.0.0.1:9", check=False, env=client_env(tmp_path)
+    )
     assert proc.returncode == 2 and "bogus_key" in proc.stderr and "cannot reach" not in proc.stderr, proc.stderr
-    proc = run("search", tiny_model_path, "--data", "fashion-mnist", "--method", "uniform", "--budget", "avg_wbits=4",
-               "--w-bits", "2-x", check=False)
+    proc = run(
+        "search",
+        tiny_model_path,
+        "--data",
+        "fashion-mnist",
+        "--method",
+        "uniform",
+        "--budget",
+        "avg_wbits=4",
+        "--w-bits",
+        "2-x",
+        check=False,
+    )
     assert proc.returncode == 2 and "--w-bits" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -125,6 +161,7 @@ def test_eval_takes_the_search_seed_and_calibration_size(tiny_model_path):
 
 
 # --- small pieces of the client ----------------------------------------------------------------------------------
+
 
 def test_progress_text_never_shows_an_unknown_total_or_a_repeated_status():
     from cli.common import progress_count, progress_label
@@ -190,8 +227,22 @@ def test_download_into_a_directory_keeps_the_default_file_name(tmp_path):
 # --- against a real server ---------------------------------------------------------------------------------------
 # One stack for the module, started without a worker so that jobs stay queued; the watch test, last, adds one.
 
-FAST_JOB = ["--data", "fashion-mnist", "--method", "uniform", "--budget", "avg_wbits=8", "--w-bits", "4,8",
-            "--calib-size", "64", "--val-samples", "100", "--validate-top-k", "0"]
+FAST_JOB = [
+    "--data",
+    "fashion-mnist",
+    "--method",
+    "uniform",
+    "--budget",
+    "avg_wbits=8",
+    "--w-bits",
+    "4,8",
+    "--calib-size",
+    "64",
+    "--val-samples",
+    "100",
+    "--validate-top-k",
+    "0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -221,9 +272,14 @@ def job_status(stack, job_id: str) -> str:
 
 def test_ctrl_c_while_waiting_stops_following_not_the_job(idle_stack, tiny_model_path, tmp_path):
     stack = idle_stack
-    proc = subprocess.Popen([str(BITSEARCH), "submit", str(tiny_model_path), *FAST_JOB, "--wait"],
-                            env=as_alice(stack, tmp_path), cwd=tmp_path, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [str(BITSEARCH), "submit", str(tiny_model_path), *FAST_JOB, "--wait"],
+        env=as_alice(stack, tmp_path),
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines: list[str] = []
     submitted = threading.Event()
 

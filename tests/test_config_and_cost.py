@@ -34,13 +34,16 @@ def test_unknown_and_missing_layers_are_named(tiny_model):
         QuantConfig.from_json(json.dumps(raw), tiny_model)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("w_bits", 9, "layers.fc1.w_bits"),
-    ("w_bits", 0, "layers.fc1.w_bits"),
-    ("a_bits", 1, "a_bits must be in 2..8 or 16"),
-    ("a_bits", 12, "a_bits must be in 2..8 or 16"),
-    ("scheme", "kmeans", "layers.fc1.scheme"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("w_bits", 9, "layers.fc1.w_bits"),
+        ("w_bits", 0, "layers.fc1.w_bits"),
+        ("a_bits", 1, "a_bits must be in 2..8 or 16"),
+        ("a_bits", 12, "a_bits must be in 2..8 or 16"),
+        ("scheme", "kmeans", "layers.fc1.scheme"),
+    ],
+)
 def test_bits_out_of_range_are_refused_naming_the_layer(tiny_model, field, value, message):
     raw = json.loads(QuantConfig.uniform(tiny_model, 4, 8).to_json())
     raw["layers"]["fc1"][field] = value
@@ -53,11 +56,14 @@ def test_one_bit_codebook_scheme_is_refused(tiny_model):
         QuantConfig.uniform(tiny_model, 1, 8, scheme="pot")
 
 
-@pytest.mark.parametrize("text,message", [
-    ("{not json", "not valid JSON"),
-    ('{"format": "other"}', "not a bitsearch config"),
-    ('{"format": "bitsearch.config", "version": 7}', "version 7 is not supported"),
-])
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("{not json", "not valid JSON"),
+        ('{"format": "other"}', "not a bitsearch config"),
+        ('{"format": "bitsearch.config", "version": 7}', "version 7 is not supported"),
+    ],
+)
 def test_malformed_documents_are_refused(text, message):
     with pytest.raises(ConfigError, match=message):
         QuantConfig.from_json(text)
@@ -98,12 +104,15 @@ def test_budget_parsing_and_fit(tiny_model):
     assert any(v.startswith("avg_wbits 6") for v in violations) and any("weight_bytes" in v for v in violations)
 
 
-@pytest.mark.parametrize("items,message", [
-    (["avg_wbits"], "malformed budget"),
-    (["speed=3"], "unknown budget metric 'speed'"),
-    (["avg_wbits=-1"], "invalid budget"),
-    ([], "sets no limit"),
-])
+@pytest.mark.parametrize(
+    "items,message",
+    [
+        (["avg_wbits"], "malformed budget"),
+        (["speed=3"], "unknown budget metric 'speed'"),
+        (["avg_wbits=-1"], "invalid budget"),
+        ([], "sets no limit"),
+    ],
+)
 def test_malformed_budgets_are_refused(items, message):
     with pytest.raises(BudgetError, match=message):
         Budget.parse(items)

@@ -6,7 +6,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from search.data import DatasetError, LabelledSet, fashion_mnist_splits, load_dataset_file, load_splits, save_dataset_file
+from search.data import (
+    DatasetError,
+    LabelledSet,
+    fashion_mnist_splits,
+    load_dataset_file,
+    load_splits,
+    save_dataset_file,
+)
 
 
 def test_fashion_mnist_splits_are_deterministic_and_disjoint():
@@ -32,15 +39,18 @@ def test_user_file_round_trip_and_splits(tmp_path):
     assert torch.equal(load_splits(str(tmp_path / "d.safetensors"), 100, 1).calib.inputs, splits.calib.inputs)
 
 
-@pytest.mark.parametrize("tensors,message", [
-    ({"x": torch.zeros(4, 2)}, "no `inputs` tensor"),
-    ({"inputs": torch.zeros(4, 2, dtype=torch.float64)}, "must be float32"),
-    ({"inputs": torch.zeros(4, 2), "labels": torch.zeros(3, dtype=torch.int64)}, r"must have shape \[4\]"),
-    ({"inputs": torch.zeros(4, 2), "labels": torch.zeros(4, dtype=torch.int32)}, "must be int64"),
-    ({"inputs": torch.zeros(4, 2), "labels": torch.tensor([0, 1, -1, 2])}, "negative class"),
-    ({"inputs": torch.tensor([[0.0, float("nan")]] * 4)}, "NaN or Inf"),
-    ({"inputs": torch.zeros(4, 2), "extra": torch.zeros(1)}, "unexpected tensors"),
-])
+@pytest.mark.parametrize(
+    "tensors,message",
+    [
+        ({"x": torch.zeros(4, 2)}, "no `inputs` tensor"),
+        ({"inputs": torch.zeros(4, 2, dtype=torch.float64)}, "must be float32"),
+        ({"inputs": torch.zeros(4, 2), "labels": torch.zeros(3, dtype=torch.int64)}, r"must have shape \[4\]"),
+        ({"inputs": torch.zeros(4, 2), "labels": torch.zeros(4, dtype=torch.int32)}, "must be int64"),
+        ({"inputs": torch.zeros(4, 2), "labels": torch.tensor([0, 1, -1, 2])}, "negative class"),
+        ({"inputs": torch.tensor([[0.0, float("nan")]] * 4)}, "NaN or Inf"),
+        ({"inputs": torch.zeros(4, 2), "extra": torch.zeros(1)}, "unexpected tensors"),
+    ],
+)
 def test_malformed_data_files_are_refused(tmp_path, tensors, message):
     save_file(tensors, str(tmp_path / "bad.safetensors"))
     with pytest.raises(DatasetError, match=message):

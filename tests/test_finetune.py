@@ -59,8 +59,12 @@ def test_ste_weight_is_the_quantized_weight_with_a_clipped_identity_gradient():
 @pytest.mark.parametrize("scheme", ["uniform", "apot"])
 def test_the_training_forward_is_the_simulation(scheme, tiny_model, fmnist, tiny_sim):
     """Before any step, the STE forward computes exactly what the simulator computes for the config."""
-    config = QuantConfig.from_bits(tiny_model, {"conv1": 8, "dw": 3, "grouped": 2, "pw": 4, "fc1": 2, "fc2": 6},
-                                   {"conv1": 8, "dw": 6, "grouped": 8, "pw": 4, "fc1": 8, "fc2": 16}, scheme=scheme)
+    config = QuantConfig.from_bits(
+        tiny_model,
+        {"conv1": 8, "dw": 3, "grouped": 2, "pw": 4, "fc1": 2, "fc2": 6},
+        {"conv1": 8, "dw": 6, "grouped": 8, "pw": 4, "fc1": 8, "fc2": 16},
+        scheme=scheme,
+    )
     tuner = STEFineTuner(tiny_model, tiny_sim.stats, training_set(fmnist.train, FT, 0), FT, 0)
     x = fmnist.val.inputs[:64]
     sim = tuner.simulator()
@@ -126,6 +130,7 @@ def test_searches_with_finetuning_fit_the_budget_and_repeat_for_a_seed(method, t
     assert sum(tuned) / len(tuned) > sum(c.val_top1 for c in result.candidates) / len(tuned)
 
     again, _ = search()
+
     def key(r):
         return [(c.config.w_bits(), c.config.a_bits(), c.val_top1, c.score, c.meta) for c in r.candidates]
 
@@ -137,8 +142,9 @@ def test_searches_with_finetuning_fit_the_budget_and_repeat_for_a_seed(method, t
 
     after = _snapshot(tiny_model, tiny_sim)
     assert all(torch.equal(before[k], after[k]) for k in before), "the search changed the caller's weights"
-    assert tiny_sim.evaluate(QuantConfig.uniform(tiny_model, 3, 8), fmnist.val.subset(slice(0, 500))).top1 \
-        == ptq_reference
+    assert (
+        tiny_sim.evaluate(QuantConfig.uniform(tiny_model, 3, 8), fmnist.val.subset(slice(0, 500))).top1 == ptq_reference
+    )
 
 
 def test_haq_finetuned_rewards_are_the_same_through_an_executor(tiny_model, fmnist, tiny_sim):
@@ -154,8 +160,14 @@ def test_haq_finetuned_rewards_are_the_same_through_an_executor(tiny_model, fmni
     with ThreadPoolExecutor(max_workers=2) as pool:
         assert score_episodes(ctx, configs, pool.map) == serial
     assert all(s.finetuned_val_top1 is not None for s in serial)
-    plain = SearchContext("haq", tiny_model, fmnist, BUDGET, SearchOptions(val_samples=500,
-                          params={"reward_samples": 256}), simulator=tiny_sim)
+    plain = SearchContext(
+        "haq",
+        tiny_model,
+        fmnist,
+        BUDGET,
+        SearchOptions(val_samples=500, params={"reward_samples": 256}),
+        simulator=tiny_sim,
+    )
     # fine-tuning raises the reward of the all-2-bit config
     assert serial[1].quality > score_episodes(plain, configs[1:])[0].quality
 
@@ -177,17 +189,58 @@ def test_cli_search_with_finetune_epochs(tiny_model_path, tmp_path):
     out = tmp_path / "result.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "200"}  # a table too wide to wrap
     proc = subprocess.run(
-        [str(Path(sys.executable).parent / "bitsearch"), "search", str(tiny_model_path), "--data", "fashion-mnist",
-         "--method", "imprinting", "--budget", "avg_wbits=4", "--calib-size", "256", "--val-samples", "200",
-         "--params", json.dumps({"patience": 2}), "--finetune-epochs", "1", "--finetune-samples", "256",
-         "--finetune-lr", "0.001", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, env=env)
+        [
+            str(Path(sys.executable).parent / "bitsearch"),
+            "search",
+            str(tiny_model_path),
+            "--data",
+            "fashion-mnist",
+            "--method",
+            "imprinting",
+            "--budget",
+            "avg_wbits=4",
+            "--calib-size",
+            "256",
+            "--val-samples",
+            "200",
+            "--params",
+            json.dumps({"patience": 2}),
+            "--finetune-epochs",
+            "1",
+            "--finetune-samples",
+            "256",
+            "--finetune-lr",
+            "0.001",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
     assert result["candidates"] and all(c["cost"]["avg_wbits"] <= 4 for c in result["candidates"])
     assert all("finetuned_val_top1" in c["meta"] for c in result["candidates"])
     assert "fine-tuned top-1" in proc.stdout and "recommended" in proc.stdout
-    bad = subprocess.run([str(Path(sys.executable).parent / "bitsearch"), "search", str(tiny_model_path), "--data",
-                          "fashion-mnist", "--method", "sqnr", "--budget", "avg_wbits=4", "--finetune-epochs", "1"],
-                         capture_output=True, text=True, timeout=600, env=env)
+    bad = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "bitsearch"),
+            "search",
+            str(tiny_model_path),
+            "--data",
+            "fashion-mnist",
+            "--method",
+            "sqnr",
+            "--budget",
+            "avg_wbits=4",
+            "--finetune-epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert bad.returncode == 2 and "does not fine-tune" in bad.stderr

@@ -81,8 +81,14 @@ def test_reward_images_are_held_out_from_the_candidates_images(tiny_model, fmnis
 
 
 def test_budget_enforcement_lowers_until_it_fits_and_spares_pinned_layers(tiny_model, fmnist, tiny_sim):
-    ctx = SearchContext("haq", tiny_model, fmnist, Budget(avg_wbits=4, act_bytes=3200), SearchOptions(
-        a_bits=[4, 8], val_samples=500), simulator=tiny_sim)
+    ctx = SearchContext(
+        "haq",
+        tiny_model,
+        fmnist,
+        Budget(avg_wbits=4, act_bytes=3200),
+        SearchOptions(a_bits=[4, 8], val_samples=500),
+        simulator=tiny_sim,
+    )
     names = ctx.layer_names
     ends = {(names[0], "w"), (names[-1], "w"), (names[0], "a"), (names[-1], "a")}
     w, a = ctx.uniform_bits(8), ctx.uniform_bits(8)

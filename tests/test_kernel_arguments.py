@@ -53,8 +53,7 @@ class Call:
     dilation: list = field(default_factory=lambda: [1, 1])
 
     def run(self) -> torch.Tensor:
-        common = (self.x, self.planes, self.qsum, self.scale, self.bias, self.k, self.a_scale, self.a_zp,
-                  self.a_qmax)
+        common = (self.x, self.planes, self.qsum, self.scale, self.bias, self.k, self.a_scale, self.a_zp, self.a_qmax)
         if self.kernel is None:
             return ops.lowbit_linear(*common)
         return ops.lowbit_conv2d(*common, self.kernel, self.stride, self.padding, self.dilation)
@@ -93,8 +92,7 @@ def _case(name: str) -> Case:
     elif name == "conv-implicit":  # one group, C % 4 == 0, 50 positions: the implicit GEMM on avx512vnni
         call, ref = _packed_call(x(2, 4, 5, 5), qw((8, 4, 3, 3), 4), 1, kernel=[3, 3], padding=[1, 1])
     elif name == "depthwise":
-        call, ref = _packed_call(x(2, 4, 5, 5), qw((4, 1, 3, 3), 2), 4, kernel=[3, 3], stride=[2, 2],
-                                 padding=[1, 1])
+        call, ref = _packed_call(x(2, 4, 5, 5), qw((4, 1, 3, 3), 2), 4, kernel=[3, 3], stride=[2, 2], padding=[1, 1])
     else:
         raise KeyError(name)
     return Case(call, ref)
@@ -186,13 +184,20 @@ def invalid_variants(case: Case) -> list[tuple[str, Call]]:
     add("planes non-contiguous", planes=_strided(c.planes))
     add("planes with 2^16 channels", planes=_resized(c.planes, 1, 1 << 16))
     g, n = c.qsum.shape
-    add("planes broadcast to 2^40 channels", planes=c.planes[:, :1].expand(g, HUGE, *c.planes.shape[2:]),
-        qsum=c.qsum[:, :1].expand(g, HUGE), scale=c.scale[:, :1].expand(g, HUGE),
-        bias=c.bias[:, :1].expand(g, HUGE))
+    add(
+        "planes broadcast to 2^40 channels",
+        planes=c.planes[:, :1].expand(g, HUGE, *c.planes.shape[2:]),
+        qsum=c.qsum[:, :1].expand(g, HUGE),
+        scale=c.scale[:, :1].expand(g, HUGE),
+        bias=c.bias[:, :1].expand(g, HUGE),
+    )
 
     # qsum, scale, bias: [G, N] of int64, float32, float32
-    for name, wrong in (("qsum", (torch.int32, torch.float32)), ("scale", (torch.float64, torch.float16, torch.int32)),
-                        ("bias", (torch.float64, torch.bfloat16, torch.int64))):
+    for name, wrong in (
+        ("qsum", (torch.int32, torch.float32)),
+        ("scale", (torch.float64, torch.float16, torch.int32)),
+        ("bias", (torch.float64, torch.bfloat16, torch.int64)),
+    ):
         t = getattr(c, name)
         for dim in (0, 1):
             for d in (-1, 1):
@@ -223,8 +228,14 @@ def invalid_variants(case: Case) -> list[tuple[str, Call]]:
             add(f"{name} of three values", **{name: [*v, v[0]]})
             add(f"{name} empty", **{name: []})
         for d in (0, 1):
-            for name, bad in (("kernel", 0), ("stride", 0), ("stride", -1), ("dilation", 0), ("padding", -1),
-                              ("kernel", -3)):
+            for name, bad in (
+                ("kernel", 0),
+                ("stride", 0),
+                ("stride", -1),
+                ("dilation", 0),
+                ("padding", -1),
+                ("kernel", -3),
+            ):
                 v = list(getattr(c, name))
                 v[d] = bad
                 add(f"{name}[{d}] = {bad}", **{name: v})
@@ -238,14 +249,29 @@ def invalid_variants(case: Case) -> list[tuple[str, Call]]:
         add("kernel product wrapping to k", kernel=_wrapping_kernel(c.k // (c.x.shape[1] // c.planes.shape[0])))
         # the same weights as one group of all output channels: k no longer matches the channels
         if c.planes.shape[0] > 1:
-            add("groups merged", planes=c.planes.reshape(1, -1, *c.planes.shape[2:]), qsum=c.qsum.reshape(1, -1),
-                scale=c.scale.reshape(1, -1), bias=c.bias.reshape(1, -1))
+            add(
+                "groups merged",
+                planes=c.planes.reshape(1, -1, *c.planes.shape[2:]),
+                qsum=c.qsum.reshape(1, -1),
+                scale=c.scale.reshape(1, -1),
+                bias=c.bias.reshape(1, -1),
+            )
         if c.planes.shape[0] == 1 and c.planes.shape[1] % 2 == 0:  # one group split in two
-            add("groups split", planes=c.planes.reshape(2, -1, *c.planes.shape[2:]), qsum=c.qsum.reshape(2, -1),
-                scale=c.scale.reshape(2, -1), bias=c.bias.reshape(2, -1))
+            add(
+                "groups split",
+                planes=c.planes.reshape(2, -1, *c.planes.shape[2:]),
+                qsum=c.qsum.reshape(2, -1),
+                scale=c.scale.reshape(2, -1),
+                bias=c.bias.reshape(2, -1),
+            )
     else:
-        add("linear with two groups", planes=c.planes.repeat(2, 1, 1, 1), qsum=c.qsum.repeat(2, 1),
-            scale=c.scale.repeat(2, 1), bias=c.bias.repeat(2, 1))
+        add(
+            "linear with two groups",
+            planes=c.planes.repeat(2, 1, 1, 1),
+            qsum=c.qsum.repeat(2, 1),
+            scale=c.scale.repeat(2, 1),
+            bias=c.bias.repeat(2, 1),
+        )
     return out
 
 
@@ -253,11 +279,12 @@ def valid_variants(case: Case) -> list[tuple[str, Call, torch.Tensor | None]]:
     """(label, call, expected output or None when only the shape is known) for changes that stay valid."""
     c = case.call
     conv = c.kernel is not None
-    out = [("float64 x", replace(c, x=c.x.double()), case.reference),
-           ("empty batch", replace(c, x=c.x[:0]), case.reference[:0])]
+    out = [
+        ("float64 x", replace(c, x=c.x.double()), case.reference),
+        ("empty batch", replace(c, x=c.x[:0]), case.reference[:0]),
+    ]
     if conv:
-        out.append(("channels-last x", replace(c, x=c.x.contiguous(memory_format=torch.channels_last)),
-                    case.reference))
+        out.append(("channels-last x", replace(c, x=c.x.contiguous(memory_format=torch.channels_last)), case.reference))
         out.append(("stride 2^62", replace(c, stride=[1 << 62, 1 << 62]), case.reference[:, :, :1, :1]))
     else:
         out.append(("non-contiguous x", replace(c, x=_strided(c.x)), case.reference))
@@ -324,23 +351,31 @@ def test_every_broken_argument_is_refused_on_every_isa(name, isas):
 
 def test_refusals_name_the_argument():
     c = _case("conv-grouped-gemm").call
-    cases = [(replace(c, qsum=_resized(c.qsum, 1, 3)), "qsum must be \\[G, N\\] = \\[2, 4\\]"),
-             (replace(c, scale=c.scale.double()), "scale must be Float, got Double"),
-             (replace(c, bias=_strided(c.bias)), "bias must be contiguous"),
-             (replace(c, planes=_resized(c.planes, 3, 9)), "bit count, 1..8, got 9"),
-             (replace(c, k=c.k + 1), "k must be C/groups \\* kh \\* kw = 27"),
-             (replace(c, a_scale=0.0), "a_scale"),
-             (replace(c, x=c.x.int()), "x must be a floating-point tensor"),
-             (replace(c, padding=[1 << 40, 1 << 40]), "overflows int64"),
-             (replace(c, x=c.x[:, :, :1, :1], padding=[0, 0]), "smaller than the kernel")]
+    cases = [
+        (replace(c, qsum=_resized(c.qsum, 1, 3)), "qsum must be \\[G, N\\] = \\[2, 4\\]"),
+        (replace(c, scale=c.scale.double()), "scale must be Float, got Double"),
+        (replace(c, bias=_strided(c.bias)), "bias must be contiguous"),
+        (replace(c, planes=_resized(c.planes, 3, 9)), "bit count, 1..8, got 9"),
+        (replace(c, k=c.k + 1), "k must be C/groups \\* kh \\* kw = 27"),
+        (replace(c, a_scale=0.0), "a_scale"),
+        (replace(c, x=c.x.int()), "x must be a floating-point tensor"),
+        (replace(c, padding=[1 << 40, 1 << 40]), "overflows int64"),
+        (replace(c, x=c.x[:, :, :1, :1], padding=[0, 0]), "smaller than the kernel"),
+    ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
             call.run()
 
 
 def _fake(call: Call, mode: FakeTensorMode) -> Call:
-    return replace(call, **{f.name: mode.from_tensor(getattr(call, f.name)) for f in fields(call)
-                            if isinstance(getattr(call, f.name), torch.Tensor)})
+    return replace(
+        call,
+        **{
+            f.name: mode.from_tensor(getattr(call, f.name))
+            for f in fields(call)
+            if isinstance(getattr(call, f.name), torch.Tensor)
+        },
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -391,10 +426,15 @@ def test_the_sweep_does_not_crash_a_fresh_process():
 
 # ---- random combinations against a plain statement of the layout ----
 
+
 def _expected_shape(c: Call) -> tuple[int, ...] | None:
     """The output shape of a call the layout allows, or None for a call the ops must refuse."""
-    for name, dtype in (("planes", torch.int64), ("qsum", torch.int64), ("scale", torch.float32),
-                        ("bias", torch.float32)):
+    for name, dtype in (
+        ("planes", torch.int64),
+        ("qsum", torch.int64),
+        ("scale", torch.float32),
+        ("bias", torch.float32),
+    ):
         t = getattr(c, name)
         if t.dtype != dtype or not t.is_contiguous():
             return None
@@ -473,8 +513,9 @@ def _calls(draw):
     return replace(c, **changes)
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=400, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(call=_calls())
 def test_random_arguments_are_refused_or_give_the_layout_shape_on_every_isa(call):
     expected = _expected_shape(call)

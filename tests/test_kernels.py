@@ -86,21 +86,31 @@ def test_gemm_path_equals_the_bit_plane_path_exactly(bits, isa_restored):
     for isa in isa_restored:
         ops.set_isa(isa)
         many = ops.lowbit_linear(x, p.planes, p.qsum, p.scale, bias, k, 3 / 255, 120, 255)
-        one_by_one = torch.cat([ops.lowbit_linear(x[i:i + 1], p.planes, p.qsum, p.scale, bias, k, 3 / 255, 120, 255)
-                                for i in range(m)])
+        one_by_one = torch.cat(
+            [ops.lowbit_linear(x[i : i + 1], p.planes, p.qsum, p.scale, bias, k, 3 / 255, 120, 255) for i in range(m)]
+        )
         assert torch.equal(many, one_by_one), (isa, ops.gemm_kernel())
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_conv_grouped_depthwise_strided_matches_float(bits, isa_restored):
     g = torch.Generator().manual_seed(100 + bits)
-    cases = [(1, 8, 9, 6, 1, 3, 1, 1, 1), (2, 8, 9, 8, 2, 3, 2, 1, 1), (1, 6, 7, 6, 6, 3, 1, 2, 2),
-             (3, 6, 8, 12, 6, 3, 1, 1, 1), (1, 4, 5, 1, 1, 1, 1, 0, 1), (2, 16, 20, 40, 1, 3, 1, 1, 1),
-             (2, 8, 9, 8, 8, 3, 2, 1, 1), (2, 8, 9, 16, 8, 3, 1, 1, 1),  # depthwise strided; multiplier 2
-             (2, 40, 6, 40, 40, 3, 1, 1, 1),  # depthwise over more than one block of 16 channels, with a tail
-             # one group, C % 4 == 0, many positions: the implicit GEMM (strided, dilated, unpadded, 1x1)
-             (2, 12, 11, 20, 1, 3, 2, 1, 1), (1, 8, 12, 70, 1, 3, 1, 2, 2), (3, 4, 9, 5, 1, 3, 1, 0, 1),
-             (2, 16, 7, 33, 1, 1, 1, 0, 1)]
+    cases = [
+        (1, 8, 9, 6, 1, 3, 1, 1, 1),
+        (2, 8, 9, 8, 2, 3, 2, 1, 1),
+        (1, 6, 7, 6, 6, 3, 1, 2, 2),
+        (3, 6, 8, 12, 6, 3, 1, 1, 1),
+        (1, 4, 5, 1, 1, 1, 1, 0, 1),
+        (2, 16, 20, 40, 1, 3, 1, 1, 1),
+        (2, 8, 9, 8, 8, 3, 2, 1, 1),
+        (2, 8, 9, 16, 8, 3, 1, 1, 1),  # depthwise strided; multiplier 2
+        (2, 40, 6, 40, 40, 3, 1, 1, 1),  # depthwise over more than one block of 16 channels, with a tail
+        # one group, C % 4 == 0, many positions: the implicit GEMM (strided, dilated, unpadded, 1x1)
+        (2, 12, 11, 20, 1, 3, 2, 1, 1),
+        (1, 8, 12, 70, 1, 3, 1, 2, 2),
+        (3, 4, 9, 5, 1, 3, 1, 0, 1),
+        (2, 16, 7, 33, 1, 1, 1, 0, 1),
+    ]
     for b, c, h, co, groups, k, s, pad, d in cases:
         qw = _qw((co, c // groups, k, k), bits, c + co + k)
         p = packing.pack(qw, groups)
@@ -110,11 +120,27 @@ def test_conv_grouped_depthwise_strided_matches_float(bits, isa_restored):
         outs = []
         for isa in isa_restored:
             ops.set_isa(isa)
-            outs.append(ops.lowbit_conv2d(x, p.planes, p.qsum, p.scale, bias.reshape(groups, -1), p.k, scale, zp,
-                                          255, [k, k], [s, s], [pad, pad], [d, d]))
+            outs.append(
+                ops.lowbit_conv2d(
+                    x,
+                    p.planes,
+                    p.qsum,
+                    p.scale,
+                    bias.reshape(groups, -1),
+                    p.k,
+                    scale,
+                    zp,
+                    255,
+                    [k, k],
+                    [s, s],
+                    [pad, pad],
+                    [d, d],
+                )
+            )
         assert all(torch.equal(o, outs[0]) for o in outs)
-        ref = F.conv2d(torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255), qw.dequantize(), bias, s, pad, d,
-                       groups)
+        ref = F.conv2d(
+            torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255), qw.dequantize(), bias, s, pad, d, groups
+        )
         assert outs[0].shape == ref.shape
         assert torch.allclose(outs[0], ref, rtol=1e-4, atol=1e-3 * ref.abs().max().item())
 
@@ -140,13 +166,29 @@ def test_opcheck_passes_for_both_ops():
     qw = _qw((6, 40), 3, 0)
     p = packing.pack(qw)
     x = torch.randn(2, 40)
-    torch.library.opcheck(torch.ops.bitsearch.lowbit_linear.default,
-                          (x, p.planes, p.qsum, p.scale, torch.zeros(1, 6), 40, 0.05, 100, 255))
+    torch.library.opcheck(
+        torch.ops.bitsearch.lowbit_linear.default, (x, p.planes, p.qsum, p.scale, torch.zeros(1, 6), 40, 0.05, 100, 255)
+    )
     cw = _qw((4, 2, 3, 3), 4, 1)
     cp = packing.pack(cw, 2)
-    torch.library.opcheck(torch.ops.bitsearch.lowbit_conv2d.default,
-                          (torch.randn(1, 4, 6, 6), cp.planes, cp.qsum, cp.scale, torch.zeros(2, 2), cp.k, 0.05, 100,
-                           255, [3, 3], [1, 1], [1, 1], [1, 1]))
+    torch.library.opcheck(
+        torch.ops.bitsearch.lowbit_conv2d.default,
+        (
+            torch.randn(1, 4, 6, 6),
+            cp.planes,
+            cp.qsum,
+            cp.scale,
+            torch.zeros(2, 2),
+            cp.k,
+            0.05,
+            100,
+            255,
+            [3, 3],
+            [1, 1],
+            [1, 1],
+            [1, 1],
+        ),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +197,9 @@ def fmnist_small():
 
 
 def test_lowered_model_survives_export_and_loads_without_the_original(tmp_path, tiny_model, fmnist_small):
-    config = QuantConfig.from_bits(tiny_model, {l.name: 3 for l in tiny_model.layers},
-                                   {l.name: 8 for l in tiny_model.layers})
+    config = QuantConfig.from_bits(
+        tiny_model, {l.name: 3 for l in tiny_model.layers}, {l.name: 8 for l in tiny_model.layers}
+    )
     packed = lower(tiny_model, config, fmnist_small.calib.inputs)
     x = fmnist_small.val.inputs[:50]
     ep = packed.export()
@@ -236,12 +279,23 @@ def test_validate_matches_the_simulation_on_every_reference_model(name, fmnist_s
     model = load_model(reference_model(name))
     test = fmnist_small.test.subset(slice(0, 1000))
     g = torch.Generator().manual_seed(0)
-    mixed = QuantConfig.from_bits(model, {l.name: int(torch.randint(2, 9, (1,), generator=g)) for l in model.layers},
-                                  {l.name: 8 for l in model.layers})
+    mixed = QuantConfig.from_bits(
+        model,
+        {l.name: int(torch.randint(2, 9, (1,), generator=g)) for l in model.layers},
+        {l.name: 8 for l in model.layers},
+    )
     sim = Simulator(model, fmnist_small.calib.inputs)
     for config in (QuantConfig.uniform(model, 8, 8), mixed):
-        r = validate(model, config, test.inputs, test.labels, fmnist_small.calib.inputs, batch_sizes=(1,), repeats=2,
-                     simulator=sim)
+        r = validate(
+            model,
+            config,
+            test.inputs,
+            test.labels,
+            fmnist_small.calib.inputs,
+            batch_sizes=(1,),
+            repeats=2,
+            simulator=sim,
+        )
         assert abs(r.top1 - r.sim_top1) <= 0.001, (name, r)
         assert r.agreement >= 0.995 and r.kernel_layers == r.layers
         assert r.packed_bytes > r.buffer_bytes > 0 and r.latency_us[1] > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -27,8 +28,13 @@ def stack(tmp_path_factory):
 
 def submit(stack, method, budget, options=SMALL, model=RESNET, **form):
     with stack.client() as c:
-        fields = {"method": method, "budget": json.dumps(budget), "options": json.dumps(options),
-                  "data_name": "fashion-mnist", **{k: str(v).lower() for k, v in form.items()}}
+        fields = {
+            "method": method,
+            "budget": json.dumps(budget),
+            "options": json.dumps(options),
+            "data_name": "fashion-mnist",
+            **{k: str(v).lower() for k, v in form.items()},
+        }
         r = c.post("/jobs", data=fields, files={"model": (Path(model).name, Path(model).read_bytes())})
     assert r.status_code == 202, r.text
     return r.json()
@@ -41,8 +47,10 @@ def jobs(stack):
     public = submit(stack, "uniform", {"avg_wbits": 8}, public=True)
     private = submit(stack, "random", {"avg_wbits": 6}, {**SMALL, "params": {"count": 12}})
     failing = submit(stack, "uniform", {"latency_us": 1})
-    done = {name: stack.wait_job(j["id"], timeout=600)
-            for name, j in (("public", public), ("private", private), ("failed", failing))}
+    done = {
+        name: stack.wait_job(j["id"], timeout=600)
+        for name, j in (("public", public), ("private", private), ("failed", failing))
+    }
     assert done["public"]["status"] == done["private"]["status"] == "succeeded", done
     assert done["failed"]["status"] == "failed" and done["failed"]["error"], done["failed"]
     return done
@@ -54,10 +62,16 @@ def _browser(width: int = 1400, height: int = 900):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={width},{height}",
-                # No internet: every host name but the test server's address fails to resolve.
-                "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1", "--lang=en-US"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+        # No internet: every host name but the test server's address fails to resolve.
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--lang=en-US",
+    ):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
     driver.set_window_size(width, height)
@@ -100,7 +114,8 @@ def test_api_docs_render_without_internet(stack, browser, path, rendered):
     browser.get(stack.url + path)
     _wait(browser, lambda d: len(_css(d, rendered)) >= 5)
     entries = browser.execute_script(
-        "return performance.getEntriesByType('resource').map(e => [e.name, e.transferSize, e.responseStatus])")
+        "return performance.getEntriesByType('resource').map(e => [e.name, e.transferSize, e.responseStatus])"
+    )
     assert any(name.endswith("/openapi.json") for name, *_ in entries)
     outside = [e for e in entries if not e[0].startswith(stack.url + "/")]
     # ReDoc's bundle asks for its logo from a CDN; the page's content security policy must have blocked it.
@@ -117,8 +132,9 @@ def test_leaderboard_without_a_key_says_only_public_jobs_are_shown(stack, jobs, 
     _wait(browser, lambda d: _css(d, "table.board tbody tr"))
     notice = _css(browser, "#public-only")[0].text
     assert "only public jobs are shown" in notice and "API key" in notice and "#key=" in notice
-    assert {a.get_attribute("href").rsplit("/", 1)[-1] for a in _css(browser, "table.board td a[href*='/jobs/']")} \
-        == {jobs["public"]["id"]}
+    assert {a.get_attribute("href").rsplit("/", 1)[-1] for a in _css(browser, "table.board td a[href*='/jobs/']")} == {
+        jobs["public"]["id"]
+    }
     _css(browser, "#public-only button")[0].click()
     assert browser.execute_script("return document.activeElement.id") == "key-input"
     # With a key, the notice goes and the owner's private job appears.
@@ -126,7 +142,8 @@ def test_leaderboard_without_a_key_says_only_public_jobs_are_shown(stack, jobs, 
     _wait(browser, lambda d: _css(d, "table.board tbody tr"))
     assert not _css(browser, "#public-only")
     assert {jobs["public"]["id"], jobs["private"]["id"]} <= {
-        a.get_attribute("href").rsplit("/", 1)[-1] for a in _css(browser, "table.board td a[href*='/jobs/']")}
+        a.get_attribute("href").rsplit("/", 1)[-1] for a in _css(browser, "table.board td a[href*='/jobs/']")
+    }
 
 
 def test_job_page_without_a_key_asks_for_one(stack, jobs, browser):
@@ -162,23 +179,29 @@ def _is_nice(values: list[float]) -> bool:
     steps = [b - a for a, b in zip(values, values[1:])]
     step = steps[0]
     mantissa = step / 10 ** math.floor(math.log10(step) + 1e-9)
-    return (all(math.isclose(s, step, rel_tol=1e-6) for s in steps)
-            and any(math.isclose(mantissa, m, rel_tol=1e-6) for m in (1, 2, 5))
-            and all(math.isclose(v / step, round(v / step), abs_tol=1e-6) for v in values))
+    return (
+        all(math.isclose(s, step, rel_tol=1e-6) for s in steps)
+        and any(math.isclose(mantissa, m, rel_tol=1e-6) for m in (1, 2, 5))
+        and all(math.isclose(v / step, round(v / step), abs_tol=1e-6) for v in values)
+    )
 
 
 # Everything in the chart that lies outside it, tick labels that touch a marker, and markers outside the axes.
 CHART_PROBLEMS = """
 const svg = document.querySelector('svg.chart'), box = svg.getBoundingClientRect();
-const inside = (b, o) => b.left >= o.left - 0.5 && b.right <= o.right + 0.5 && b.top >= o.top - 0.5 && b.bottom <= o.bottom + 0.5;
+const inside = (b, o) => b.left >= o.left - 0.5 && b.right <= o.right + 0.5
+  && b.top >= o.top - 0.5 && b.bottom <= o.bottom + 0.5;
 const meet = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
 const texts = [...svg.querySelectorAll('text')], labels = [...svg.querySelectorAll('text.tick')];
 const points = [...svg.querySelectorAll('.point')];
-const xAxis = svg.querySelector('line.axis.x').getBoundingClientRect(), yAxis = svg.querySelector('line.axis.y').getBoundingClientRect();
+const xAxis = svg.querySelector('line.axis.x').getBoundingClientRect();
+const yAxis = svg.querySelector('line.axis.y').getBoundingClientRect();
 return {
   outside: texts.filter(t => !inside(t.getBoundingClientRect(), box)).map(t => t.textContent),
   touching: points.filter(p => labels.some(l => meet(p.getBoundingClientRect(), l.getBoundingClientRect()))).length,
-  offAxes: points.filter(p => { const b = p.getBoundingClientRect(); return b.left < yAxis.right || b.bottom > xAxis.top; }).length,
+  offAxes: points.filter(p => {
+    const b = p.getBoundingClientRect(); return b.left < yAxis.right || b.bottom > xAxis.top;
+  }).length,
 };
 """
 
@@ -195,7 +218,8 @@ def test_leaderboard_chart_and_table_fit(stack, jobs):
 
         # One marker shape per method, a legend naming each, and the front drawn over the rest.
         shapes = driver.execute_script("""const s = {}; for (const p of document.querySelectorAll('svg.chart .point'))
-            (s[p.dataset.method] = s[p.dataset.method] || new Set()).add(p.getAttribute('d').replace(/[-0-9.\\s]+/g, ''));
+            (s[p.dataset.method] = s[p.dataset.method] || new Set())
+                .add(p.getAttribute('d').replace(/[-0-9.\\s]+/g, ''));
             return Object.fromEntries(Object.entries(s).map(([m, v]) => [m, [...v]]));""")
         assert set(shapes) == {"uniform", "random"} and all(len(v) == 1 for v in shapes.values())
         assert shapes["uniform"] != shapes["random"]
@@ -205,9 +229,11 @@ def test_leaderboard_chart_and_table_fit(stack, jobs):
         assert any(front) and front == sorted(front)
 
         # The table fits the window; bold rows are explained; no row claims a validation that will not come.
-        assert driver.execute_script("const w = document.querySelector('.table-wrap');"
-                                     "return w.scrollWidth <= w.clientWidth"
-                                     " && document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        assert driver.execute_script(
+            "const w = document.querySelector('.table-wrap');"
+            "return w.scrollWidth <= w.clientWidth"
+            " && document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        )
         assert "Bold rows: on the accuracy-vs-size Pareto front" in _css(driver, ".table-note")[0].text
         statuses = {td.text for td in _css(driver, "table.board tbody tr td:nth-child(3)")}
         assert statuses == {"not selected for validation"}, statuses
@@ -223,20 +249,21 @@ def test_leaderboard_chart_and_table_fit(stack, jobs):
         _wait(driver, lambda d: _css(d, "svg.chart .point"))
         assert driver.execute_script(CHART_PROBLEMS)["outside"] == []
         # Narrow windows scroll the table in its own box, not the page.
-        assert driver.execute_script("return document.documentElement.scrollWidth"
-                                     " <= document.documentElement.clientWidth")
+        assert driver.execute_script(
+            "return document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        )
         driver.save_screenshot(str(ARTIFACTS / "leaderboard-560.png"))
     finally:
         driver.quit()
 
 
 def test_validation_states_say_why_a_candidate_has_no_validation():
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
     from api.routes.leaderboard import QUEUEING_GRACE_S, _validation_states
     from store.models import CandidateRecord, Job, ValidationRecord
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     def front(top_k, finished_ago_s, records=()):
         job = Job(validate_top_k=top_k, finished_at=now - timedelta(seconds=finished_ago_s))

@@ -51,14 +51,14 @@ def test_mse_clipping_never_loses_to_max(gaussian, bits):
 def test_power_of_two_levels():
     assert weight_levels(2, "pot").tolist() == [-1.0, 0.0, 1.0]
     assert weight_levels(3, "pot").tolist() == [-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0]
-    assert len(weight_levels(4, "pot")) == 15 and float(weight_levels(4, "pot")[8]) == 2.0 ** -6
+    assert len(weight_levels(4, "pot")) == 15 and float(weight_levels(4, "pot")[8]) == 2.0**-6
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
 @pytest.mark.parametrize("scheme", ["pot", "apot"])
 def test_codebook_schemes(gaussian, bits, scheme):
     levels = weight_levels(bits, scheme)
-    assert len(levels) <= 2 ** bits and float(levels.max()) == 1.0 and torch.equal(levels, -levels.flip(0))
+    assert len(levels) <= 2**bits and float(levels.max()) == 1.0 and torch.equal(levels, -levels.flip(0))
     q = quantize_weight(gaussian, bits, scheme)
     assert q.codebook is not None and int(q.codes.max()) < len(levels)
     assert torch.equal(q.codebook, levels)
@@ -119,7 +119,7 @@ def test_signed_tensors_use_an_affine_map(bits):
     r = calibrate_range(_stats(x), bits, "minmax")
     assert r.lo < 0 < r.hi and 0 < r.zero_point < r.qmax
     xq = fake_quantize_activation(x, r)
-    assert len(xq.unique()) <= 2 ** bits
+    assert len(xq.unique()) <= 2**bits
     assert (xq - x).abs().max() <= r.scale / 2 + 1e-5  # no clipping with min-max
 
 

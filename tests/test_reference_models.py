@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import MODELS, reference_model
+
 from search.config import QuantConfig
 from search.model import load_model
 from search.simulate import Simulator

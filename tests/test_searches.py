@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import reference_model
+
 from search.cost import Budget, BudgetError
 from search.searches import SearchContext, SearchError, SearchOptions, run_search
 from search.searches.sqnr import _solve_analytic, measure_noise, solve_exact
@@ -62,14 +62,17 @@ def test_searches_beat_uniform_at_the_same_budget(tiny_model, fmnist, tiny_sim):
         assert _run(method_key, tiny_model, fmnist, tiny_sim, budget).recommended.val_top1 > uniform, method_key
 
 
-@pytest.mark.parametrize("method,params,bitops,avg_wbits", [
-    ("sqnr", {"sweep_points": 2}, 4_000_000, None),
-    ("haq", {"episodes": 12, "warmup": 4, "reward_samples": 256}, 4_000_000, None),
-    # imprinting never lowers the first and last layer: at 8/8 bits they alone cost 3.6 M BitOPs here
-    ("imprinting", {"variant": "noise_aware", "patience": 4}, 6_000_000, None),
-    # avg_wbits is the budget's main metric but BitOPs is the limit that binds
-    ("imprinting", {"variant": "noise_aware", "patience": 4}, 6_000_000, 7.0),
-])
+@pytest.mark.parametrize(
+    "method,params,bitops,avg_wbits",
+    [
+        ("sqnr", {"sweep_points": 2}, 4_000_000, None),
+        ("haq", {"episodes": 12, "warmup": 4, "reward_samples": 256}, 4_000_000, None),
+        # imprinting never lowers the first and last layer: at 8/8 bits they alone cost 3.6 M BitOPs here
+        ("imprinting", {"variant": "noise_aware", "patience": 4}, 6_000_000, None),
+        # avg_wbits is the budget's main metric but BitOPs is the limit that binds
+        ("imprinting", {"variant": "noise_aware", "patience": 4}, 6_000_000, 7.0),
+    ],
+)
 def test_activation_bits_can_be_searched(method, params, bitops, avg_wbits, tiny_model, fmnist, tiny_sim):
     options = SearchOptions(a_bits=[4, 6, 8], val_samples=500, params=params)
     budget = Budget(bitops=bitops, avg_wbits=avg_wbits)
@@ -84,10 +87,12 @@ def test_haq_episodes_can_be_scored_through_an_executor(tiny_model, fmnist, tiny
 
     from search.searches.haq import haq_search
 
-    options = SearchOptions(val_samples=500, params={"episodes": 8, "warmup": 4, "batch_episodes": 4,
-                                                     "reward_samples": 256})
+    options = SearchOptions(
+        val_samples=500, params={"episodes": 8, "warmup": 4, "batch_episodes": 4, "reward_samples": 256}
+    )
     calls = []
     with ThreadPoolExecutor(max_workers=1) as pool:
+
         def tracked_map(fn, items):
             items = list(items)
             calls.append(len(items))
@@ -106,27 +111,36 @@ def test_infeasible_budget_fails_before_the_search(tiny_model, fmnist, tiny_sim)
 def test_unknown_method_and_bad_options_are_refused(tiny_model, fmnist, tiny_sim):
     with pytest.raises(SearchError, match="unknown search method 'annealing'"):
         run_search("annealing", tiny_model, fmnist, Budget(avg_wbits=4), simulator=tiny_sim)
-    for params, message in [({"mode": "greedy"}, "sqnr option mode: Input should be 'exact' or 'analytic'"),
-                            ({"propagation_samples": 0}, "sqnr option propagation_samples: .*greater than or equal to 1"),
-                            ({"propagation": "x"}, "sqnr option propagation: Input should be 'features', 'measured'"),
-                            ({"relinearise": 3}, "unknown sqnr option.*'relinearise'; sqnr takes: .*relinearize"),
-                            ({"output_weight": "2"}, "sqnr option output_weight: Input should be a valid number")]:
+    for params, message in [
+        ({"mode": "greedy"}, "sqnr option mode: Input should be 'exact' or 'analytic'"),
+        ({"propagation_samples": 0}, "sqnr option propagation_samples: .*greater than or equal to 1"),
+        ({"propagation": "x"}, "sqnr option propagation: Input should be 'features', 'measured'"),
+        ({"relinearise": 3}, "unknown sqnr option.*'relinearise'; sqnr takes: .*relinearize"),
+        ({"output_weight": "2"}, "sqnr option output_weight: Input should be a valid number"),
+    ]:
         with pytest.raises(SearchError, match=message):
-            run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params=params),
-                       simulator=tiny_sim)
-    for method, params in [("haq", {"episode": 10}), ("imprinting", {"patients": 3}), ("uniform", {"count": 3}),
-                           ("random", {"counts": 3})]:
+            run_search(
+                "sqnr", tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params=params), simulator=tiny_sim
+            )
+    for method, params in [
+        ("haq", {"episode": 10}),
+        ("imprinting", {"patients": 3}),
+        ("uniform", {"count": 3}),
+        ("random", {"counts": 3}),
+    ]:
         with pytest.raises(SearchError, match=f"unknown {method} option"):
-            run_search(method, tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params=params),
-                       simulator=tiny_sim)
+            run_search(
+                method, tiny_model, fmnist, Budget(avg_wbits=4), SearchOptions(params=params), simulator=tiny_sim
+            )
     with pytest.raises(ValueError, match="w_bits choices"):
         SearchOptions(w_bits=[0, 4])
 
 
 @pytest.mark.parametrize("avg_wbits", [2.25, 2.5, 3.0, 4.0, 6.0])
 def test_exact_sqnr_never_models_less_output_sqnr_than_analytic(avg_wbits, tiny_model, fmnist, tiny_sim):
-    ctx = SearchContext("sqnr", tiny_model, fmnist, Budget(avg_wbits=avg_wbits), SearchOptions(val_samples=500),
-                        simulator=tiny_sim)
+    ctx = SearchContext(
+        "sqnr", tiny_model, fmnist, Budget(avg_wbits=avg_wbits), SearchOptions(val_samples=500), simulator=tiny_sim
+    )
     noise = measure_noise(ctx)
     limits = ctx.budget.limits()
     exact, analytic = solve_exact(ctx, noise, limits), _solve_analytic(ctx, noise, limits)
@@ -139,8 +153,14 @@ def test_sqnr_damage_table_matches_a_whole_forward(tiny_model, fmnist, tiny_sim)
     equal what running the whole network under each config gives."""
     from search.searches.sqnr import _nmse, measure_damage
 
-    ctx = SearchContext("sqnr", tiny_model, fmnist, Budget(avg_wbits=3), SearchOptions(w_bits=[2, 3], val_samples=500),
-                        simulator=tiny_sim)
+    ctx = SearchContext(
+        "sqnr",
+        tiny_model,
+        fmnist,
+        Budget(avg_wbits=3),
+        SearchOptions(w_bits=[2, 3], val_samples=500),
+        simulator=tiny_sim,
+    )
     names = ctx.layer_names
     base_w, base_a = ctx.uniform_bits(3), ctx.uniform_bits(8)
     table = measure_damage(ctx, base_w, base_a)
@@ -193,8 +213,14 @@ def test_imprinting_accuracy_rises_with_depth_and_ends_near_the_true_accuracy(fm
     from search.data import fashion_mnist_splits
 
     splits = fashion_mnist_splits(calib_size=1024)
-    ctx = SearchContext("imprinting", model, splits, Budget(avg_wbits=8), SearchOptions(val_samples=100),
-                        simulator=Simulator(model, splits.calib.inputs))
+    ctx = SearchContext(
+        "imprinting",
+        model,
+        splits,
+        Budget(avg_wbits=8),
+        SearchOptions(val_samples=100),
+        simulator=Simulator(model, splits.calib.inputs),
+    )
     ctx.sim.apply(QuantConfig.uniform(model, 8, 8))
     acc = LayerAccuracy(ctx, 256).update(None)
     assert spearmanr(range(len(acc)), acc).statistic > 0.8, acc

@@ -26,17 +26,28 @@ QUICK = {"val_samples": 200, "calib_size": 128, "validate_top_k": 0}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("secure"), backend="postgres", heartbeat_s=1, stale_after_s=10,
-              max_layers=64, max_model_bytes=4 * 2**20, max_dataset_bytes=4 * 2**20, max_request_bytes=10 * 2**20)
+    s = Stack(
+        tmp_path_factory.mktemp("secure"),
+        backend="postgres",
+        heartbeat_s=1,
+        stale_after_s=10,
+        max_layers=64,
+        max_model_bytes=4 * 2**20,
+        max_dataset_bytes=4 * 2**20,
+        max_request_bytes=10 * 2**20,
+    )
     s.start(workers=1)
     yield s
     s.stop()
 
 
-def post_job(client, model: Path | None = RESNET, budget=None, options=None, method="uniform", data=None,
-             **form):
-    fields = {"method": method, "budget": json.dumps(budget or {"avg_wbits": 4}),
-              "options": options if isinstance(options, str) else json.dumps(options or QUICK), **form}
+def post_job(client, model: Path | None = RESNET, budget=None, options=None, method="uniform", data=None, **form):
+    fields = {
+        "method": method,
+        "budget": json.dumps(budget or {"avg_wbits": 4}),
+        "options": options if isinstance(options, str) else json.dumps(options or QUICK),
+        **form,
+    }
     files = {}
     if model is not None:
         files["model"] = (model.name, model.read_bytes(), "application/zip")
@@ -57,6 +68,7 @@ def all_files(stack) -> set[str]:
 
 
 # -- hostile uploads --------------------------------------------------------------------------------------------
+
 
 def test_hostile_archives_are_refused_and_never_run(stack, tmp_path, tiny_model_path):
     marker = tmp_path / "pwned"
@@ -120,13 +132,22 @@ def test_hostile_data_sets_budgets_and_options_get_clear_4xx(stack, tmp_path):
         return path
 
     cases = [
-        (dataset("shape", inputs=torch.randn(4, 1, 20, 20), labels=torch.zeros(4, dtype=torch.long)), 422,
-         "[1, 20, 20]"),
-        (dataset("dtype", inputs=torch.randn(4, 1, 28, 28).double(), labels=torch.zeros(4, dtype=torch.long)), 400,
-         "float32"),
+        (
+            dataset("shape", inputs=torch.randn(4, 1, 20, 20), labels=torch.zeros(4, dtype=torch.long)),
+            422,
+            "[1, 20, 20]",
+        ),
+        (
+            dataset("dtype", inputs=torch.randn(4, 1, 28, 28).double(), labels=torch.zeros(4, dtype=torch.long)),
+            400,
+            "float32",
+        ),
         (dataset("labels_dtype", inputs=torch.randn(4, 1, 28, 28), labels=torch.zeros(4)), 400, "int64"),
-        (dataset("labels_range", inputs=torch.randn(4, 1, 28, 28), labels=torch.tensor([0, 1, 2, 50])), 422,
-         "labels up to 50"),
+        (
+            dataset("labels_range", inputs=torch.randn(4, 1, 28, 28), labels=torch.tensor([0, 1, 2, 50])),
+            422,
+            "labels up to 50",
+        ),
         (dataset("negative", inputs=torch.randn(4, 1, 28, 28), labels=torch.tensor([0, -1, 2, 3])), 400, "negative"),
         (dataset("nan", inputs=torch.full((4, 1, 28, 28), math.nan)), 400, "NaN"),
         (dataset("extra", inputs=torch.randn(4, 1, 28, 28), secret=torch.zeros(1)), 400, "unexpected tensors"),
@@ -138,15 +159,25 @@ def test_hostile_data_sets_budgets_and_options_get_clear_4xx(stack, tmp_path):
         for path, status, words in cases:
             r = post_job(c, data=path)
             assert r.status_code == status and words in r.json()["detail"], (path.name, r.status_code, r.text)
-        for budget, words in [({"avg_wbits": -2}, "avg_wbits"), ({"weight_bytes": 1e300}, "weight_bytes"),
-                              ({"bitops": "lots"}, "number"), ({"speed": 3}, "unknown metric"),
-                              ([3], "JSON object")]:
+        for budget, words in [
+            ({"avg_wbits": -2}, "avg_wbits"),
+            ({"weight_bytes": 1e300}, "weight_bytes"),
+            ({"bitops": "lots"}, "number"),
+            ({"speed": 3}, "unknown metric"),
+            ([3], "JSON object"),
+        ]:
             r = post_job(c, budget=budget)
             assert r.status_code == 400 and words in r.json()["detail"], (budget, r.text)
-        for options, words in [({"seed": "x"}, "seed"), ({"w_bits": [0, 9]}, "w_bits"), ({"a_bits": [1]}, "a_bits"),
-                               ({"calib_size": -5}, "calib_size"), ({"colour": "red"}, "colour"),
-                               ("[1, 2]", "JSON object"), ("{not json", "not JSON"),
-                               ({"params": "fast"}, "params")]:
+        for options, words in [
+            ({"seed": "x"}, "seed"),
+            ({"w_bits": [0, 9]}, "w_bits"),
+            ({"a_bits": [1]}, "a_bits"),
+            ({"calib_size": -5}, "calib_size"),
+            ({"colour": "red"}, "colour"),
+            ("[1, 2]", "JSON object"),
+            ("{not json", "not JSON"),
+            ({"params": "fast"}, "params"),
+        ]:
             r = post_job(c, options=options)
             assert r.status_code == 400 and words in r.json()["detail"], (options, r.text)
         r = c.post("/jobs", content=b"{}", headers={"content-type": "application/json"})
@@ -156,6 +187,7 @@ def test_hostile_data_sets_budgets_and_options_get_clear_4xx(stack, tmp_path):
 
 
 # -- access control -----------------------------------------------------------------------------------------------
+
 
 def test_keys_are_required_and_hashed_at_rest(stack):
     with stack.client(None) as anon:
@@ -182,9 +214,14 @@ def test_other_owners_get_404_until_the_job_is_public(stack):
         cand = alice.get(f"/jobs/{job_id}/candidates").json()[0]["id"]
         assert alice.get(f"/candidates/{cand}/config").status_code == 200
 
-        hidden = [("GET", f"/jobs/{job_id}"), ("GET", f"/jobs/{job_id}/candidates"), ("GET", f"/candidates/{cand}"),
-                  ("GET", f"/candidates/{cand}/config"), ("GET", f"/candidates/{cand}/packed"),
-                  ("POST", f"/jobs/{job_id}/cancel")]
+        hidden = [
+            ("GET", f"/jobs/{job_id}"),
+            ("GET", f"/jobs/{job_id}/candidates"),
+            ("GET", f"/candidates/{cand}"),
+            ("GET", f"/candidates/{cand}/config"),
+            ("GET", f"/candidates/{cand}/packed"),
+            ("POST", f"/jobs/{job_id}/cancel"),
+        ]
         for client in (bob, anon):
             for verb, path in hidden:
                 r = client.request(verb, path)
@@ -207,6 +244,7 @@ def test_other_owners_get_404_until_the_job_is_public(stack):
 
 # -- fuzzing ---------------------------------------------------------------------------------------------------------
 
+
 def test_fuzzed_requests_never_get_a_server_error(stack):
     """Every operation of the OpenAPI schema, with bounded generated requests (schemathesis + hypothesis)."""
     from hypothesis import given
@@ -216,9 +254,11 @@ def test_fuzzed_requests_never_get_a_server_error(stack):
     operations = [result.ok() for result in api.get_all_operations()]
     assert len(operations) >= 12
     for operation in operations:
+
         @given(case=operation.as_strategy())
-        @settings(max_examples=12, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
+        @settings(
+            max_examples=12, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+        )
         def fuzz(case):
             case.call_and_validate(headers=headers, checks=[schemathesis.checks.not_a_server_error])
 
@@ -229,9 +269,17 @@ def test_fuzzed_requests_never_get_a_server_error(stack):
 
 # -- limits ------------------------------------------------------------------------------------------------------------
 
+
 def test_rate_limit_active_jobs_and_time_limit(tmp_path):
-    s = Stack(tmp_path / "limits", backend="postgres", rate_limit_per_s=5, rate_limit_burst=10, max_active_jobs=1,
-              task_time_limit_s=2, heartbeat_s=1)
+    s = Stack(
+        tmp_path / "limits",
+        backend="postgres",
+        rate_limit_per_s=5,
+        rate_limit_burst=10,
+        max_active_jobs=1,
+        task_time_limit_s=2,
+        heartbeat_s=1,
+    )
     s.start(workers=1)
     try:
         with s.client("alice") as alice:
@@ -264,8 +312,12 @@ def test_a_search_over_the_memory_limit_fails_with_that_reason(tmp_path):
     try:
         with s.client("alice") as alice:
             # Imprinting keeps every layer's activations for the calibration images: far over 1.3 GB here.
-            r = post_job(alice, method="imprinting", budget={"avg_wbits": 3},
-                         options={**QUICK, "calib_size": 4096, "val_samples": 2000})
+            r = post_job(
+                alice,
+                method="imprinting",
+                budget={"avg_wbits": 3},
+                options={**QUICK, "calib_size": 4096, "val_samples": 2000},
+            )
             assert r.status_code == 202, r.text
             job = s.wait_job(r.json()["id"], timeout=300)
         assert job["status"] == "failed" and "out of memory (limit 1300 MB" in job["error"], job

@@ -23,9 +23,16 @@ FAST = {"val_samples": 500, "calib_size": 256, "validate_top_k": 1}
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("stack"), backend="postgres", heartbeat_s=1, stale_after_s=6,
-              max_model_bytes=4 * 2**20, max_dataset_bytes=4 * 2**20, max_request_bytes=12 * 2**20,
-              validate_samples=1000)
+    s = Stack(
+        tmp_path_factory.mktemp("stack"),
+        backend="postgres",
+        heartbeat_s=1,
+        stale_after_s=6,
+        max_model_bytes=4 * 2**20,
+        max_dataset_bytes=4 * 2**20,
+        max_request_bytes=12 * 2**20,
+        validate_samples=1000,
+    )
     s.start(workers=1)
     yield s
     s.stop()
@@ -57,9 +64,14 @@ def finished_jobs(stack):
     sqnr = submit(stack, "sqnr", {"avg_wbits": 3})
     assert sqnr.status_code == 202, sqnr.text
     assert sqnr.headers["location"] == f"/jobs/{sqnr.json()['id']}"
-    imprinting = submit(stack, "imprinting", {"avg_wbits": 3},
-                        {**FAST, "params": {"patience": 3, "validate_top": 2, "curve_points": 3}},
-                        model=None, model_id=sqnr.json()["model_id"])
+    imprinting = submit(
+        stack,
+        "imprinting",
+        {"avg_wbits": 3},
+        {**FAST, "params": {"patience": 3, "validate_top": 2, "curve_points": 3}},
+        model=None,
+        model_id=sqnr.json()["model_id"],
+    )
     assert imprinting.status_code == 202, imprinting.text
     # Identical uploads are stored once and reusable by id.
     assert imprinting.json()["model_id"] == sqnr.json()["model_id"]
@@ -113,7 +125,11 @@ def test_pareto_candidates_are_validated_on_the_kernels(stack, finished_jobs, tm
         v = validated[0]["validation"]
         assert v["status"] == "succeeded", v
         assert v["samples"] == 1000 and v["agreement"] >= 0.995 and abs(v["top1"] - v["sim_top1"]) <= 0.002
-        assert v["packed_bytes"] > 0 and v["latency_us"]["1"] > 0 and v["isa"] in ("scalar", "avx2", "avx512", "avx512vnni")
+        assert (
+            v["packed_bytes"] > 0
+            and v["latency_us"]["1"] > 0
+            and v["isa"] in ("scalar", "avx2", "avx512", "avx512vnni")
+        )
         resp = c.get(f"/candidates/{validated[0]['id']}/packed")
         assert resp.status_code == 200
         (tmp_path / "packed.zip").write_bytes(resp.content)
@@ -144,7 +160,13 @@ def _browser():
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1100"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1400,1100",
+    ):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 
@@ -237,8 +259,7 @@ def test_bad_requests_get_clear_4xx_and_store_nothing(stack, tmp_path):
     unlabelled_train = tmp_path / "calib.safetensors"
     save_dataset_file(LabelledSet(torch.randn(8, 1, 28, 28), torch.arange(8)), unlabelled_train)
     files = {"data": ("calib.safetensors", unlabelled_train.read_bytes(), "application/octet-stream")}
-    r = submit(stack, "imprinting", {"avg_wbits": 3}, {**FAST, "finetune": {"epochs": 1}}, data_name=None,
-               files=files)
+    r = submit(stack, "imprinting", {"avg_wbits": 3}, {**FAST, "finetune": {"epochs": 1}}, data_name=None, files=files)
     assert r.status_code == 422 and "only the built-in data sets have one" in r.json()["detail"]
 
     after = sorted(p.name for p in models_dir.iterdir()) if models_dir.exists() else []
@@ -293,9 +314,18 @@ def test_health_reports_database_broker_and_workers(stack):
         h = c.get("/health").json()
         assert h["database"] == "ok" and h["broker"] == "ok" and h["workers"] and h["status"] == "ok"
         schema = c.get("/openapi.json").json()
-    for path in ("/jobs", "/jobs/{job_id}", "/jobs/{job_id}/candidates", "/candidates/{candidate_id}",
-                 "/candidates/{candidate_id}/config", "/candidates/{candidate_id}/packed", "/jobs/{job_id}/cancel",
-                 "/health", "/leaderboard", "/api/leaderboard"):
+    for path in (
+        "/jobs",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/candidates",
+        "/candidates/{candidate_id}",
+        "/candidates/{candidate_id}/config",
+        "/candidates/{candidate_id}/packed",
+        "/jobs/{job_id}/cancel",
+        "/health",
+        "/leaderboard",
+        "/api/leaderboard",
+    ):
         assert path in schema["paths"], path
 
 
@@ -313,9 +343,30 @@ def test_one_spec_gives_the_same_configs_through_the_cli_and_the_service(stack, 
     with stack.client() as c:
         served = c.get(f"/jobs/{job['id']}/candidates").json()
     cli = subprocess.run(
-        [str(Path(sys.executable).parent / "bitsearch"), "search", str(tiny_model_path), "--data", "fashion-mnist",
-         "--method", "sqnr", "--budget", "avg_wbits=4", "--seed", "7", "--calib-size", "128", "--val-samples", "300",
-         "--params", json.dumps(options["params"]), "--json"], capture_output=True, text=True, timeout=600)
+        [
+            str(Path(sys.executable).parent / "bitsearch"),
+            "search",
+            str(tiny_model_path),
+            "--data",
+            "fashion-mnist",
+            "--method",
+            "sqnr",
+            "--budget",
+            "avg_wbits=4",
+            "--seed",
+            "7",
+            "--calib-size",
+            "128",
+            "--val-samples",
+            "300",
+            "--params",
+            json.dumps(options["params"]),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert cli.returncode == 0, cli.stderr
     local = json.loads(cli.stdout)["candidates"]
     with stack.client() as c:

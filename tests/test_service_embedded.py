@@ -25,8 +25,13 @@ def test_embedded_service_with_the_cli_client(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("BITSEARCH_")}
     env.update(BITSEARCH_VAR_DIR=str(tmp_path / "var"), BITSEARCH_HEARTBEAT_S="1")
     log = open(tmp_path / "local.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "api.local", "--port", str(port)], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "api.local", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -43,10 +48,34 @@ def test_embedded_service_with_the_cli_client(tmp_path):
         assert (tmp_path / "var" / "bitsearch.db").exists() and (tmp_path / "var" / "broker.db").exists()
 
         cli = [sys.executable, "-m", "cli.main"]
-        out = subprocess.run([*cli, "submit", str(RESNET), "--data", "fashion-mnist", "--method", "uniform",
-                              "--budget", "avg_wbits=4", "--val-samples", "200", "--calib-size", "128", "--validate-top-k", "0",
-                              "--server", url, "--wait", "--json"], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=300)
+        out = subprocess.run(
+            [
+                *cli,
+                "submit",
+                str(RESNET),
+                "--data",
+                "fashion-mnist",
+                "--method",
+                "uniform",
+                "--budget",
+                "avg_wbits=4",
+                "--val-samples",
+                "200",
+                "--calib-size",
+                "128",
+                "--validate-top-k",
+                "0",
+                "--server",
+                url,
+                "--wait",
+                "--json",
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr
         result = json.loads(out.stdout)
         assert result["job"]["status"] == "succeeded"
@@ -54,15 +83,38 @@ def test_embedded_service_with_the_cli_client(tmp_path):
         best = next(c for c in result["candidates"] if c["recommended"])
 
         target = tmp_path / "best.json"
-        out = subprocess.run([*cli, "download", str(best["id"]), "-o", str(target), "--server", url], cwd=ROOT,
-                             env=env, capture_output=True, text=True, timeout=60)
+        out = subprocess.run(
+            [*cli, "download", str(best["id"]), "-o", str(target), "--server", url],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         config = QuantConfig.from_json(target.read_text(), load_model(RESNET))
         assert set(config.w_bits().values()) == {4}
 
-        out = subprocess.run([*cli, "submit", str(RESNET), "--data", "fashion-mnist", "--method", "sqnr",
-                              "--budget", "avg_wbits=1", "--server", url], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            [
+                *cli,
+                "submit",
+                str(RESNET),
+                "--data",
+                "fashion-mnist",
+                "--method",
+                "sqnr",
+                "--budget",
+                "avg_wbits=1",
+                "--server",
+                url,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 2 and "infeasible budget" in out.stderr and "smallest feasible value" in out.stderr
         assert httpx.get(f"{url}/leaderboard", timeout=10).status_code == 200
     finally:

@@ -41,8 +41,11 @@ def test_weights_are_fake_quantized_per_channel(tiny_sim, tiny_model):
 
 
 def test_activations_of_a_layer_take_at_most_2_pow_b_values(tiny_sim, tiny_model, fmnist):
-    config = QuantConfig.from_bits(tiny_model, {l.name: 8 for l in tiny_model.layers},
-                                   {l.name: (3 if l.name == "fc1" else 16) for l in tiny_model.layers})
+    config = QuantConfig.from_bits(
+        tiny_model,
+        {l.name: 8 for l in tiny_model.layers},
+        {l.name: (3 if l.name == "fc1" else 16) for l in tiny_model.layers},
+    )
     tiny_sim.apply(config)
     seen = []
     hook = tiny_sim.gm.bitsearch_act_4.register_forward_hook(lambda m, i, o: seen.append(o))

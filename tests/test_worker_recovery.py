@@ -83,17 +83,40 @@ def add_model(settings: Settings, path: Path) -> str:
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(data)
     with session_scope(url(settings)) as s:
-        s.merge(ModelRecord(id=sha, filename=path.name, size_bytes=len(data), num_layers=6, total_params=0,
-                            input_shape=[1, 28, 28], num_outputs=10))
-        s.merge(DatasetRecord(id="fashion-mnist", name="fashion-mnist", builtin=True, num_samples=70000,
-                              sample_shape=[1, 28, 28], num_classes=10))
+        s.merge(
+            ModelRecord(
+                id=sha,
+                filename=path.name,
+                size_bytes=len(data),
+                num_layers=6,
+                total_params=0,
+                input_shape=[1, 28, 28],
+                num_outputs=10,
+            )
+        )
+        s.merge(
+            DatasetRecord(
+                id="fashion-mnist",
+                name="fashion-mnist",
+                builtin=True,
+                num_samples=70000,
+                sample_shape=[1, 28, 28],
+                num_classes=10,
+            )
+        )
     return sha
 
 
 def add_job(settings: Settings, model_id: str, method: str = "uniform", budget=None, options=None) -> str:
     with session_scope(url(settings)) as s:
-        job = Job(model_id=model_id, dataset_id="fashion-mnist", method=method, budget=budget or {"avg_wbits": 4},
-                  options={**FAST, **(options or {})}, validate_top_k=0)
+        job = Job(
+            model_id=model_id,
+            dataset_id="fashion-mnist",
+            method=method,
+            budget=budget or {"avg_wbits": 4},
+            options={**FAST, **(options or {})},
+            validate_top_k=0,
+        )
         s.add(job)
         s.flush()
         return job.id
@@ -102,8 +125,21 @@ def add_job(settings: Settings, model_id: str, method: str = "uniform", budget=N
 def job_row(settings: Settings, job_id: str) -> dict:
     with session_scope(url(settings)) as s:
         j = s.get(Job, job_id)
-        return {k: getattr(j, k) for k in ("status", "worker", "attempts", "step", "total", "phase", "error",
-                                           "heartbeat_at", "finished_at", "best_val_top1")}
+        return {
+            k: getattr(j, k)
+            for k in (
+                "status",
+                "worker",
+                "attempts",
+                "step",
+                "total",
+                "phase",
+                "error",
+                "heartbeat_at",
+                "finished_at",
+                "best_val_top1",
+            )
+        }
 
 
 def candidate_seqs(settings: Settings, job_id: str) -> list[int]:
@@ -121,6 +157,7 @@ def search_result(tiny_model, fmnist):
 
 
 # -- item: a requeued job's old worker stops writing ---------------------------------------------------------
+
 
 def test_a_lost_claim_fences_every_write_of_the_old_attempt(settings, tiny_model_path, search_result):
     from search.searches.base import Progress
@@ -179,8 +216,13 @@ def test_a_lost_claim_fences_every_write_of_the_old_attempt(settings, tiny_model
 
 def test_a_requeued_run_stops_at_its_next_step_without_touching_the_job(settings, tiny_model_path, caplog):
     # A random search with far more candidates than the test waits for: it would run for minutes.
-    jid = add_job(settings, add_model(settings, tiny_model_path), method="random", budget={"avg_wbits": 5},
-                  options={"params": {"count": 5000}})
+    jid = add_job(
+        settings,
+        add_model(settings, tiny_model_path),
+        method="random",
+        budget={"avg_wbits": 5},
+        options={"params": {"count": 5000}},
+    )
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("status", jobs.run_job(settings, jid)))
     with caplog.at_level(logging.WARNING, logger="bitsearch.worker"):
@@ -210,6 +252,7 @@ def test_a_requeued_run_stops_at_its_next_step_without_touching_the_job(settings
 
 # -- item: a validation runs once ------------------------------------------------------------------------------
 
+
 def add_validation(settings: Settings, model_path: Path, search_result) -> int:
     """A finished job's recommended candidate with a queued validation, as queue_validations leaves it."""
     jid = add_job(settings, add_model(settings, model_path))
@@ -238,8 +281,7 @@ def packed_dir(tmp_path: Path, tag: str) -> Path:
     return d
 
 
-def test_a_validation_is_claimed_once_and_a_stale_one_is_taken_over(settings, tiny_model_path, search_result,
-                                                                     tmp_path):
+def test_a_validation_is_claimed_once_and_a_stale_one_is_taken_over(settings, tiny_model_path, search_result, tmp_path):
     cid = add_validation(settings, tiny_model_path, search_result)
     first = jobs.claim_validation(settings, cid)
     assert first is not None
@@ -384,22 +426,40 @@ print(json.dumps(report))
 """
 
 
-def test_the_packed_model_survives_a_crash_at_every_line_of_its_replacement(sqlite_settings, tiny_model_path,
-                                                                              search_result, tmp_path):
+def test_the_packed_model_survives_a_crash_at_every_line_of_its_replacement(
+    sqlite_settings, tiny_model_path, search_result, tmp_path
+):
     settings = sqlite_settings  # the driver reads the row with sqlite3 between crashes
     cid = add_validation(settings, tiny_model_path, search_result)
     # The state an earlier release left: a succeeded validation whose packed model sits at packed/candidate-N.
     legacy = settings.resolved_artifact_dir() / "packed" / f"candidate-{cid}"
     shutil.copytree(packed_dir(tmp_path, "old"), legacy)
     with session_scope(url(settings)) as s:
-        s.execute(update(ValidationRecord).where(ValidationRecord.candidate_id == cid)
-                  .values(status="succeeded", packed_path=str(legacy)))
+        s.execute(
+            update(ValidationRecord)
+            .where(ValidationRecord.candidate_id == cid)
+            .values(status="succeeded", packed_path=str(legacy))
+        )
     new = packed_dir(tmp_path, "new")
     db = str(settings.var_dir / "bitsearch.db")
     out = subprocess.run(
-        [sys.executable, "-c", CRASH_DRIVER, str(settings.var_dir), db, str(cid), str(new),
-         str(ROOT / "worker" / "jobs.py"), str(ROOT / "store" / "artifacts.py")],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-c",
+            CRASH_DRIVER,
+            str(settings.var_dir),
+            db,
+            str(cid),
+            str(new),
+            str(ROOT / "worker" / "jobs.py"),
+            str(ROOT / "store" / "artifacts.py"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     # A SIGKILL before each line the replacement runs, in turn, then one run left to finish.
@@ -431,6 +491,7 @@ def test_put_dir_never_touches_the_current_version(sqlite_settings, tmp_path):
 
 
 # -- item: what a failure shows the user ------------------------------------------------------------------------
+
 
 def test_an_unexpected_failure_stores_a_reference_and_logs_the_traceback(settings, tiny_model_path, caplog):
     model_id = add_model(settings, tiny_model_path)
@@ -469,8 +530,13 @@ def test_expected_failures_keep_their_message_and_no_server_path(settings, tiny_
 
 
 def test_a_cancelled_run_finishes_with_that_reason(settings, tiny_model_path):
-    jid = add_job(settings, add_model(settings, tiny_model_path), method="random", budget={"avg_wbits": 5},
-                  options={"params": {"count": 5000}})
+    jid = add_job(
+        settings,
+        add_model(settings, tiny_model_path),
+        method="random",
+        budget={"avg_wbits": 5},
+        options={"params": {"count": 5000}},
+    )
     outcome = {}
     fast_beat = like(settings, heartbeat_s=0.2)
     runner = threading.Thread(target=lambda: outcome.setdefault("status", jobs.run_job(fast_beat, jid)))
@@ -505,6 +571,8 @@ def test_reason_classifies_by_where_an_error_comes_from(sqlite_settings):
     except ValueError as e:
         theirs = e  # a ValueError, but torch's: its text is not a message for users
     assert INTERNAL.match(jobs._reason(theirs, settings, "job x"))
-    text = ("Traceback (most recent call last):\n  File \"/srv/bitsearch/search/model.py\", line 3, in f\n"
-            "    load()\nValueError: cannot read /srv/var/artifacts/models/abc: bad header")
+    text = (
+        'Traceback (most recent call last):\n  File "/srv/bitsearch/search/model.py", line 3, in f\n'
+        "    load()\nValueError: cannot read /srv/var/artifacts/models/abc: bad header"
+    )
     assert jobs.public_text(text) == "ValueError: cannot read abc: bad header"

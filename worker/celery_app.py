@@ -27,8 +27,9 @@ def make_celery() -> Celery:
         broker_connection_retry_on_startup=True,
         # Redis redelivers an unacknowledged task after visibility_timeout: longer than any task may run.
         # (kombu's SQL transport hands these options to create_engine, so only Redis gets them.)
-        broker_transport_options=({"visibility_timeout": settings.task_time_limit_s + 600}
-                                  if broker.startswith(("redis", "rediss")) else {}),
+        broker_transport_options=(
+            {"visibility_timeout": settings.task_time_limit_s + 600} if broker.startswith(("redis", "rediss")) else {}
+        ),
         worker_hijack_root_logger=False,
     )
     return app

@@ -24,15 +24,23 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import and_, delete, or_, select, update
 
 from store.artifacts import ArtifactStore
 from store.db import session_scope
-from store.models import (FINAL_STATES, CandidateRecord, DatasetRecord, Job, JobStatus, ModelRecord, ValidationRecord,
-                          ValidationStatus)
+from store.models import (
+    FINAL_STATES,
+    CandidateRecord,
+    DatasetRecord,
+    Job,
+    JobStatus,
+    ModelRecord,
+    ValidationRecord,
+    ValidationStatus,
+)
 from store.settings import Settings
 
 log = logging.getLogger("bitsearch.worker")
@@ -58,16 +66,17 @@ class ValidationLost(Exception):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _aware(t: datetime | None) -> datetime | None:
     # SQLite returns naive datetimes; everything we store is UTC.
-    return None if t is None or t.tzinfo else t.replace(tzinfo=timezone.utc)
+    return None if t is None or t.tzinfo else t.replace(tzinfo=UTC)
 
 
 def worker_name() -> str:
     import os
+
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
@@ -85,10 +94,11 @@ def write(url: str, fn, tries: int = 6) -> None:
             if attempt == tries - 1:
                 raise
             log.warning("database write failed (%s); retrying", type(e.orig).__name__ if e.orig else e)
-            time.sleep(min(8.0, 0.5 * 2 ** attempt))
+            time.sleep(min(8.0, 0.5 * 2**attempt))
 
 
 # -- claiming -------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Claim:
@@ -99,8 +109,12 @@ class Claim:
     attempt: int
 
     def holds(self):
-        return and_(Job.id == self.job_id, Job.attempts == self.attempt, Job.worker == self.worker,
-                    Job.status == JobStatus.RUNNING)
+        return and_(
+            Job.id == self.job_id,
+            Job.attempts == self.attempt,
+            Job.worker == self.worker,
+            Job.status == JobStatus.RUNNING,
+        )
 
 
 def fenced(s, claim: Claim, **values) -> None:
@@ -123,10 +137,25 @@ def claim_job(settings: Settings, job_id: str, me: str) -> Claim | None:
         # The claim is the transaction's first statement, and reads come after it: on SQLite a transaction that
         # reads before it writes fails at once ("database is locked") if another connection commits in between.
         claimed = s.execute(
-            update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED, Job.cancel_requested.is_(False),
-                              Job.attempts < settings.max_attempts)
-            .values(status=JobStatus.RUNNING, worker=me, attempts=Job.attempts + 1, heartbeat_at=now,
-                    started_at=now, step=0, total=0, phase="starting", best_val_top1=None, error=None)
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.QUEUED,
+                Job.cancel_requested.is_(False),
+                Job.attempts < settings.max_attempts,
+            )
+            .values(
+                status=JobStatus.RUNNING,
+                worker=me,
+                attempts=Job.attempts + 1,
+                heartbeat_at=now,
+                started_at=now,
+                step=0,
+                total=0,
+                phase="starting",
+                best_val_top1=None,
+                error=None,
+            )
         ).rowcount
         if claimed == 1:
             # Read inside the claiming transaction: the row is ours until commit, so this is our attempt number.
@@ -141,14 +170,22 @@ def claim_job(settings: Settings, job_id: str, me: str) -> Claim | None:
             if job.cancel_requested:
                 _finish(s, job_id, JobStatus.CANCELLED, "cancelled by request")
             elif job.attempts >= settings.max_attempts:
-                _finish(s, job_id, JobStatus.FAILED, f"the job was interrupted {job.attempts} times (worker lost); giving up")
+                _finish(
+                    s,
+                    job_id,
+                    JobStatus.FAILED,
+                    f"the job was interrupted {job.attempts} times (worker lost); giving up",
+                )
     return None
 
 
 def _finish(s, job_id: str, status: str, error: str | None, **values) -> None:
     """Finish a job that no worker holds (claim-time decisions and the reaper); a held job uses finish_job."""
-    s.execute(update(Job).where(Job.id == job_id, Job.status.notin_(FINAL_STATES))
-              .values(status=status, error=error, finished_at=utcnow(), **values))
+    s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.notin_(FINAL_STATES))
+        .values(status=status, error=error, finished_at=utcnow(), **values)
+    )
 
 
 class Heartbeat:
@@ -206,6 +243,7 @@ class Heartbeat:
 
 # -- running ----------------------------------------------------------------------------------------------
 
+
 def job_spec(job: Job):
     """The typed spec the job was submitted with (api/services/jobs.py stored spec.job_options())."""
     from search.spec import JobSpec
@@ -220,8 +258,9 @@ def load_job_inputs(settings: Settings, job: Job, model: ModelRecord, dataset: D
     from search.spec import load_job_data
 
     store = ArtifactStore(settings.resolved_artifact_dir())
-    loaded = load_model(store.path("models", model.id), max_bytes=settings.max_model_bytes,
-                        max_layers=settings.max_layers)
+    loaded = load_model(
+        store.path("models", model.id), max_bytes=settings.max_model_bytes, max_layers=settings.max_layers
+    )
     source = dataset.id if dataset.builtin else store.path("datasets", dataset.id)
     splits = load_job_data(job_spec(job), source, name=dataset.name, max_bytes=settings.max_dataset_bytes)
     return loaded, splits
@@ -234,24 +273,46 @@ def _finite(x: float | None) -> float | None:
 def store_candidate(url: str, claim: Claim, seq: int, c) -> None:
     """Store the search's candidate number `seq`, if the claim still holds (JobLost otherwise)."""
     record = dict(
-        job_id=claim.job_id, seq=seq, config=c.config.model_dump(mode="json"),
-        avg_wbits=c.cost.avg_wbits, weight_bytes=c.cost.weight_bytes, bitops=float(c.cost.bitops),
-        act_bytes=c.cost.act_bytes, latency_us=c.cost.latency_us, score=_finite(c.score) or 0.0,
-        val_top1=c.val_top1, val_sqnr_db=_finite(c.val_sqnr_db), meta=_jsonable(c.meta))
+        job_id=claim.job_id,
+        seq=seq,
+        config=c.config.model_dump(mode="json"),
+        avg_wbits=c.cost.avg_wbits,
+        weight_bytes=c.cost.weight_bytes,
+        bitops=float(c.cost.bitops),
+        act_bytes=c.cost.act_bytes,
+        latency_us=c.cost.latency_us,
+        score=_finite(c.score) or 0.0,
+        val_top1=c.val_top1,
+        val_sqnr_db=_finite(c.val_sqnr_db),
+        meta=_jsonable(c.meta),
+    )
 
     def insert(s) -> None:
         fenced(s, claim)
         # A retry after a lost commit acknowledgement must not store the candidate twice.
-        if s.scalar(select(CandidateRecord.id).where(CandidateRecord.job_id == claim.job_id,
-                                                     CandidateRecord.seq == seq)) is None:
+        if (
+            s.scalar(
+                select(CandidateRecord.id).where(CandidateRecord.job_id == claim.job_id, CandidateRecord.seq == seq)
+            )
+            is None
+        ):
             s.add(CandidateRecord(**record))
 
     write(url, insert)
 
 
 def store_progress(url: str, claim: Claim, p) -> None:
-    write(url, lambda s: fenced(s, claim, step=p.step, total=p.total, phase=p.phase[:64],
-                                best_val_top1=None if p.best is None else p.best.val_top1))
+    write(
+        url,
+        lambda s: fenced(
+            s,
+            claim,
+            step=p.step,
+            total=p.total,
+            phase=p.phase[:64],
+            best_val_top1=None if p.best is None else p.best.val_top1,
+        ),
+    )
 
 
 def set_phase(url: str, claim: Claim, phase: str) -> None:
@@ -263,6 +324,7 @@ def finish_job(url: str, claim: Claim, status: str, error: str | None, flags: di
 
     JobLost when the claim no longer holds: then neither the job nor its candidates are touched.
     """
+
     def fn(s) -> None:
         fenced(s, claim, status=status, error=error, finished_at=utcnow(), **values)
         if flags is not None:
@@ -275,8 +337,14 @@ def finish_job(url: str, claim: Claim, status: str, error: str | None, flags: di
         # write() retries after a dropped connection; if the first commit went through, this attempt finished
         # the job itself and the retry's fence finds it no longer running.
         with session_scope(url) as s:
-            done = s.scalar(select(Job.id).where(Job.id == claim.job_id, Job.attempts == claim.attempt,
-                                                 Job.worker == claim.worker, Job.status == status))
+            done = s.scalar(
+                select(Job.id).where(
+                    Job.id == claim.job_id,
+                    Job.attempts == claim.attempt,
+                    Job.worker == claim.worker,
+                    Job.status == status,
+                )
+            )
         if done is None:
             raise
 
@@ -312,6 +380,7 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
     last_write = 0.0
 
     with Heartbeat(settings, claim) as hb:
+
         def on_candidate(c) -> None:
             nonlocal seq
             store_candidate(url, claim, seq, c)
@@ -333,8 +402,9 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
             model, splits = load_job_inputs(settings, job, model_rec, data_rec)
             hb.check()
             latency = _latency_table(settings, claim, job, model)
-            result = run_spec(job_spec(job), model, splits, on_progress=on_progress, on_candidate=on_candidate,
-                              latency=latency)
+            result = run_spec(
+                job_spec(job), model, splits, on_progress=on_progress, on_candidate=on_candidate, latency=latency
+            )
         except Exception as e:
             chain = _chain(e)
             lost = next((c for c in chain if isinstance(c, JobLost)), None)
@@ -350,8 +420,17 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
     # The Pareto flags are known only at the end; candidates were stored in the order the search found them.
     flags = {i: (c.pareto, c is result.recommended) for i, c in enumerate(result.candidates)}
     best = result.recommended
-    finish_job(url, claim, JobStatus.SUCCEEDED, None, flags=flags, search_seconds=result.seconds, step=Job.total,
-               best_val_top1=None if best is None else best.val_top1, phase="done")
+    finish_job(
+        url,
+        claim,
+        JobStatus.SUCCEEDED,
+        None,
+        flags=flags,
+        search_seconds=result.seconds,
+        step=Job.total,
+        best_val_top1=None if best is None else best.val_top1,
+        phase="done",
+    )
     queue_validations(settings, job_id)
     return "succeeded"
 
@@ -361,13 +440,16 @@ def _latency_table(settings: Settings, claim: Claim, job: Job, model):
     if job.budget.get("latency_us") is None:
         return None
     from search.cost import LatencyTable
-
     from store.models import LatencyTableRecord
+
     machine = socket.gethostname()
     url = settings.resolved_database_url()
     with session_scope(url) as s:
-        rec = s.scalar(select(LatencyTableRecord).where(LatencyTableRecord.model_id == job.model_id,
-                                                        LatencyTableRecord.machine == machine))
+        rec = s.scalar(
+            select(LatencyTableRecord).where(
+                LatencyTableRecord.model_id == job.model_id, LatencyTableRecord.machine == machine
+            )
+        )
         if rec is not None:
             return LatencyTable(rec.table["layers"], rec.table.get("machine", machine))
     from kernels.latency import measure_latency_table
@@ -376,8 +458,11 @@ def _latency_table(settings: Settings, claim: Claim, job: Job, model):
     opts = job_spec(job)
     table = measure_latency_table(model, w_bits=opts.w_bits, a_bits=[b for b in opts.a_bits if b <= 8] or [8])
     with session_scope(url) as s:
-        s.add(LatencyTableRecord(model_id=job.model_id, machine=machine,
-                                 table={"machine": table.machine, "layers": table.layers}))
+        s.add(
+            LatencyTableRecord(
+                model_id=job.model_id, machine=machine, table={"machine": table.machine, "layers": table.layers}
+            )
+        )
     return table
 
 
@@ -434,8 +519,9 @@ def _reason(e: BaseException, settings: Settings, what: str, task: str = "search
         limit = settings.task_time_limit_s if task == "search" else settings.validate_time_limit_s
         reason = f"the {task} exceeded the time limit of {limit} s"
     # torch reports a failed allocation as RuntimeError from its CPU allocator, Python as MemoryError.
-    elif any(isinstance(c, MemoryError) or (isinstance(c, RuntimeError) and "can't allocate memory" in str(c))
-             for c in chain):
+    elif any(
+        isinstance(c, MemoryError) or (isinstance(c, RuntimeError) and "can't allocate memory" in str(c)) for c in chain
+    ):
         reason = f"the {task} ran out of memory (limit {settings.worker_max_memory_mb} MB per task)"
     elif any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in chain):
         reason = "the artifact store is full (no space left on device)"
@@ -485,10 +571,11 @@ def _jsonable(meta: dict) -> dict:
 
 # -- validation -----------------------------------------------------------------------------------------
 
+
 def kernels_available() -> bool:
     try:
         import kernels.validate  # noqa: F401  (loads, and on first use builds, the compiled kernels)
-    except Exception:  # noqa: BLE001  (a failed build raises RuntimeError, not ImportError)
+    except Exception:
         log.warning("low-bit kernels unavailable; candidates will not be validated", exc_info=True)
         return False
     return True
@@ -503,8 +590,9 @@ def queue_validations(settings: Settings, job_id: str) -> list[int]:
     url = settings.resolved_database_url()
     with session_scope(url) as s:
         job = s.get(Job, job_id)
-        front = s.scalars(select(CandidateRecord).where(CandidateRecord.job_id == job_id,
-                                                        CandidateRecord.pareto.is_(True))).all()
+        front = s.scalars(
+            select(CandidateRecord).where(CandidateRecord.job_id == job_id, CandidateRecord.pareto.is_(True))
+        ).all()
         front.sort(key=lambda c: -(c.val_top1 if c.val_top1 is not None else (c.val_sqnr_db or -1e9)))
         chosen = front[: job.validate_top_k]
         ids = []
@@ -531,8 +619,11 @@ class ValidationLease:
         self._lock = threading.Lock()  # the heartbeat thread and the task both write through the lease
 
     def holds(self):
-        return and_(ValidationRecord.candidate_id == self.candidate_id, ValidationRecord.status == ValidationStatus.RUNNING,
-                    ValidationRecord.updated_at == self.token)
+        return and_(
+            ValidationRecord.candidate_id == self.candidate_id,
+            ValidationRecord.status == ValidationStatus.RUNNING,
+            ValidationRecord.updated_at == self.token,
+        )
 
     def update(self, **values) -> None:
         """Update the validation while the lease holds (renewing it); ValidationLost otherwise."""
@@ -540,8 +631,10 @@ class ValidationLease:
             now = utcnow()
 
             def fn(s) -> None:
-                if s.execute(update(ValidationRecord).where(self.holds())
-                             .values(updated_at=now, **values)).rowcount != 1:
+                if (
+                    s.execute(update(ValidationRecord).where(self.holds()).values(updated_at=now, **values)).rowcount
+                    != 1
+                ):
                     raise ValidationLost(f"the validation of candidate {self.candidate_id} was taken over")
 
             write(self.url, fn)
@@ -550,9 +643,16 @@ class ValidationLease:
     def published(self, path: Path) -> bool:
         """Whether the validation succeeded with `path` (a commit whose acknowledgement was lost)."""
         with session_scope(self.url) as s:
-            return s.scalar(select(ValidationRecord.id).where(
-                ValidationRecord.candidate_id == self.candidate_id, ValidationRecord.status == ValidationStatus.SUCCEEDED,
-                ValidationRecord.packed_path == str(path))) is not None
+            return (
+                s.scalar(
+                    select(ValidationRecord.id).where(
+                        ValidationRecord.candidate_id == self.candidate_id,
+                        ValidationRecord.status == ValidationStatus.SUCCEEDED,
+                        ValidationRecord.packed_path == str(path),
+                    )
+                )
+                is not None
+            )
 
 
 def claim_validation(settings: Settings, candidate_id: int) -> ValidationLease | None:
@@ -563,11 +663,16 @@ def claim_validation(settings: Settings, candidate_id: int) -> ValidationLease |
     stale = now - timedelta(seconds=settings.stale_after_s)
     with session_scope(url) as s:
         claimed = s.execute(
-            update(ValidationRecord).where(
+            update(ValidationRecord)
+            .where(
                 ValidationRecord.candidate_id == candidate_id,
-                or_(ValidationRecord.status == ValidationStatus.QUEUED,
-                    and_(ValidationRecord.status == ValidationStatus.RUNNING, ValidationRecord.updated_at < stale)))
-            .values(status=ValidationStatus.RUNNING, error=None, updated_at=now)).rowcount
+                or_(
+                    ValidationRecord.status == ValidationStatus.QUEUED,
+                    and_(ValidationRecord.status == ValidationStatus.RUNNING, ValidationRecord.updated_at < stale),
+                ),
+            )
+            .values(status=ValidationStatus.RUNNING, error=None, updated_at=now)
+        ).rowcount
     return ValidationLease(url, candidate_id, now) if claimed == 1 else None
 
 
@@ -578,8 +683,9 @@ class ValidationHeartbeat:
         self.lease, self.interval = lease, settings.heartbeat_s
         self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"validation-heartbeat-{lease.candidate_id}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, name=f"validation-heartbeat-{lease.candidate_id}", daemon=True
+        )
 
     def __enter__(self):
         self._thread.start()
@@ -669,14 +775,21 @@ def _validate(settings: Settings, candidate_id: int):
     report = validate(model, config, evalset.inputs, evalset.labels, splits.calib.inputs)
     r = report.to_dict()
     values = dict(
-        top1=r.get("top1"), sim_top1=r.get("sim_top1"), agreement=r.get("agreement"),
-        max_logit_diff=r.get("max_logit_diff"), samples=r.get("samples", len(evalset)),
-        packed_bytes=r.get("packed_bytes"), latency_us={str(k): v for k, v in r.get("latency_us", {}).items()},
-        threads=r.get("threads"), isa=r.get("isa"))
+        top1=r.get("top1"),
+        sim_top1=r.get("sim_top1"),
+        agreement=r.get("agreement"),
+        max_logit_diff=r.get("max_logit_diff"),
+        samples=r.get("samples", len(evalset)),
+        packed_bytes=r.get("packed_bytes"),
+        latency_us={str(k): v for k, v in r.get("latency_us", {}).items()},
+        threads=r.get("threads"),
+        isa=r.get("isa"),
+    )
     return values, report.packed
 
 
 # -- recovery -------------------------------------------------------------------------------------------
+
 
 def announce_worker(settings: Settings, name: str) -> None:
     from store.models import WorkerRecord
@@ -703,25 +816,43 @@ def requeue_orphans(settings: Settings) -> tuple[list[str], list[int]]:
         stale = or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < cutoff)
         # A job whose worker died after its time limit was killed for it (Celery's hard limit): fail it.
         overdue = now - timedelta(seconds=settings.task_time_limit_s)
-        s.execute(update(Job).where(Job.status == JobStatus.RUNNING, stale, Job.started_at < overdue).values(
-            status=JobStatus.FAILED, error=f"the search exceeded the time limit of {settings.task_time_limit_s} s",
-            finished_at=now))
+        s.execute(
+            update(Job)
+            .where(Job.status == JobStatus.RUNNING, stale, Job.started_at < overdue)
+            .values(
+                status=JobStatus.FAILED,
+                error=f"the search exceeded the time limit of {settings.task_time_limit_s} s",
+                finished_at=now,
+            )
+        )
         # A queued job's heartbeat_at is when it was last sent; resend in case the broker lost the message.
-        waiting = s.scalars(update(Job).where(Job.status == JobStatus.QUEUED, stale).values(heartbeat_at=now)
-                            .returning(Job.id)).all()
-        lost = s.scalars(update(Job).where(Job.status == JobStatus.RUNNING, stale).values(
-            status=JobStatus.QUEUED, phase="requeued: its worker stopped responding", worker=None, heartbeat_at=now)
-            .returning(Job.id)).all()
+        waiting = s.scalars(
+            update(Job).where(Job.status == JobStatus.QUEUED, stale).values(heartbeat_at=now).returning(Job.id)
+        ).all()
+        lost = s.scalars(
+            update(Job)
+            .where(Job.status == JobStatus.RUNNING, stale)
+            .values(
+                status=JobStatus.QUEUED, phase="requeued: its worker stopped responding", worker=None, heartbeat_at=now
+            )
+            .returning(Job.id)
+        ).all()
 
         # A running validation renews updated_at every heartbeat; a queued one's updated_at is when it was
         # last sent, and it may wait behind long searches, so it is resent far less often.
         unsent = now - timedelta(seconds=settings.validate_time_limit_s + settings.stale_after_s)
-        v_waiting = s.scalars(update(ValidationRecord).where(
-            ValidationRecord.status == ValidationStatus.QUEUED, ValidationRecord.updated_at < unsent)
-            .values(updated_at=now).returning(ValidationRecord.candidate_id)).all()
-        v_lost = s.scalars(update(ValidationRecord).where(
-            ValidationRecord.status == ValidationStatus.RUNNING, ValidationRecord.updated_at < cutoff)
-            .values(status=ValidationStatus.QUEUED, updated_at=now).returning(ValidationRecord.candidate_id)).all()
+        v_waiting = s.scalars(
+            update(ValidationRecord)
+            .where(ValidationRecord.status == ValidationStatus.QUEUED, ValidationRecord.updated_at < unsent)
+            .values(updated_at=now)
+            .returning(ValidationRecord.candidate_id)
+        ).all()
+        v_lost = s.scalars(
+            update(ValidationRecord)
+            .where(ValidationRecord.status == ValidationStatus.RUNNING, ValidationRecord.updated_at < cutoff)
+            .values(status=ValidationStatus.QUEUED, updated_at=now)
+            .returning(ValidationRecord.candidate_id)
+        ).all()
     return [*lost, *waiting], [*v_lost, *v_waiting]
 
 

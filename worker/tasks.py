@@ -18,13 +18,16 @@ settings = get_settings()
 
 # The job enforces task_time_limit_s itself at every step (worker/jobs.py); Celery's limits are the backstop
 # for code that never returns to a step.
-@app.task(name=SEARCH_TASK, time_limit=settings.task_time_limit_s + 120, soft_time_limit=settings.task_time_limit_s + 30)
+@app.task(
+    name=SEARCH_TASK, time_limit=settings.task_time_limit_s + 120, soft_time_limit=settings.task_time_limit_s + 30
+)
 def run_search(job_id: str) -> str:
     return jobs.run_job(get_settings(), job_id)
 
 
-@app.task(name=VALIDATE_TASK, time_limit=settings.validate_time_limit_s + 60,
-          soft_time_limit=settings.validate_time_limit_s)
+@app.task(
+    name=VALIDATE_TASK, time_limit=settings.validate_time_limit_s + 60, soft_time_limit=settings.validate_time_limit_s
+)
 def validate_candidate(candidate_id: int) -> str:
     return jobs.run_validation(get_settings(), candidate_id)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Depends, Response
 from sqlalchemy import select, text
@@ -33,7 +33,7 @@ def health(response: Response, db: Session = Depends(deps.db), settings: Setting
     try:
         db.execute(text("SELECT 1"))
         database = "ok"
-        cutoff = datetime.now(timezone.utc) - timedelta(seconds=settings.stale_after_s)
+        cutoff = datetime.now(UTC) - timedelta(seconds=settings.stale_after_s)
         workers = list(db.scalars(select(WorkerRecord.name).where(WorkerRecord.last_seen >= cutoff)))
     except Exception as e:
         database = f"unreachable: {type(e).__name__}"
@@ -41,5 +41,9 @@ def health(response: Response, db: Session = Depends(deps.db), settings: Setting
     ok = database == "ok" and broker == "ok"
     if not ok:
         response.status_code = 503
-    return Health(status="ok" if ok and workers else ("degraded" if ok else "down"), database=database,
-                  broker=broker, workers=workers)
+    return Health(
+        status="ok" if ok and workers else ("degraded" if ok else "down"),
+        database=database,
+        broker=broker,
+        workers=workers,
+    )

@@ -25,15 +25,21 @@ from worker.celery_app import SEARCH_TASK
 router = APIRouter(tags=["jobs"])
 
 
-@router.post("/jobs", status_code=202, response_model=JobCreated,
-             summary="Submit a search: a model, data, a method and a budget")
+@router.post(
+    "/jobs", status_code=202, response_model=JobCreated, summary="Submit a search: a model, data, a method and a budget"
+)
 def create_job(
     response: Response,
     method: Annotated[str, Form(description="imprinting | sqnr | haq | uniform | random")],
     budget: Annotated[str, Form(description='JSON limits, e.g. {"avg_wbits": 3} or {"weight_bytes": 60000}')],
-    options: Annotated[str, Form(description="JSON: the job spec's options (w_bits, a_bits, seed, scheme, clip, "
-                                             "act_calibration, calib_size, val_samples, params, finetune) and "
-                                             "validate_top_k")] = "{}",
+    options: Annotated[
+        str,
+        Form(
+            description="JSON: the job spec's options (w_bits, a_bits, seed, scheme, clip, "
+            "act_calibration, calib_size, val_samples, params, finetune) and "
+            "validate_top_k"
+        ),
+    ] = "{}",
     model: Annotated[UploadFile | None, File(description="a torch.export .pt2 archive")] = None,
     model_id: Annotated[str | None, Form(description="the id (sha256) of a model uploaded before")] = None,
     data: Annotated[UploadFile | None, File(description="a safetensors data set (inputs, labels)")] = None,
@@ -46,11 +52,18 @@ def create_job(
 ) -> JobCreated:
     spec, top_k = service.build_spec(method, budget, options, settings.validate_top_k)
     request = service.JobRequest(
-        spec, top_k, model=service.Upload(model.file, model.filename) if model is not None else None,
-        model_id=model_id, data=service.Upload(data.file, data.filename) if data is not None else None,
-        data_name=data_name, dataset_id=dataset_id, public=public)
-    created = service.create_job(settings, store, who.owner, request,
-                                 lambda job_id: deps.send_task(SEARCH_TASK, [job_id]))
+        spec,
+        top_k,
+        model=service.Upload(model.file, model.filename) if model is not None else None,
+        model_id=model_id,
+        data=service.Upload(data.file, data.filename) if data is not None else None,
+        data_name=data_name,
+        dataset_id=dataset_id,
+        public=public,
+    )
+    created = service.create_job(
+        settings, store, who.owner, request, lambda job_id: deps.send_task(SEARCH_TASK, [job_id])
+    )
     response.headers["Location"] = created.location
     return created
 
@@ -93,8 +106,9 @@ def _job_view(job_id: str):
 @router.get("/jobs/{job_id}/candidates", response_model=list[CandidateOut], summary="A job's candidate configs")
 def job_candidates(
     job_id: str,
-    sort: Annotated[str, Query(description="a field, '-' prefix for descending: "
-                                           + ", ".join(sorted(service.CANDIDATE_SORTS)))] = "seq",
+    sort: Annotated[
+        str, Query(description="a field, '-' prefix for descending: " + ", ".join(sorted(service.CANDIDATE_SORTS)))
+    ] = "seq",
     pareto: Annotated[bool | None, Query(description="only the Pareto front (true) or only the rest (false)")] = None,
     who: Caller = Depends(optional_caller),
     db: Session = Depends(deps.db),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from fastapi import APIRouter, Depends
@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from api.cache import TTLCache
-from api.security import Caller, optional_caller
 from api.schemas import DatasetOut, Leaderboard, LeaderboardGroup, LeaderboardRow, ModelOut
+from api.security import Caller, optional_caller
 from store.db import session_scope
 from store.models import CandidateRecord, DatasetRecord, Job, ModelRecord
 from store.settings import get_settings
@@ -27,12 +27,23 @@ def _row(c: CandidateRecord, job: Job, status: str) -> LeaderboardRow:
     measured = v is not None and v.status == "succeeded"
     latency = (v.latency_us or {}) if measured else {}
     return LeaderboardRow(
-        candidate_id=c.id, job_id=job.id, method=job.method,
-        accuracy=v.top1 if measured else c.val_top1, validated=measured,
-        validation_status=status, sim_val_top1=c.val_top1, agreement=v.agreement if measured else None,
-        weight_bytes=c.weight_bytes, packed_bytes=v.packed_bytes if measured else None, avg_wbits=c.avg_wbits,
-        bitops=c.bitops, latency_us_batch1=latency.get("1"), latency_us_batch64=latency.get("64"),
-        search_seconds=job.search_seconds, front=False)
+        candidate_id=c.id,
+        job_id=job.id,
+        method=job.method,
+        accuracy=v.top1 if measured else c.val_top1,
+        validated=measured,
+        validation_status=status,
+        sim_val_top1=c.val_top1,
+        agreement=v.agreement if measured else None,
+        weight_bytes=c.weight_bytes,
+        packed_bytes=v.packed_bytes if measured else None,
+        avg_wbits=c.avg_wbits,
+        bitops=c.bitops,
+        latency_us_batch1=latency.get("1"),
+        latency_us_batch64=latency.get("64"),
+        search_seconds=job.search_seconds,
+        front=False,
+    )
 
 
 # How long after its search a job's chosen candidates may still be waiting for their validation rows (the
@@ -49,13 +60,14 @@ def _validation_states(job: Job, front: list[CandidateRecord], now: datetime) ->
     not be ("not selected"), one inside may still be ("pending"), and once the grace period is over it will
     not be ("not validated": the workers could not validate).
     """
+
     def score(c: CandidateRecord) -> float:
         return c.val_top1 if c.val_top1 is not None else (c.val_sqnr_db or -1e9)
 
     queued = any(c.validation is not None for c in front)
     finished = job.finished_at
     if finished is not None and finished.tzinfo is None:  # SQLite drops the zone; the values are UTC
-        finished = finished.replace(tzinfo=timezone.utc)
+        finished = finished.replace(tzinfo=UTC)
     waiting = finished is not None and (now - finished).total_seconds() < QUEUEING_GRACE_S
     states = {}
     for c in front:
@@ -76,8 +88,9 @@ def _mark_front(rows: list[LeaderboardRow]) -> None:
 
 
 @router.get("/api/leaderboard", response_model=Leaderboard, summary="Validated candidates per model and data set")
-async def leaderboard(model_id: str | None = None, dataset_id: str | None = None,
-                      who: Caller = Depends(optional_caller)) -> Response:
+async def leaderboard(
+    model_id: str | None = None, dataset_id: str | None = None, who: Caller = Depends(optional_caller)
+) -> Response:
     """What the caller may see: their own jobs and every public job (anonymous callers: public only)."""
     key = (who.owner, model_id, dataset_id)
     body = boards.get(key)
@@ -96,9 +109,12 @@ def _board_json(who: Caller, model_id: str | None, dataset_id: str | None) -> by
 
 
 def _board(db: Session, who: Caller, model_id: str | None, dataset_id: str | None) -> Leaderboard:
-    q = (select(CandidateRecord, Job).join(Job, CandidateRecord.job_id == Job.id)
-         .where(Job.status == "succeeded", CandidateRecord.pareto.is_(True))
-         .options(selectinload(CandidateRecord.validation)))
+    q = (
+        select(CandidateRecord, Job)
+        .join(Job, CandidateRecord.job_id == Job.id)
+        .where(Job.status == "succeeded", CandidateRecord.pareto.is_(True))
+        .options(selectinload(CandidateRecord.validation))
+    )
     q = q.where(or_(Job.public.is_(True), Job.owner == who.owner) if who.owner else Job.public.is_(True))
     if model_id is not None:
         q = q.where(Job.model_id == model_id)
@@ -108,7 +124,7 @@ def _board(db: Session, who: Caller, model_id: str | None, dataset_id: str | Non
     fronts: dict[str, tuple[Job, list[CandidateRecord]]] = {}
     for cand, job in found:
         fronts.setdefault(job.id, (job, []))[1].append(cand)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     states: dict[int, str] = {}
     for job, front in fronts.values():
         states.update(_validation_states(job, front, now))
@@ -118,8 +134,13 @@ def _board(db: Session, who: Caller, model_id: str | None, dataset_id: str | Non
     out = []
     for (mid, did), rows in groups.items():
         _mark_front(rows)
-        out.append(LeaderboardGroup(model=ModelOut.model_validate(db.get(ModelRecord, mid)),
-                                    dataset=DatasetOut.model_validate(db.get(DatasetRecord, did)), rows=rows))
+        out.append(
+            LeaderboardGroup(
+                model=ModelOut.model_validate(db.get(ModelRecord, mid)),
+                dataset=DatasetOut.model_validate(db.get(DatasetRecord, did)),
+                rows=rows,
+            )
+        )
     return Leaderboard(groups=out)
 
 

@@ -45,5 +45,14 @@ class StorageFull(ServiceError):
     """The artifact store has no room; nothing was stored."""
 
 
-__all__ = ["Busy", "CannotRun", "Conflict", "InvalidRequest", "NotFound", "QuotaExceeded", "ServiceError", "StorageFull",
-           "TooLarge"]
+__all__ = [
+    "Busy",
+    "CannotRun",
+    "Conflict",
+    "InvalidRequest",
+    "NotFound",
+    "QuotaExceeded",
+    "ServiceError",
+    "StorageFull",
+    "TooLarge",
+]

@@ -5,10 +5,11 @@ api/routes/jobs.py only turns requests into calls."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -22,9 +23,22 @@ from store.db import session_scope
 from store.models import ACTIVE_STATES, FINAL_STATES, CandidateRecord, Job, JobStatus, ValidationStatus
 from store.settings import Settings
 
-__all__ = ["CANDIDATE_SORTS", "MAX_VALIDATE_TOP_K", "Upload", "JobRequest", "build_spec", "cancel_job",
-           "candidate_for", "create_job", "job_bodies", "job_candidates", "job_for", "list_jobs", "packed_directory",
-           "set_public"]
+__all__ = [
+    "CANDIDATE_SORTS",
+    "MAX_VALIDATE_TOP_K",
+    "Upload",
+    "JobRequest",
+    "build_spec",
+    "cancel_job",
+    "candidate_for",
+    "create_job",
+    "job_bodies",
+    "job_candidates",
+    "job_for",
+    "list_jobs",
+    "packed_directory",
+    "set_public",
+]
 
 CANDIDATE_SORTS = ("seq", "avg_wbits", "weight_bytes", "bitops", "latency_us", "val_top1", "score")
 MAX_VALIDATE_TOP_K = 64
@@ -83,8 +97,9 @@ def build_spec(method: str, budget: str, options: str, default_validate_top_k: i
         raise InvalidRequest(f"invalid options: {e}") from e
 
 
-def create_job(settings: Settings, store: ArtifactStore, owner: str, request: JobRequest,
-               enqueue: Callable[[str], None]) -> JobCreated:
+def create_job(
+    settings: Settings, store: ArtifactStore, owner: str, request: JobRequest, enqueue: Callable[[str], None]
+) -> JobCreated:
     """Check, store and queue a job. Uploads are staged and analysed before the transaction (an analysis takes
     seconds) and moved to their final names only after it commits: a refused request leaves no file and no row.
     The owner's jobs are counted and the new one inserted under an owner lock, so the quota holds under
@@ -103,8 +118,7 @@ def create_job(settings: Settings, store: ArtifactStore, owner: str, request: Jo
         else:
             uploads.backfill_model_analysis(settings, store, r.model_id, owner)
         if r.data is not None:
-            staged.append(uploads.prepare_dataset(settings, store, r.data.file,
-                                                  r.data.filename or "data.safetensors"))
+            staged.append(uploads.prepare_dataset(settings, store, r.data.file, r.data.filename or "data.safetensors"))
         with session_scope(settings.resolved_database_url()) as db:
             uploads.lock_owner(db, owner)
             if r.model is not None:
@@ -119,18 +133,30 @@ def create_job(settings: Settings, store: ArtifactStore, owner: str, request: Jo
                 data_rec = uploads.dataset_by_id(db, r.dataset_id, owner)
             uploads.check_compatible(model_rec, data_rec)
             uploads.check_feasible(summary, r.spec.budget, r.spec)
-            active = db.scalar(select(func.count()).select_from(Job).where(
-                Job.owner == owner, Job.status.in_(ACTIVE_STATES)))
+            active = db.scalar(
+                select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(ACTIVE_STATES))
+            )
             if active >= settings.max_active_jobs:
-                raise QuotaExceeded(f"you already have {active} queued or running jobs, the limit per owner; "
-                                    "wait for one to finish or cancel one")
-            job = Job(model_id=model_rec.id, dataset_id=data_rec.id, method=r.spec.method,
-                      budget=r.spec.budget.limits(), options=r.spec.job_options(), validate_top_k=r.validate_top_k,
-                      owner=owner, public=r.public, heartbeat_at=datetime.now(timezone.utc))
+                raise QuotaExceeded(
+                    f"you already have {active} queued or running jobs, the limit per owner; "
+                    "wait for one to finish or cancel one"
+                )
+            job = Job(
+                model_id=model_rec.id,
+                dataset_id=data_rec.id,
+                method=r.spec.method,
+                budget=r.spec.budget.limits(),
+                options=r.spec.job_options(),
+                validate_top_k=r.validate_top_k,
+                owner=owner,
+                public=r.public,
+                heartbeat_at=datetime.now(UTC),
+            )
             db.add(job)
             db.flush()
-            created = JobCreated(id=job.id, status=job.status, model_id=model_rec.id, dataset_id=data_rec.id,
-                                 location=f"/jobs/{job.id}")
+            created = JobCreated(
+                id=job.id, status=job.status, model_id=model_rec.id, dataset_id=data_rec.id, location=f"/jobs/{job.id}"
+            )
         for upload in staged:  # committed: a worker must find the files before the job is queued
             upload.place()
     finally:
@@ -138,7 +164,7 @@ def create_job(settings: Settings, store: ArtifactStore, owner: str, request: Jo
             upload.discard()  # no-op once placed
     try:
         enqueue(created.id)
-    except Exception:  # noqa: BLE001 - broker down: the job stays queued and the workers' reaper sends it again
+    except Exception:
         pass
     return created
 
@@ -146,20 +172,34 @@ def create_job(settings: Settings, store: ArtifactStore, owner: str, request: Jo
 def _candidate_counts(db: Session, job_ids: list[str]) -> dict[str, int]:
     if not job_ids:
         return {}
-    rows = db.execute(select(CandidateRecord.job_id, func.count()).where(CandidateRecord.job_id.in_(job_ids))
-                      .group_by(CandidateRecord.job_id)).all()
+    rows = db.execute(
+        select(CandidateRecord.job_id, func.count())
+        .where(CandidateRecord.job_id.in_(job_ids))
+        .group_by(CandidateRecord.job_id)
+    ).all()
     return dict(rows)
 
 
-def list_jobs(db: Session, owner: str, status: str | None = None, method: str | None = None,
-              model_id: str | None = None, dataset_id: str | None = None, limit: int = 50,
-              offset: int = 0) -> JobPage:
+def list_jobs(
+    db: Session,
+    owner: str,
+    status: str | None = None,
+    method: str | None = None,
+    model_id: str | None = None,
+    dataset_id: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> JobPage:
     """The owner's own jobs, newest first."""
     if status is not None and status not in {s.value for s in JobStatus}:
         raise InvalidRequest(f"unknown status {status!r}; expected one of {', '.join(s.value for s in JobStatus)}")
     q = select(Job).where(Job.owner == owner)
-    for col, value in ((Job.status, status), (Job.method, method), (Job.model_id, model_id),
-                       (Job.dataset_id, dataset_id)):
+    for col, value in (
+        (Job.status, status),
+        (Job.method, method),
+        (Job.model_id, model_id),
+        (Job.dataset_id, dataset_id),
+    ):
         if value is not None:
             q = q.where(col == value)
     total = db.scalar(select(func.count()).select_from(q.subquery()))
@@ -182,12 +222,17 @@ def job_bodies(db: Session, job_id: str) -> tuple[str, bool, bytes, bytes] | Non
     if job is None:
         return None
     count = _candidate_counts(db, [job.id]).get(job.id, 0)
-    return (job.owner, job.public, job_out(job, count).model_dump_json().encode(),
-            job_out(job, count, owner_view=False).model_dump_json().encode())
+    return (
+        job.owner,
+        job.public,
+        job_out(job, count).model_dump_json().encode(),
+        job_out(job, count, owner_view=False).model_dump_json().encode(),
+    )
 
 
-def job_candidates(db: Session, job_id: str, owner: str | None, sort: str = "seq",
-                   pareto: bool | None = None) -> list[CandidateOut]:
+def job_candidates(
+    db: Session, job_id: str, owner: str | None, sort: str = "seq", pareto: bool | None = None
+) -> list[CandidateOut]:
     job = job_for(db, job_id, owner)
     field = sort.lstrip("-")
     if field not in CANDIDATE_SORTS:
@@ -206,7 +251,7 @@ def cancel_job(db: Session, job_id: str, owner: str) -> JobOut:
         raise Conflict(f"job {job_id} has already {job.status}")
     job.cancel_requested = True
     if job.status == JobStatus.QUEUED:  # nothing runs it yet; the worker skips a cancelled job
-        job.status, job.finished_at, job.error = JobStatus.CANCELLED, datetime.now(timezone.utc), "cancelled by request"
+        job.status, job.finished_at, job.error = JobStatus.CANCELLED, datetime.now(UTC), "cancelled by request"
     db.commit()
     return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))
 

@@ -24,8 +24,7 @@ from sqlalchemy import select, text, update
 from sqlalchemy.orm import Session
 
 from api.analysis import AnalysisFailed, DatasetAnalysis, ModelAnalysis, analyse
-from api.services.errors import (CannotRun, Conflict, InvalidRequest, NotFound, ServiceError, StorageFull,
-                                 TooLarge)
+from api.services.errors import CannotRun, Conflict, InvalidRequest, NotFound, ServiceError, StorageFull, TooLarge
 from store.artifacts import ArtifactStore, StagedFile
 from store.artifacts import TooLarge as OverLimit
 from store.db import session_scope
@@ -40,6 +39,7 @@ _OWNER_LOCK_NAMESPACE = 0x6273  # "bs"
 
 
 # -- the summary feasibility checks read -------------------------------------------------------------------------
+
 
 class _FloatTensorCount:
     """Stands in for the float tensors outside the layers: cost.unquantized_bytes counts 4 bytes per element."""
@@ -61,8 +61,9 @@ class ModelSummary:
     def __init__(self, analysis: dict, total_params: int):
         from search.model import Layer
 
-        self.layers = [Layer(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-                       for d in analysis["layers"]]
+        self.layers = [
+            Layer(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}) for d in analysis["layers"]
+        ]
         self.total_params = total_params
         self.unquantized_bytes = int(analysis["unquantized_bytes"])
         self.layer_nodes: dict = {}  # no layer tensors among used_tensors() below
@@ -84,6 +85,7 @@ def check_feasible(summary: ModelSummary, budget, opts) -> None:
 
 
 # -- staging and analysis (before any transaction) ----------------------------------------------------------------
+
 
 @dataclass
 class Prepared:
@@ -196,11 +198,15 @@ def backfill_model_analysis(settings: Settings, store: ArtifactStore, model_id: 
     except AnalysisFailed as e:
         raise _refused(e, "model", row[1]) from None
     with session_scope(url) as db:
-        db.execute(update(ModelRecord).where(ModelRecord.id == model_id, ModelRecord.analysis.is_(None))
-                   .values(analysis=result.stored()))
+        db.execute(
+            update(ModelRecord)
+            .where(ModelRecord.id == model_id, ModelRecord.analysis.is_(None))
+            .values(analysis=result.stored())
+        )
 
 
 # -- the transaction --------------------------------------------------------------------------------------------
+
 
 def lock_owner(db: Session, owner: str) -> None:
     """Serialize this owner's job submissions until the transaction ends, so that counting their active jobs and
@@ -234,8 +240,14 @@ def own(db: Session, owner: str, kind: str, object_id: str) -> None:
 
 
 def owns(db: Session, owner: str, kind: str, object_id: str) -> bool:
-    return db.scalar(select(Ownership.id).where(Ownership.owner == owner, Ownership.kind == kind,
-                                                Ownership.object_id == object_id)) is not None
+    return (
+        db.scalar(
+            select(Ownership.id).where(
+                Ownership.owner == owner, Ownership.kind == kind, Ownership.object_id == object_id
+            )
+        )
+        is not None
+    )
 
 
 def _fresh(db: Session, cls, key: str):
@@ -245,13 +257,26 @@ def _fresh(db: Session, cls, key: str):
 def record_model(db: Session, prepared: Prepared, owner: str) -> tuple[ModelRecord, ModelSummary]:
     a = prepared.analysis
     if a is not None:
-        _insert_ignore(db, ModelRecord.__table__, dict(
-            id=prepared.sha256, filename=prepared.filename[:255], size_bytes=prepared.staged.size,
-            num_layers=len(a.layers), total_params=a.total_params, input_shape=a.input_shape,
-            num_outputs=a.num_outputs, analysis=a.stored()))
+        _insert_ignore(
+            db,
+            ModelRecord.__table__,
+            dict(
+                id=prepared.sha256,
+                filename=prepared.filename[:255],
+                size_bytes=prepared.staged.size,
+                num_layers=len(a.layers),
+                total_params=a.total_params,
+                input_shape=a.input_shape,
+                num_outputs=a.num_outputs,
+                analysis=a.stored(),
+            ),
+        )
         # A row from before analyses were kept gets this one.
-        db.execute(update(ModelRecord).where(ModelRecord.id == prepared.sha256, ModelRecord.analysis.is_(None))
-                   .values(analysis=a.stored()))
+        db.execute(
+            update(ModelRecord)
+            .where(ModelRecord.id == prepared.sha256, ModelRecord.analysis.is_(None))
+            .values(analysis=a.stored())
+        )
     rec = _fresh(db, ModelRecord, prepared.sha256)
     if rec is None or rec.analysis is None:  # models are never deleted; this cannot happen short of manual edits
         raise Conflict("the model changed while it was being stored; send it again")
@@ -271,10 +296,19 @@ def model_by_id(db: Session, model_id: str, owner: str) -> tuple[ModelRecord, Mo
 def record_dataset(db: Session, prepared: Prepared, owner: str) -> DatasetRecord:
     a = prepared.analysis
     if a is not None:
-        _insert_ignore(db, DatasetRecord.__table__, dict(
-            id=prepared.sha256, name=prepared.filename.rsplit(".", 1)[0][:255] or "dataset", builtin=False,
-            size_bytes=prepared.staged.size, num_samples=a.num_samples, sample_shape=a.sample_shape,
-            num_classes=a.num_classes))
+        _insert_ignore(
+            db,
+            DatasetRecord.__table__,
+            dict(
+                id=prepared.sha256,
+                name=prepared.filename.rsplit(".", 1)[0][:255] or "dataset",
+                builtin=False,
+                size_bytes=prepared.staged.size,
+                num_samples=a.num_samples,
+                sample_shape=a.sample_shape,
+                num_classes=a.num_classes,
+            ),
+        )
     rec = _fresh(db, DatasetRecord, prepared.sha256)
     if rec is None:
         raise Conflict("the data set changed while it was being stored; send it again")
@@ -303,11 +337,14 @@ def dataset_by_id(db: Session, dataset_id: str, owner: str) -> DatasetRecord:
 
 def check_compatible(model: ModelRecord, dataset: DatasetRecord) -> None:
     if list(dataset.sample_shape) != list(model.input_shape):
-        raise CannotRun(f"the data set's inputs are {list(dataset.sample_shape)} per sample but the model "
-                                 f"takes {list(model.input_shape)}")
+        raise CannotRun(
+            f"the data set's inputs are {list(dataset.sample_shape)} per sample but the model "
+            f"takes {list(model.input_shape)}"
+        )
     if dataset.num_classes is not None and dataset.num_classes > model.num_outputs:
-        raise CannotRun(f"the data set has labels up to {dataset.num_classes - 1} but the model has "
-                                 f"{model.num_outputs} outputs")
+        raise CannotRun(
+            f"the data set has labels up to {dataset.num_classes - 1} but the model has {model.num_outputs} outputs"
+        )
 
 
 def check_finetune(spec, builtin_data: bool, settings: Settings) -> None:
@@ -319,10 +356,14 @@ def check_finetune(spec, builtin_data: bool, settings: Settings) -> None:
     if not ft.enabled:
         return
     if not builtin_data:
-        raise CannotRun("invalid options: fine-tuning needs a labelled training set; only the built-in data sets "
-                        "have one (an uploaded data set is calibration, validation and test only)")
+        raise CannotRun(
+            "invalid options: fine-tuning needs a labelled training set; only the built-in data sets "
+            "have one (an uploaded data set is calibration, validation and test only)"
+        )
     train_images = FASHION_MNIST_TRAIN if ft.samples is None else min(ft.samples, FASHION_MNIST_TRAIN)
     images = ft.steps * ft.batch_size if ft.steps else ft.epochs * train_images
     if images > settings.max_finetune_images:
-        raise CannotRun(f"invalid options: one fine-tune would run {images} training images, over this server's "
-                        f"limit of {settings.max_finetune_images}; lower finetune epochs, steps or samples")
+        raise CannotRun(
+            f"invalid options: one fine-tune would run {images} training images, over this server's "
+            f"limit of {settings.max_finetune_images}; lower finetune epochs, steps or samples"
+        )

@@ -4,6 +4,12 @@ from .activation import ActRange, ActStats, calibrate_range, fake_quantize_activ
 from .weight import WEIGHT_SCHEMES, QuantizedWeight, quantize_weight, weight_levels
 
 __all__ = [
-    "ActRange", "ActStats", "calibrate_range", "fake_quantize_activation",
-    "WEIGHT_SCHEMES", "QuantizedWeight", "quantize_weight", "weight_levels",
+    "ActRange",
+    "ActStats",
+    "calibrate_range",
+    "fake_quantize_activation",
+    "WEIGHT_SCHEMES",
+    "QuantizedWeight",
+    "quantize_weight",
+    "weight_levels",
 ]

@@ -74,8 +74,9 @@ class ActStats:
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().float()
         # [positions, channels]; a 1-D tensor is one channel
-        per_channel = x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim]) if x.dim() > 1 \
-            else x.reshape(-1, 1)
+        per_channel = (
+            x.movedim(self.channel_dim, -1).reshape(-1, x.shape[self.channel_dim]) if x.dim() > 1 else x.reshape(-1, 1)
+        )
         self.channel_sum = per_channel.sum(0) + (0 if self.channel_sum is None else self.channel_sum)
         self.channel_count += per_channel.shape[0]
         x = x.reshape(-1)
@@ -103,8 +104,9 @@ class ActStats:
         return self.lo >= 0
 
 
-def calibrate_range(stats: ActStats, bits: int, method: str = "mse",
-                    percentile: float = DEFAULT_PERCENTILE) -> ActRange:
+def calibrate_range(
+    stats: ActStats, bits: int, method: str = "mse", percentile: float = DEFAULT_PERCENTILE
+) -> ActRange:
     if not 2 <= bits <= 8:
         raise ValueError(f"activation bits must be in 2..8 (or {FLOAT_ACT_BITS} for float), got {bits}")
     if method not in CALIBRATION_METHODS:

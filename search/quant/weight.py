@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -43,7 +43,7 @@ def _apot_magnitudes(mag_bits: int, base_bits: int = 2) -> list[float]:
     return sorted({sum(c) for c in itertools.product(*sets)})
 
 
-@lru_cache(maxsize=None)
+@cache
 def _levels(bits: int, scheme: str) -> tuple[float, ...]:
     if scheme == "uniform":
         qmax = (1 << (bits - 1)) - 1
@@ -51,7 +51,7 @@ def _levels(bits: int, scheme: str) -> tuple[float, ...]:
     if bits < 2:
         raise ValueError(f"scheme {scheme!r} needs at least 2 bits; 1-bit weights are binary (scheme 'uniform')")
     if scheme == "pot":
-        mags = [0.0] + [2.0 ** -e for e in range((1 << (bits - 1)) - 2, -1, -1)]
+        mags = [0.0] + [2.0**-e for e in range((1 << (bits - 1)) - 2, -1, -1)]
     elif scheme == "apot":
         mags = _apot_magnitudes(bits - 1)  # one bit of the code is the sign
         top = max(mags)
@@ -81,8 +81,9 @@ def _values(codes: torch.Tensor, bits: int, scheme: str, levels: torch.Tensor) -
     return levels[codes]
 
 
-def _mse_threshold(flat: torch.Tensor, w_max: torch.Tensor, bits: int, scheme: str,
-                   levels: torch.Tensor) -> torch.Tensor:
+def _mse_threshold(
+    flat: torch.Tensor, w_max: torch.Tensor, bits: int, scheme: str, levels: torch.Tensor
+) -> torch.Tensor:
     """Per channel, the threshold k/MSE_GRID * max|w| with the least squared error (all k at once, in chunks)."""
     fractions = torch.arange(1, MSE_GRID + 1, dtype=torch.float32) / MSE_GRID
     chunk = max(1, (1 << 24) // flat.numel())

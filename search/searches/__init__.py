@@ -9,15 +9,25 @@ marks the Pareto front and recommends the most accurate candidate that fits.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from ..cost import Budget, LatencyTable
 from ..data import DataSplits
 from ..model import LoadedModel
 from ..simulate import Simulator
-from dataclasses import dataclass
-from typing import Callable
-
-from .base import (Candidate, CandidateCallback, MethodParams, Progress, ProgressCallback, SearchContext, SearchError,
-                   SearchOptions, SearchResult, parse_params)
+from .base import (
+    Candidate,
+    CandidateCallback,
+    MethodParams,
+    Progress,
+    ProgressCallback,
+    SearchContext,
+    SearchError,
+    SearchOptions,
+    SearchResult,
+    parse_params,
+)
 from .baselines import RandomParams, UniformParams, random_configs, uniform
 from .haq import HaqParams, haq_search
 from .imprinting import ImprintingParams, imprinting_search
@@ -59,23 +69,48 @@ def check_method_options(name: str, options: SearchOptions) -> None:
     that fine-tune."""
     method_params(name, options.params)
     if options.finetune.enabled and not METHODS[name].finetunes:
-        raise SearchError(f"method {name!r} does not fine-tune; fine-tuning is an option of "
-                          f"{' and '.join(FINETUNE_METHODS)}")
+        raise SearchError(
+            f"method {name!r} does not fine-tune; fine-tuning is an option of {' and '.join(FINETUNE_METHODS)}"
+        )
 
 
-def run_search(method: str, model: LoadedModel, data: DataSplits, budget: Budget,
-               options: SearchOptions | None = None, on_progress: ProgressCallback | None = None,
-               latency: LatencyTable | None = None, simulator: Simulator | None = None,
-               on_candidate: CandidateCallback | None = None) -> SearchResult:
+def run_search(
+    method: str,
+    model: LoadedModel,
+    data: DataSplits,
+    budget: Budget,
+    options: SearchOptions | None = None,
+    on_progress: ProgressCallback | None = None,
+    latency: LatencyTable | None = None,
+    simulator: Simulator | None = None,
+    on_candidate: CandidateCallback | None = None,
+) -> SearchResult:
     """Run `method`; `on_candidate` sees each recorded candidate as it is found (the service stores it then)."""
     options = options or SearchOptions()
     check_method_options(method, options)
-    ctx = SearchContext(method, model, data, budget, options, on_progress, latency, simulator,
-                        on_candidate)
+    ctx = SearchContext(method, model, data, budget, options, on_progress, latency, simulator, on_candidate)
     METHODS[method].run(ctx)
     return ctx.result()
 
 
-__all__ = ["FINETUNE_METHODS", "METHODS", "Candidate", "HaqParams", "ImprintingParams", "Method", "MethodParams",
-           "Progress", "RandomParams", "SearchContext", "SearchError", "SearchOptions", "SearchResult", "SqnrParams",
-           "UniformParams", "check_method_options", "method", "method_params", "run_search"]
+__all__ = [
+    "FINETUNE_METHODS",
+    "METHODS",
+    "Candidate",
+    "HaqParams",
+    "ImprintingParams",
+    "Method",
+    "MethodParams",
+    "Progress",
+    "RandomParams",
+    "SearchContext",
+    "SearchError",
+    "SearchOptions",
+    "SearchResult",
+    "SqnrParams",
+    "UniformParams",
+    "check_method_options",
+    "method",
+    "method_params",
+    "run_search",
+]

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -39,8 +40,9 @@ def parse_params(method: str, cls: type[MethodParams], raw: dict) -> MethodParam
         unknown = [".".join(map(str, err["loc"])) for err in e.errors() if err["type"] == "extra_forbidden"]
         if unknown:
             takes = ", ".join(cls.model_fields) or "none"
-            raise SearchError(f"unknown {method} option(s) {', '.join(map(repr, unknown))}; {method} takes: "
-                              f"{takes}") from e
+            raise SearchError(
+                f"unknown {method} option(s) {', '.join(map(repr, unknown))}; {method} takes: {takes}"
+            ) from e
         problems = "; ".join(f"{method} option {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise SearchError(problems) from e
 
@@ -55,11 +57,16 @@ class SearchOptions(BaseModel):
     clip: str = Field(default="mse", pattern="^(max|mse)$")
     act_calibration: str = Field(default="mse", pattern="^(minmax|percentile|mse)$")
     val_samples: int = Field(default=2000, ge=100, description="validation images used to score each candidate")
-    params: dict[str, Any] = Field(default_factory=dict, description="method-specific options, checked against "
-                                   "the method's own typed params (search/searches/__init__.py)")
-    finetune: FineTuneOptions = Field(default_factory=FineTuneOptions,
-                                      description="STE fine-tuning on the training split (imprinting: between "
-                                      "steps; haq: per episode); off by default")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="method-specific options, checked against "
+        "the method's own typed params (search/searches/__init__.py)",
+    )
+    finetune: FineTuneOptions = Field(
+        default_factory=FineTuneOptions,
+        description="STE fine-tuning on the training split (imprinting: between "
+        "steps; haq: per episode); off by default",
+    )
 
     @field_validator("w_bits")
     @classmethod
@@ -94,10 +101,15 @@ class Candidate:
 
     def to_dict(self) -> dict:
         return {
-            "w_bits": self.config.w_bits(), "a_bits": self.config.a_bits(), "cost": self.cost.to_dict(),
-            "score": self.score, "val_top1": self.val_top1,
+            "w_bits": self.config.w_bits(),
+            "a_bits": self.config.a_bits(),
+            "cost": self.cost.to_dict(),
+            "score": self.score,
+            "val_top1": self.val_top1,
             "val_sqnr_db": None if math.isinf(self.val_sqnr_db) else self.val_sqnr_db,
-            "fits": self.fits, "pareto": self.pareto, "meta": self.meta,
+            "fits": self.fits,
+            "pareto": self.pareto,
+            "meta": self.meta,
         }
 
 
@@ -128,8 +140,11 @@ class SearchResult:
 
     def to_dict(self) -> dict:
         return {
-            "method": self.method, "budget": self.budget.limits(), "pareto_metric": self.pareto_metric,
-            "seconds": self.seconds, "candidates": [c.to_dict() for c in self.candidates],
+            "method": self.method,
+            "budget": self.budget.limits(),
+            "pareto_metric": self.pareto_metric,
+            "seconds": self.seconds,
+            "candidates": [c.to_dict() for c in self.candidates],
             "recommended": None if self.recommended is None else self.candidates.index(self.recommended),
             "recommended_config": None if self.recommended is None else self.recommended.config.model_dump(),
         }
@@ -145,9 +160,18 @@ def mark_pareto(candidates: list[Candidate], metric: str) -> None:
 class SearchContext:
     """The model, data, budget and simulator a search works with; candidates are evaluated through it."""
 
-    def __init__(self, method: str, model: LoadedModel, splits: DataSplits, budget: Budget, options: SearchOptions,
-                 on_progress: ProgressCallback | None = None, latency: LatencyTable | None = None,
-                 simulator: Simulator | None = None, on_candidate: CandidateCallback | None = None):
+    def __init__(
+        self,
+        method: str,
+        model: LoadedModel,
+        splits: DataSplits,
+        budget: Budget,
+        options: SearchOptions,
+        on_progress: ProgressCallback | None = None,
+        latency: LatencyTable | None = None,
+        simulator: Simulator | None = None,
+        on_candidate: CandidateCallback | None = None,
+    ):
         from . import method_params  # the registry imports this module
 
         self.method = method
@@ -180,12 +204,18 @@ class SearchContext:
     # -- configs and costs --------------------------------------------------------------------------
     def config(self, w_bits: dict[str, int], a_bits: dict[str, int]) -> QuantConfig:
         o = self.options
-        return QuantConfig.from_bits(self.model, w_bits, a_bits, scheme=o.scheme, clip=o.clip,
-                                     act_calibration=o.act_calibration)
+        return QuantConfig.from_bits(
+            self.model, w_bits, a_bits, scheme=o.scheme, clip=o.clip, act_calibration=o.act_calibration
+        )
 
     def cost(self, w_bits: dict[str, int], a_bits: dict[str, int]) -> Cost:
-        return cost_of(self.model, w_bits, a_bits, {n: self.options.scheme for n in w_bits},
-                       self.latency if self.budget.latency_us is not None else None)
+        return cost_of(
+            self.model,
+            w_bits,
+            a_bits,
+            {n: self.options.scheme for n in w_bits},
+            self.latency if self.budget.latency_us is not None else None,
+        )
 
     def fits(self, w_bits: dict[str, int], a_bits: dict[str, int]) -> bool:
         return self.budget.fits(self.cost(w_bits, a_bits))
@@ -197,8 +227,9 @@ class SearchContext:
     def evaluate(self, config: QuantConfig, data: LabelledSet | None = None) -> EvalResult:
         return self.sim.evaluate(config, data if data is not None else self.val)
 
-    def add_candidate(self, w_bits: dict[str, int], a_bits: dict[str, int], score: float | None = None,
-                      **meta) -> Candidate | None:
+    def add_candidate(
+        self, w_bits: dict[str, int], a_bits: dict[str, int], score: float | None = None, **meta
+    ) -> Candidate | None:
         """Record a config that meets the budget (once), scored on the validation subset; others are skipped."""
         key = (tuple(w_bits[n] for n in self.layer_names), tuple(a_bits[n] for n in self.layer_names))
         if key in self._seen:
@@ -245,5 +276,11 @@ class SearchContext:
 
     def result(self) -> SearchResult:
         mark_pareto(self.candidates, self.pareto_metric)
-        return SearchResult(self.method, self.budget, self.candidates, self.pareto_metric,
-                            time.perf_counter() - self.started, self.best_fitting())
+        return SearchResult(
+            self.method,
+            self.budget,
+            self.candidates,
+            self.pareto_metric,
+            time.perf_counter() - self.started,
+            self.best_fitting(),
+        )

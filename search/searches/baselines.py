@@ -37,7 +37,9 @@ def random_configs(ctx: SearchContext) -> None:
         w = {n: rng.choice(w_choices) for n in names}
         a = {n: rng.choice(a_choices) for n in names}
         while not ctx.fits(w, a):
-            lowerable = [(n, "w") for n in names if w[n] > w_choices[0]] + [(n, "a") for n in names if a[n] > a_choices[0]]
+            lowerable = [(n, "w") for n in names if w[n] > w_choices[0]] + [
+                (n, "a") for n in names if a[n] > a_choices[0]
+            ]
             n, kind = rng.choice(lowerable)  # non-empty: the budget is feasible at the minimum
             bits, choices = (w, w_choices) if kind == "w" else (a, a_choices)
             bits[n] = choices[choices.index(bits[n]) - 1]

@@ -51,10 +51,10 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
 from statistics import NormalDist
-from typing import Callable, Iterable
 
 import torch
 from pydantic import Field
@@ -84,6 +84,7 @@ Config = tuple[tuple[int, ...], tuple[int, ...]]  # (weight bits, activation bit
 
 # -- the environment: states, actions, budget -------------------------------------------------------
 
+
 def layer_states(ctx: SearchContext, search_activations: bool) -> tuple[torch.Tensor, list[tuple[str, str]]]:
     """The normalised state of every step (previous action left at 0) and its (layer, 'w' | 'a')."""
     rows, steps = [], []
@@ -92,8 +93,16 @@ def layer_states(ctx: SearchContext, search_activations: bool) -> tuple[torch.Te
             stride, kernel, positions = 0, 1, 1
         else:
             stride, kernel, positions = layer.stride[0], layer.kernel[0], math.prod(layer.in_shape[1:])
-        features = [float(layer.is_depthwise), layer.c_in, layer.c_out, stride, kernel, layer.params, positions,
-                    layer.index]
+        features = [
+            float(layer.is_depthwise),
+            layer.c_in,
+            layer.c_out,
+            stride,
+            kernel,
+            layer.params,
+            positions,
+            layer.index,
+        ]
         for kind in ("w", "a") if search_activations else ("w",):
             rows.append(features + [0.0, 1.0 if kind == "w" else 0.0])
             steps.append((layer.name, kind))
@@ -133,8 +142,11 @@ class BudgetEnforcer:
         key = (name, kind, bits)
         if key not in self._noise:
             o, sim = self.ctx.options, self.ctx.sim
-            db = (sim.weight_sqnr_db(name, bits, o.scheme, o.clip) if kind == "w"
-                  else sim.activation_sqnr_db(name, bits, o.act_calibration))
+            db = (
+                sim.weight_sqnr_db(name, bits, o.scheme, o.clip)
+                if kind == "w"
+                else sim.activation_sqnr_db(name, bits, o.act_calibration)
+            )
             self._noise[key] = 10 ** (-db / 10)
         return self._noise[key]
 
@@ -142,12 +154,14 @@ class BudgetEnforcer:
         """One layer's part of each metric (cached: the cost model is pure Python over all layers)."""
         key = (name, w_bits, a_bits)
         if key not in self._shares:
-            self._shares[key] = layer_costs(self.ctx.model, self.ctx.model.layer(name), w_bits, a_bits,
-                                            self.ctx.options.scheme, self.latency)
+            self._shares[key] = layer_costs(
+                self.ctx.model, self.ctx.model.layer(name), w_bits, a_bits, self.ctx.options.scheme, self.latency
+            )
         return self._shares[key]
 
-    def saving(self, name: str, w: dict[str, int], a: dict[str, int], new_w: int, new_a: int,
-               violated: dict[str, float]) -> float:
+    def saving(
+        self, name: str, w: dict[str, int], a: dict[str, int], new_w: int, new_a: int, violated: dict[str, float]
+    ) -> float:
         """Cost saved by the change, summed over the violated metrics as fractions of their limits."""
         old, new = self.share(name, w[name], a[name]), self.share(name, new_w, new_a)
         saved = 0.0
@@ -193,6 +207,7 @@ class BudgetEnforcer:
 
 # -- scoring --------------------------------------------------------------------------------------
 
+
 def reward_data(ctx: SearchContext) -> LabelledSet:
     """`reward_samples` validation images after those the candidates are scored on; if the split is
     too short for that, the first of the candidates' own images."""
@@ -216,8 +231,9 @@ class EpisodeScore:
     finetuned_val_top1: float | None = None  # with fine-tuning: the fine-tuned network on the validation images
 
 
-def _config_score(ctx: SearchContext, data: LabelledSet, config: Config,
-                  on_batch: Callable[[], None] | None = None) -> EpisodeScore:
+def _config_score(
+    ctx: SearchContext, data: LabelledSet, config: Config, on_batch: Callable[[], None] | None = None
+) -> EpisodeScore:
     w, a = (dict(zip(ctx.layer_names, bits)) for bits in config)
     qc = ctx.config(w, a)
     o = ctx.options
@@ -228,8 +244,13 @@ def _config_score(ctx: SearchContext, data: LabelledSet, config: Config,
     return EpisodeScore(quality(sim.evaluate(qc, data)), sim.evaluate(qc, ctx.val).top1)
 
 
-def score_episodes(ctx: SearchContext, configs: list[Config], map_fn: Callable = map,
-                   data: LabelledSet | None = None, on_batch: Callable[[], None] | None = None) -> list[EpisodeScore]:
+def score_episodes(
+    ctx: SearchContext,
+    configs: list[Config],
+    map_fn: Callable = map,
+    data: LabelledSet | None = None,
+    on_batch: Callable[[], None] | None = None,
+) -> list[EpisodeScore]:
     """Each config's scores on `data` (default: the reward images), after fine-tuning when it is on.
 
     `map_fn` may be an executor's map. Without fine-tuning the context's simulator swaps weights in
@@ -240,19 +261,27 @@ def score_episodes(ctx: SearchContext, configs: list[Config], map_fn: Callable =
     return list(map_fn(partial(_config_score, ctx, data, on_batch=on_batch), configs))
 
 
-def evaluate_episodes(ctx: SearchContext, configs: list[Config], map_fn: Callable = map,
-                      data: LabelledSet | None = None) -> list[float]:
+def evaluate_episodes(
+    ctx: SearchContext, configs: list[Config], map_fn: Callable = map, data: LabelledSet | None = None
+) -> list[float]:
     """The reward accuracy of each config (see score_episodes)."""
     return [s.quality for s in score_episodes(ctx, configs, map_fn, data)]
 
 
 # -- the agent ------------------------------------------------------------------------------------
 
+
 class Actor(nn.Module):
     def __init__(self, state_dim: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(state_dim, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, HIDDEN), nn.ReLU(),
-                                 nn.Linear(HIDDEN, 1), nn.Sigmoid())
+        self.net = nn.Sequential(
+            nn.Linear(state_dim, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, 1),
+            nn.Sigmoid(),
+        )
         nn.init.uniform_(self.net[4].weight, -FINAL_LAYER_INIT, FINAL_LAYER_INIT)
 
     def forward(self, state: torch.Tensor) -> torch.Tensor:
@@ -302,8 +331,13 @@ class EpisodeReplay:
         episode, step = flat // steps, flat % steps
         done = step == steps - 1
         next_state = self.states[episode, torch.clamp(step + 1, max=steps - 1)]  # unused where done
-        return (self.states[episode, step], self.actions[episode, step, None], self.rewards[episode, None],
-                next_state, done.float()[:, None])
+        return (
+            self.states[episode, step],
+            self.actions[episode, step, None],
+            self.rewards[episode, None],
+            next_state,
+            done.float()[:, None],
+        )
 
 
 class DDPGAgent:
@@ -352,6 +386,7 @@ class DDPGAgent:
 
 # -- the search -----------------------------------------------------------------------------------
 
+
 @dataclass
 class Episode:
     w: dict[str, int]
@@ -367,15 +402,22 @@ class HaqParams(MethodParams):
     episodes: int = Field(default=200, ge=1, description="episodes the agent plays (the paper: 600)")
     warmup: int = Field(default=20, ge=0, description="episodes of random actions before the agent learns")
     batch_episodes: int = Field(default=1, ge=1, description="episodes played with one policy, scored together")
-    first_last_8bit: bool = Field(default=False, description="keep the first and last layers at the widest "
-                                  "allowed width up to 8 (budget enforcement may still lower them)")
+    first_last_8bit: bool = Field(
+        default=False,
+        description="keep the first and last layers at the widest "
+        "allowed width up to 8 (budget enforcement may still lower them)",
+    )
     reward_samples: int = Field(default=512, ge=1, description="validation images an episode's reward uses")
 
 
 def haq_search(ctx: SearchContext, map_fn: Callable[[Callable, Iterable], Iterable] = map) -> None:
     params: HaqParams = ctx.params
-    episodes, warmup, batch_episodes, pin_ends = (params.episodes, params.warmup, params.batch_episodes,
-                                                  params.first_last_8bit)
+    episodes, warmup, batch_episodes, pin_ends = (
+        params.episodes,
+        params.warmup,
+        params.batch_episodes,
+        params.first_last_8bit,
+    )
     data = reward_data(ctx)
     # A private RNG stream: the same seed gives the same search, and the caller's RNG is left alone.
     with torch.random.fork_rng(devices=[]):
@@ -383,8 +425,15 @@ def haq_search(ctx: SearchContext, map_fn: Callable[[Callable, Iterable], Iterab
         _search(ctx, episodes, warmup, batch_episodes, pin_ends, data, map_fn)
 
 
-def _search(ctx: SearchContext, episodes: int, warmup: int, batch_episodes: int, pin_ends: bool,
-            data: LabelledSet, map_fn: Callable) -> None:
+def _search(
+    ctx: SearchContext,
+    episodes: int,
+    warmup: int,
+    batch_episodes: int,
+    pin_ends: bool,
+    data: LabelledSet,
+    map_fn: Callable,
+) -> None:
     o, names = ctx.options, ctx.layer_names
     gen = torch.Generator().manual_seed(o.seed)
     search_activations = len(o.a_bits) > 1

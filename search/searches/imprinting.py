@@ -67,7 +67,7 @@ What a candidate's numbers refer to, with fine-tuning on:
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 from typing import Literal
 
 import torch
@@ -95,8 +95,9 @@ def embed(features: torch.Tensor, target_length: int) -> torch.Tensor:
     return F.normalize(e, dim=1)
 
 
-def imprint_accuracy(train_e: torch.Tensor, train_y: torch.Tensor, test_e: torch.Tensor, test_y: torch.Tensor,
-                     num_classes: int) -> float:
+def imprint_accuracy(
+    train_e: torch.Tensor, train_y: torch.Tensor, test_e: torch.Tensor, test_y: torch.Tensor, num_classes: int
+) -> float:
     """Eqs. 2.15-2.16: class-mean imprinted weights, nearest class by dot product."""
     weights = torch.zeros(num_classes, train_e.shape[1])
     weights.index_add_(0, train_y, train_e)
@@ -130,22 +131,28 @@ class LayerAccuracy:
         stale = self.names if changed is None else self.runner.affected_layers(changed)
         for name in stale:
             e = embed(self.runner.layer_output(name), self.embedding)
-            self.acc[name] = imprint_accuracy(e[: self.half], self.imprint_y, e[self.half :], self.score_y,
-                                              self.num_classes)
+            self.acc[name] = imprint_accuracy(
+                e[: self.half], self.imprint_y, e[self.half :], self.score_y, self.num_classes
+            )
         return [self.acc[n] for n in self.names]
 
 
 class ImprintingParams(MethodParams):
     variant: Literal["noise_aware", "faithful", "cost_aware"] = Field(
-        default="noise_aware", description="noise_aware: importance x noise growth per unit of cost saved; "
-        "faithful: Algorithm 2 as published; cost_aware: importance per unit of cost saved")
+        default="noise_aware",
+        description="noise_aware: importance x noise growth per unit of cost saved; "
+        "faithful: Algorithm 2 as published; cost_aware: importance per unit of cost saved",
+    )
     patience: int = Field(default=8, ge=1, description="lowering steps without a better candidate before stopping")
     validate_top: int = Field(default=4, ge=0, description="fitting configs with the best estimate that are validated")
     curve_points: int = Field(default=6, ge=0, description="configs along the path that are validated")
     refills: int = Field(default=2, ge=0, description="best fitting configs widened with the leftover budget")
     embedding: int = Field(default=256, ge=1, description="features kept per layer for imprinting")
-    remeasure: int | None = Field(default=None, ge=0, description="lowering steps between re-measured curves; "
-                                  "default 0 (noise_aware: the float curve only) or 1")
+    remeasure: int | None = Field(
+        default=None,
+        ge=0,
+        description="lowering steps between re-measured curves; default 0 (noise_aware: the float curve only) or 1",
+    )
 
 
 def imprinting_search(ctx: SearchContext) -> None:
@@ -167,17 +174,20 @@ def imprinting_search(ctx: SearchContext) -> None:
     sim = ctx.sim  # the simulator the per-layer accuracies are measured on
     sim.apply(ctx.config(w_bits, a_bits))
     metric = ctx.pareto_metric
-    tuner = STEFineTuner(ctx.model, ctx.sim.stats, ctx.finetune_set(), o.finetune, o.seed) \
-        if o.finetune.enabled else None
+    tuner = (
+        STEFineTuner(ctx.model, ctx.sim.stats, ctx.finetune_set(), o.finetune, o.seed) if o.finetune.enabled else None
+    )
     tuned_batches = 0
 
-    @lru_cache(maxsize=None)
+    @cache
     def weight_noise(name: str, bits: int) -> float:
         return 10 ** (-ctx.sim.weight_sqnr_db(name, bits, o.scheme, o.clip) / 10)
 
-    @lru_cache(maxsize=None)
+    @cache
     def act_noise(name: str, bits: int) -> float:
-        return 0.0 if bits >= FLOAT_ACT_BITS else 10 ** (-ctx.sim.activation_sqnr_db(name, bits, o.act_calibration) / 10)
+        return (
+            0.0 if bits >= FLOAT_ACT_BITS else 10 ** (-ctx.sim.activation_sqnr_db(name, bits, o.act_calibration) / 10)
+        )
 
     noise_of = {"w": weight_noise, "a": act_noise} if a_steps else {"w": weight_noise}  # the kinds of move
     floor = 1.0 / len(acc_model.score_y)  # an importance of at least one scored image
@@ -205,8 +215,10 @@ def imprinting_search(ctx: SearchContext) -> None:
             pending = []
             tuned = {}
             if tuner is not None and fits:  # the fine-tuned weights change at the next step: score them now
-                tuned = {"finetuned_val_top1": sim.evaluate(ctx.config(w_bits, a_bits), ctx.val).top1,
-                         "finetune_batches": tuned_batches}
+                tuned = {
+                    "finetuned_val_top1": sim.evaluate(ctx.config(w_bits, a_bits), ctx.val).top1,
+                    "finetune_batches": tuned_batches,
+                }
             trajectory.append((it, w_bits, a_bits, acc[-1], fits, acc, tuned))
             if it == 0:
                 curve0 = acc  # the full-precision curve
@@ -249,6 +261,7 @@ def imprinting_search(ctx: SearchContext) -> None:
 
             move = min(moves, key=lambda m: (damage_per_cost(m), m))
         elif variant == "cost_aware":
+
             def gain_per_cost(move):
                 saved = getattr(current, metric) - getattr(ctx.cost(*lowered(move)), metric)
                 return diffs[move[0]] / saved if saved > 0 else math.inf
@@ -283,6 +296,5 @@ def imprinting_search(ctx: SearchContext) -> None:
     # spread of the fitting part of the path for the front (every config on the path is simulated).
     step = max(1, len(fitting) // max(curve_points, 1))
     for it, wb, ab, acc_n, _, per_layer, tuned in best + fitting[::step]:
-        ctx.add_candidate(wb, ab, score=acc_n, iteration=it, layer_accuracy=[round(a, 4) for a in per_layer],
-                          **tuned)
+        ctx.add_candidate(wb, ab, score=acc_n, iteration=it, layer_accuracy=[round(a, 4) for a in per_layer], **tuned)
     ctx.report(n_max, n_max, "validate")

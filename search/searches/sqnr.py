@@ -48,7 +48,7 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from ..cost import LIMIT_SLACK, layer_costs, unquantized_bytes, within
 from ..quant.activation import FLOAT_ACT_BITS
 from ..quant.weight import sqnr_db
-from .base import MethodParams, SearchContext, SearchError
+from .base import MethodParams, SearchContext
 from .widen import refill
 
 ADDITIVE_METRICS = ("avg_wbits", "weight_bytes", "bitops", "latency_us")
@@ -77,22 +77,31 @@ def _transfer(ctx: SearchContext, x: torch.Tensor, ref: torch.Tensor, name: str,
     out = sim.forward(x)
     sim.set_float()
     out_noise = 10 ** (-sqnr_db(ref, out) / 10)
-    tensor_db = (sim.weight_sqnr_db(name, w_bits, ctx.options.scheme, ctx.options.clip) if w_bits is not None
-                 else sim.activation_sqnr_db(name, a_bits, ctx.options.act_calibration))
+    tensor_db = (
+        sim.weight_sqnr_db(name, w_bits, ctx.options.scheme, ctx.options.clip)
+        if w_bits is not None
+        else sim.activation_sqnr_db(name, a_bits, ctx.options.act_calibration)
+    )
     return out_noise / 10 ** (-tensor_db / 10)
 
 
 class SqnrParams(MethodParams):
     mode: Literal["exact", "analytic"] = Field(
-        default="exact", description="exact: the MILP on the measured tables; analytic: the paper's closed form")
+        default="exact", description="exact: the MILP on the measured tables; analytic: the paper's closed form"
+    )
     propagation: Literal["features", "measured", "none"] = Field(
-        default="features", description="where a tensor's noise is measured: at every layer output (features), "
-        "at the network output (measured), or the tensor's own SQNR (none)")
+        default="features",
+        description="where a tensor's noise is measured: at every layer output (features), "
+        "at the network output (measured), or the tensor's own SQNR (none)",
+    )
     sweep_points: int = Field(default=6, ge=0, description="extra allocations below the budget, each a candidate")
     relinearize: int = Field(default=2, ge=0, description="features: rounds re-measured around the allocation")
     output_weight: float = Field(default=2.0, ge=0, description="features: weight of the network output's noise")
-    propagation_samples: int | None = Field(default=None, ge=1, description="calibration images the noise is "
-                                            "measured on; default 64 (features) or 256 (measured)")
+    propagation_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="calibration images the noise is measured on; default 64 (features) or 256 (measured)",
+    )
 
     def samples(self) -> int:
         if self.propagation_samples is not None:
@@ -101,7 +110,7 @@ class SqnrParams(MethodParams):
 
 
 def _nmse(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return float(((out - ref) ** 2).sum() / (ref ** 2).sum().clamp_min(1e-30))
+    return float(((out - ref) ** 2).sum() / (ref**2).sum().clamp_min(1e-30))
 
 
 def _non_increasing(noise_by_bits: dict[int, float]) -> dict[int, float]:
@@ -113,8 +122,12 @@ def _non_increasing(noise_by_bits: dict[int, float]) -> dict[int, float]:
     return out
 
 
-def measure_damage(ctx: SearchContext, base_w: dict[str, int | None], base_a: dict[str, int | None],
-                   progress: tuple[int, int] | None = None) -> NoiseModel:
+def measure_damage(
+    ctx: SearchContext,
+    base_w: dict[str, int | None],
+    base_a: dict[str, int | None],
+    progress: tuple[int, int] | None = None,
+) -> NoiseModel:
     """Noise each tensor causes downstream at each width, the others at base_w / base_a (None: float).
 
     The damage of a config is the mean noise (1/SQNR) over every layer output plus
@@ -183,8 +196,9 @@ def measure_noise(ctx: SearchContext, total_steps: int | None = None) -> NoiseMo
     if propagation == "features":
         top_a = max(o.a_bits)
         base_a = {n: None if top_a >= FLOAT_ACT_BITS else top_a for n in ctx.layer_names}
-        return measure_damage(ctx, {n: None for n in ctx.layer_names}, base_a,
-                              (0, total_steps or len(ctx.model.layers)))
+        return measure_damage(
+            ctx, {n: None for n in ctx.layer_names}, base_a, (0, total_steps or len(ctx.model.layers))
+        )
     x = ctx.splits.calib.inputs[: ctx.params.samples()]
     ref = ctx.sim.float_logits(x)
     search_act = len(o.a_bits) > 1
@@ -239,8 +253,13 @@ def solve_exact(ctx: SearchContext, noise: NoiseModel, limits: dict[str, float])
         rows.append(row)
         lbs.append(-np.inf)
         ubs.append(limit * (1 + LIMIT_SLACK))
-    res = milp(c, constraints=LinearConstraint(np.array(rows), lbs, ubs), integrality=np.ones(n_vars),
-               bounds=Bounds(np.zeros(n_vars), upper), options={"mip_rel_gap": 0.0})
+    res = milp(
+        c,
+        constraints=LinearConstraint(np.array(rows), lbs, ubs),
+        integrality=np.ones(n_vars),
+        bounds=Bounds(np.zeros(n_vars), upper),
+        options={"mip_rel_gap": 0.0},
+    )
     if res.x is None:
         return None
     w_bits, a_bits = {}, {}
@@ -312,6 +331,7 @@ def analytic_allocation(ctx: SearchContext, noise: NoiseModel, gamma_min_db: flo
 
 def _solve_analytic(ctx: SearchContext, noise: NoiseModel, limits: dict[str, float]) -> tuple[dict, dict] | None:
     """The largest target output SQNR whose rounded allocation meets the limits (bisection)."""
+
     def fits(alloc):
         return within(ctx.cost(*alloc), limits)
 
@@ -354,8 +374,9 @@ def sqnr_search(ctx: SearchContext) -> None:
             noise_of["a"] = lambda n, b: model.a_noise[n].get(b, 0.0)
         alloc = refill(ctx, *alloc, {n: 1.0 for n in ctx.layer_names}, noise_of, limits)
         modelled = noise.output_sqnr_db(*alloc)  # every round scored by the same (first) model
-        cand = ctx.add_candidate(*alloc, score=modelled, mode=mode, modelled_sqnr_db=modelled,
-                                 limit=limits[ctx.pareto_metric], **meta)
+        cand = ctx.add_candidate(
+            *alloc, score=modelled, mode=mode, modelled_sqnr_db=modelled, limit=limits[ctx.pareto_metric], **meta
+        )
         if cand is not None and "relinearized" in meta:  # a round that reached an allocation found before
             cand.meta.setdefault("relinearized", meta["relinearized"])
         return alloc

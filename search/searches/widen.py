@@ -8,7 +8,7 @@ removes the most (weighted) noise per unit of cost.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from ..cost import Cost, within
 from .base import SearchContext
@@ -21,8 +21,14 @@ def limit_fraction(before: Cost, after: Cost, limits: dict[str, float], metrics)
     return sum((getattr(before, m) - getattr(after, m)) / limits[m] for m in metrics)
 
 
-def refill(ctx: SearchContext, w_bits: dict[str, int], a_bits: dict[str, int], weights: dict[str, float],
-           noise_of: dict[str, Noise], limits: dict[str, float] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+def refill(
+    ctx: SearchContext,
+    w_bits: dict[str, int],
+    a_bits: dict[str, int],
+    weights: dict[str, float],
+    noise_of: dict[str, Noise],
+    limits: dict[str, float] | None = None,
+) -> tuple[dict[str, int], dict[str, int]]:
     """Raise the layers in `weights` one width at a time while the config meets `limits` (default: the
     budget's): each time the raise whose weight x noise removed, per unit of cost added (summed over
     the limits as fractions of them), is largest; a raise that removes no noise still spends budget
