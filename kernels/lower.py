@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 from search.config import QuantConfig
-from search.model import LoadedModel, _get_attr, _set_param, run_batched
+from search.model import LoadedModel, get_attr, run_batched, set_param
 from search.quant.activation import FLOAT_ACT_BITS
 from search.simulate import Simulator
 
@@ -228,9 +228,9 @@ def lower(
             on_kernels.append(layer.name)
         else:
             # Float path on the simulation's own dequantized weights and corrected bias.
-            _set_param(gm, node.args[1].target, sim.quantized_weight(layer.name, lq.w_bits, lq.scheme, lq.clip))
+            set_param(gm, node.args[1].target, sim.quantized_weight(layer.name, lq.w_bits, lq.scheme, lq.clip))
             if bias is not None:
-                _set_param(gm, node.args[2].target, bias)
+                set_param(gm, node.args[2].target, bias)
             if quant_act:
                 with gm.graph.inserting_before(node):
                     fq = gm.graph.call_function(
@@ -249,6 +249,6 @@ def lower(
     for name, _ in list(gm.named_parameters()):
         if name not in used:  # the float weights the packed ops replaced
             *path, leaf = name.split(".")
-            delattr(_get_attr(gm, ".".join(path)) if path else gm, leaf)
+            delattr(get_attr(gm, ".".join(path)) if path else gm, leaf)
     gm.recompile()
     return PackedModel(gm, config, model.input_shape, model.static_batch, on_kernels)

@@ -44,7 +44,7 @@ from torch import nn
 
 from .config import QuantConfig
 from .data import LabelledSet
-from .model import LoadedModel, _set_param
+from .model import LoadedModel, set_param
 from .quant.activation import ActStats
 from .quant.bias_correction import output_shift
 from .quant.weight import QuantizedWeight, quantize_weight
@@ -160,9 +160,9 @@ class STEFineTuner:
             warnings.simplefilter("ignore", FutureWarning)
             gm = copy.deepcopy(self.model.gm)
         for name, (w_target, b_target) in self.targets.items():
-            _set_param(gm, w_target, self.weights[name].clone())
+            set_param(gm, w_target, self.weights[name].clone())
             if b_target is not None:
-                _set_param(gm, b_target, self.biases[name].clone())
+                set_param(gm, b_target, self.biases[name].clone())
         return dataclasses.replace(self.model, gm=gm)
 
     def simulator(self) -> Simulator:

@@ -107,7 +107,7 @@ class LoadedModel:
         out = {}
         for node in self.gm.graph.nodes:
             if node.op == "get_attr":
-                t = _get_attr(self.gm, node.target)
+                t = get_attr(self.gm, node.target)
                 if isinstance(t, torch.Tensor):
                     out[node.target] = t
         return out
@@ -119,12 +119,12 @@ class LoadedModel:
         raise KeyError(name)
 
     def weight(self, name: str) -> torch.Tensor:
-        return _get_attr(self.gm, self.layer_nodes[name].args[1].target)
+        return get_attr(self.gm, self.layer_nodes[name].args[1].target)
 
     def bias(self, name: str) -> torch.Tensor | None:
         node = self.layer_nodes[name]
         b = node.args[2] if len(node.args) > 2 else None
-        return _get_attr(self.gm, b.target) if isinstance(b, fx.Node) else None
+        return get_attr(self.gm, b.target) if isinstance(b, fx.Node) else None
 
     def forward(self, x: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
         return run_batched(self.gm, x, self.static_batch, batch_size)
@@ -145,14 +145,14 @@ def run_batched(gm: fx.GraphModule, x: torch.Tensor, static_batch: int | None, b
     return torch.cat(outs)
 
 
-def _get_attr(gm: torch.nn.Module, target: str):
+def get_attr(gm: torch.nn.Module, target: str):
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def _set_param(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+def set_param(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
     *path, leaf = target.split(".")
     owner = gm
     for part in path:
@@ -247,22 +247,22 @@ def _fold_batch_norm(gm: fx.GraphModule) -> None:
             if any(u.target is not operator.getitem or u.args[1] != 0 for u in getitems) or len(getitems) != 1:
                 continue
             eps, replaced = bn.args[6], getitems[0]
-        gamma, beta, mean, var = (_get_attr(gm, a.target) if isinstance(a, fx.Node) else None for a in bn.args[1:5])
+        gamma, beta, mean, var = (get_attr(gm, a.target) if isinstance(a, fx.Node) else None for a in bn.args[1:5])
         w_node = conv.args[1]
-        w = _get_attr(gm, w_node.target).detach()
+        w = get_attr(gm, w_node.target).detach()
         inv_std = torch.rsqrt(var.detach() + eps)
         factor = inv_std if gamma is None else gamma.detach() * inv_std
         b_node = conv.args[2] if len(conv.args) > 2 else None
-        b = _get_attr(gm, b_node.target).detach() if isinstance(b_node, fx.Node) else torch.zeros_like(mean)
+        b = get_attr(gm, b_node.target).detach() if isinstance(b_node, fx.Node) else torch.zeros_like(mean)
         new_b = (b - mean.detach()) * factor + (0 if beta is None else beta.detach())
-        _set_param(gm, w_node.target, w * factor.reshape(-1, *([1] * (w.dim() - 1))))
+        set_param(gm, w_node.target, w * factor.reshape(-1, *([1] * (w.dim() - 1))))
         bias_target = b_node.target if isinstance(b_node, fx.Node) else w_node.target.rsplit(".", 1)[0] + ".bias"
         if not isinstance(b_node, fx.Node):
             i = 0
             while _has_attr(gm, bias_target):
                 i += 1
                 bias_target = f"{w_node.target.rsplit('.', 1)[0]}.folded_bias{i}"
-        _set_param(gm, bias_target, new_b)
+        set_param(gm, bias_target, new_b)
         if not isinstance(b_node, fx.Node):
             with gm.graph.inserting_before(conv):
                 b_node = gm.graph.get_attr(bias_target)
@@ -280,7 +280,7 @@ def _fold_batch_norm(gm: fx.GraphModule) -> None:
 
 def _has_attr(gm, target: str) -> bool:
     try:
-        _get_attr(gm, target)
+        get_attr(gm, target)
         return True
     except AttributeError:
         return False
@@ -291,7 +291,7 @@ def _drop_unused_attrs(gm: fx.GraphModule) -> None:
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
         if name not in used:
             *path, leaf = name.split(".")
-            owner = _get_attr(gm, ".".join(path)) if path else gm
+            owner = get_attr(gm, ".".join(path)) if path else gm
             delattr(owner, leaf)
 
 
@@ -306,7 +306,7 @@ def _discover_layers(gm: fx.GraphModule, max_layers: int) -> tuple[list[Layer], 
             raise ModelError(
                 f"node {node.name!r}: the weight is computed at run time, not a parameter; cannot quantize it"
             )
-        w_shape = tuple(_get_attr(gm, w_node.target).shape)
+        w_shape = tuple(get_attr(gm, w_node.target).shape)
         in_shape, out_shape = _per_sample(_shape(node.args[0])), _per_sample(_shape(node))
         has_bias = len(node.args) > 2 and isinstance(node.args[2], fx.Node)
         params = math.prod(w_shape)

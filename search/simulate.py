@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from .config import QuantConfig
-from .model import LoadedModel, _get_attr, _set_param, run_batched
+from .model import LoadedModel, get_attr, run_batched, set_param
 from .quant.activation import FLOAT_ACT_BITS, ActRange, ActStats, calibrate_range, fake_quantize_activation
 from .quant.bias_correction import output_shift
 from .quant.weight import quantize_weight, sqnr_db
@@ -87,10 +87,10 @@ class Simulator:
             node = nodes[model.layer_nodes[layer.name].name]
             target = node.args[1].target
             self._weight_targets[layer.name] = target
-            self._float_weights[layer.name] = _get_attr(self.gm, target).detach().clone()
+            self._float_weights[layer.name] = get_attr(self.gm, target).detach().clone()
             if layer.has_bias:
                 self._bias_targets[layer.name] = node.args[2].target
-                self._float_biases[layer.name] = _get_attr(self.gm, node.args[2].target).detach().clone()
+                self._float_biases[layer.name] = get_attr(self.gm, node.args[2].target).detach().clone()
             q = ActivationQuantizer()
             mod_name = f"bitsearch_act_{layer.index}"
             self.gm.add_module(mod_name, q)
@@ -181,11 +181,11 @@ class Simulator:
     ) -> None:
         """Quantize one layer (None keeps its weights or its input float); the others stay as they are."""
         w = self._float_weights[name] if w_bits is None else self.quantized_weight(name, w_bits, scheme, clip)
-        _set_param(self.gm, self._weight_targets[name], w)
+        set_param(self.gm, self._weight_targets[name], w)
         if name in self._bias_targets:
             correct = bias_correction and w_bits is not None
             b = self.corrected_bias(name, w_bits, scheme, clip) if correct else self._float_biases[name]
-            _set_param(self.gm, self._bias_targets[name], b)
+            set_param(self.gm, self._bias_targets[name], b)
         self.quantizers[name].range = (
             None if a_bits is None or a_bits >= FLOAT_ACT_BITS else self.act_range(name, a_bits, act_calibration)
         )
@@ -262,7 +262,7 @@ class IncrementalRunner:
             if node.op == "placeholder":
                 value = self.x
             elif node.op == "get_attr":
-                value = _get_attr(gm, node.target)
+                value = get_attr(gm, node.target)
             elif node.op == "output":
                 continue
             else:
