@@ -188,20 +188,13 @@ def _finish(s, job_id: str, status: str, error: str | None, **values) -> None:
     )
 
 
-class Heartbeat:
-    """Refreshes the job's heartbeat from a thread and notices cancellation requests and a lost claim."""
+class _Beating:
+    """A thread that calls `_tick` every `interval` seconds while the `with` block runs, until `_tick` says stop."""
 
-    def __init__(self, settings: Settings, claim: Claim):
-        self.url = settings.resolved_database_url()
-        self.claim, self.job_id, self.interval = claim, claim.job_id, settings.heartbeat_s
-        self.cancelled = threading.Event()
-        self.lost = threading.Event()
-        # The time limit is enforced here and checked at every search step: Celery's soft limit raises inside
-        # whatever code is running, and library code (torch's loader) can swallow it.
-        self.deadline = time.monotonic() + settings.task_time_limit_s
-        self.timed_out = threading.Event()
+    def __init__(self, interval: float, name: str):
+        self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def __enter__(self):
         self._thread.start()
@@ -210,6 +203,29 @@ class Heartbeat:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            if self._tick() is False:
+                return
+
+    def _tick(self) -> bool:
+        raise NotImplementedError
+
+
+class Heartbeat(_Beating):
+    """Refreshes the job's heartbeat from a thread and notices cancellation requests and a lost claim."""
+
+    def __init__(self, settings: Settings, claim: Claim):
+        super().__init__(settings.heartbeat_s, f"heartbeat-{claim.job_id}")
+        self.url = settings.resolved_database_url()
+        self.claim, self.job_id = claim, claim.job_id
+        self.cancelled = threading.Event()
+        self.lost = threading.Event()
+        # The time limit is enforced here and checked at every search step: Celery's soft limit raises inside
+        # whatever code is running, and library code (torch's loader) can swallow it.
+        self.deadline = time.monotonic() + settings.task_time_limit_s
+        self.timed_out = threading.Event()
 
     def beat(self) -> None:
         try:
@@ -229,16 +245,14 @@ class Heartbeat:
         if self.timed_out.is_set() or time.monotonic() > self.deadline:
             raise JobTimedOut()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            if time.monotonic() > self.deadline:
-                self.timed_out.set()
-            try:
-                self.beat()
-            except Exception as e:  # a dropped connection must not kill the search; the next beat retries
-                log.warning("heartbeat for job %s failed: %s", self.job_id, e)
-            if self.lost.is_set():
-                return
+    def _tick(self) -> bool:
+        if time.monotonic() > self.deadline:
+            self.timed_out.set()
+        try:
+            self.beat()
+        except Exception as e:  # a dropped connection must not kill the search; the next beat retries
+            log.warning("heartbeat for job %s failed: %s", self.job_id, e)
+        return not self.lost.is_set()
 
 
 # -- running ----------------------------------------------------------------------------------------------
@@ -676,34 +690,23 @@ def claim_validation(settings: Settings, candidate_id: int) -> ValidationLease |
     return ValidationLease(url, candidate_id, now) if claimed == 1 else None
 
 
-class ValidationHeartbeat:
+class ValidationHeartbeat(_Beating):
     """Renews a validation's lease from a thread, so the reaper can tell a long validation from a dead one."""
 
     def __init__(self, settings: Settings, lease: ValidationLease):
-        self.lease, self.interval = lease, settings.heartbeat_s
+        super().__init__(settings.heartbeat_s, f"validation-heartbeat-{lease.candidate_id}")
+        self.lease = lease
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name=f"validation-heartbeat-{lease.candidate_id}", daemon=True
-        )
 
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.lease.update()
-            except ValidationLost:
-                self.lost.set()
-                return
-            except Exception as e:  # a dropped connection: the next beat retries
-                log.warning("heartbeat for the validation of candidate %s failed: %s", self.lease.candidate_id, e)
+    def _tick(self) -> bool:
+        try:
+            self.lease.update()
+        except ValidationLost:
+            self.lost.set()
+            return False
+        except Exception as e:  # a dropped connection: the next beat retries
+            log.warning("heartbeat for the validation of candidate %s failed: %s", self.lease.candidate_id, e)
+        return True
 
 
 def publish_packed(settings: Settings, lease: ValidationLease, packed_dir: Path, **values) -> Path:

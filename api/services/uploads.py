@@ -149,38 +149,34 @@ def _refused(e: AnalysisFailed, what: str, filename: str) -> ServiceError:
     return e.kind(f"{what} {filename!r}: {e.message}" if e.about_file else e.message)
 
 
-def prepare_model(settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str) -> Prepared:
-    staged = _stage(store, "models", src, settings.max_model_bytes)
+def _prepare(settings: Settings, store: ArtifactStore, kind: str, src: BinaryIO, filename: str) -> Prepared:
+    """Stage an upload and analyse it, unless a row for its sha256 already holds what the analysis would find."""
+    is_model = kind == "model"
+    staged = _stage(store, f"{kind}s", src, settings.max_model_bytes if is_model else settings.max_dataset_bytes)
     try:
         with session_scope(settings.resolved_database_url()) as db:
-            known = db.scalar(select(ModelRecord.analysis).where(ModelRecord.id == staged.sha256))
-        analysis = None
-        if known is None:  # a new file, or a row from before analyses were kept
-            try:
-                analysis = _analyse_once("model", staged.sha256, staged.tmp, settings)
-            except AnalysisFailed as e:
-                raise _refused(e, "model", filename) from None
-        return Prepared("model", staged, filename, analysis)
-    except BaseException:
-        staged.discard()
-        raise
-
-
-def prepare_dataset(settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str) -> Prepared:
-    staged = _stage(store, "datasets", src, settings.max_dataset_bytes)
-    try:
-        with session_scope(settings.resolved_database_url()) as db:
-            known = db.get(DatasetRecord, staged.sha256) is not None
+            if is_model:  # a row from before analyses were kept needs one too
+                known = db.scalar(select(ModelRecord.analysis).where(ModelRecord.id == staged.sha256)) is not None
+            else:
+                known = db.get(DatasetRecord, staged.sha256) is not None
         analysis = None
         if not known:
             try:
-                analysis = _analyse_once("dataset", staged.sha256, staged.tmp, settings)
+                analysis = _analyse_once(kind, staged.sha256, staged.tmp, settings)
             except AnalysisFailed as e:
-                raise _refused(e, "data set", filename) from None
-        return Prepared("dataset", staged, filename, analysis)
+                raise _refused(e, "model" if is_model else "data set", filename) from None
+        return Prepared(kind, staged, filename, analysis)
     except BaseException:
         staged.discard()
         raise
+
+
+def prepare_model(settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str) -> Prepared:
+    return _prepare(settings, store, "model", src, filename)
+
+
+def prepare_dataset(settings: Settings, store: ArtifactStore, src: BinaryIO, filename: str) -> Prepared:
+    return _prepare(settings, store, "dataset", src, filename)
 
 
 def backfill_model_analysis(settings: Settings, store: ArtifactStore, model_id: str, owner: str) -> None:
