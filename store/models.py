@@ -146,6 +146,7 @@ class ValidationRecord(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     candidate_id: Mapped[int] = mapped_column(ForeignKey("candidates.id", ondelete="CASCADE"), unique=True)
     status: Mapped[str] = mapped_column(String(16), default=ValidationStatus.QUEUED.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # claims so far
     top1: Mapped[float | None] = mapped_column(Float, nullable=True)
     sim_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
     agreement: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -270,7 +270,7 @@ def add_validation(settings: Settings, model_path: Path, search_result) -> int:
 def validation_row(settings: Settings, cid: int) -> dict:
     with session_scope(url(settings)) as s:
         v = s.scalar(select(ValidationRecord).where(ValidationRecord.candidate_id == cid))
-        return {k: getattr(v, k) for k in ("status", "error", "packed_path", "updated_at", "top1")}
+        return {k: getattr(v, k) for k in ("status", "error", "packed_path", "updated_at", "top1", "attempts")}
 
 
 def packed_dir(tmp_path: Path, tag: str) -> Path:
@@ -325,6 +325,21 @@ def test_a_validation_is_claimed_once_and_a_stale_one_is_taken_over(settings, ti
     assert jobs.claim_validation(paused, cid) is None
     assert jobs.run_validation(paused, cid) == "skipped"
     assert validation_row(settings, cid) == done
+
+
+def test_a_validation_that_keeps_losing_its_worker_is_failed_not_requeued_forever(
+    settings, tiny_model_path, search_result
+):
+    cid = add_validation(settings, tiny_model_path, search_result)
+    paused = stale(settings)
+    for attempt in range(1, settings.max_attempts + 1):
+        assert jobs.claim_validation(paused, cid) is not None  # its worker dies: the lease goes stale
+        assert validation_row(settings, cid)["attempts"] == attempt
+        requeued = jobs.requeue_orphans(paused)[1]
+        assert requeued == ([cid] if attempt < settings.max_attempts else []), attempt
+    row = validation_row(settings, cid)
+    assert row["status"] == "failed" and f"interrupted {settings.max_attempts} times" in row["error"]
+    assert jobs.claim_validation(paused, cid) is None
 
 
 def test_a_validation_runs_on_the_kernels_and_publishes_its_packed_model(settings, tiny_model_path, search_result):

@@ -685,7 +685,7 @@ def claim_validation(settings: Settings, candidate_id: int) -> ValidationLease |
                     and_(ValidationRecord.status == ValidationStatus.RUNNING, ValidationRecord.updated_at < stale),
                 ),
             )
-            .values(status=ValidationStatus.RUNNING, error=None, updated_at=now)
+            .values(status=ValidationStatus.RUNNING, error=None, updated_at=now, attempts=ValidationRecord.attempts + 1)
         ).rowcount
     return ValidationLease(url, candidate_id, now) if claimed == 1 else None
 
@@ -850,9 +850,21 @@ def requeue_orphans(settings: Settings) -> tuple[list[str], list[int]]:
             .values(updated_at=now)
             .returning(ValidationRecord.candidate_id)
         ).all()
+        # A validation whose worker died max_attempts times is failed rather than sent again: it may be what
+        # kills the worker (memory), and it would otherwise be requeued forever.
+        v_dead = (ValidationRecord.status == ValidationStatus.RUNNING, ValidationRecord.updated_at < cutoff)
+        s.execute(
+            update(ValidationRecord)
+            .where(*v_dead, ValidationRecord.attempts >= settings.max_attempts)
+            .values(
+                status=ValidationStatus.FAILED,
+                updated_at=now,
+                error=f"the validation was interrupted {settings.max_attempts} times (worker lost); giving up",
+            )
+        )
         v_lost = s.scalars(
             update(ValidationRecord)
-            .where(ValidationRecord.status == ValidationStatus.RUNNING, ValidationRecord.updated_at < cutoff)
+            .where(*v_dead)
             .values(status=ValidationStatus.QUEUED, updated_at=now)
             .returning(ValidationRecord.candidate_id)
         ).all()
