@@ -141,9 +141,16 @@ class _TooLarge(Exception):
 
 @asynccontextmanager
 async def _lifespan(_app):
-    # The fork server imports torch and loads a small model once; started now, the first upload does not wait.
-    threading.Thread(target=analysis.warm, name="bitsearch-analysis-warm", daemon=True).start()
+    # The fork server imports torch and loads a small model once, and every submission builds a typed job spec
+    # (search.spec, which imports torch): both started now, so the first request does not wait for them.
+    threading.Thread(target=_warm, name="bitsearch-warm", daemon=True).start()
     yield
+
+
+def _warm() -> None:
+    import search.spec  # noqa: F401
+
+    analysis.warm()
 
 
 # The one place a service refusal becomes an HTTP status.

@@ -371,8 +371,9 @@ def test_the_pages_take_the_key_from_the_fragment(stack):
     driver = _browser()
     try:
         driver.get(f"{stack.url}/leaderboard/jobs/{job_id}")
-        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "error").text)
-        assert "no job" in driver.find_element(By.ID, "error").text  # anonymous: a private job does not exist
+        # Anonymous: a private job is not shown; the page asks for a key instead.
+        WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "need-key"))
+        assert "not public" in driver.find_element(By.ID, "need-key").text
         driver.get(f"{stack.url}/leaderboard#key={stack.keys['alice']}")
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "key-forget"))
         assert "key" not in driver.current_url.split("/leaderboard", 1)[1]
