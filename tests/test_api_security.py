@@ -363,7 +363,10 @@ def test_the_pages_take_the_key_from_the_fragment(stack):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from store.models import JobStatus
     from tests.test_service import _browser
+
+    JOB_STATES = {s.value for s in JobStatus}
 
     clear_jobs(stack)
     with stack.client("alice") as alice:
@@ -379,7 +382,7 @@ def test_the_pages_take_the_key_from_the_fragment(stack):
         assert "key" not in driver.current_url.split("/leaderboard", 1)[1]
         assert driver.execute_script("return localStorage.getItem('bitsearch-key')") == stack.keys["alice"]
         driver.get(f"{stack.url}/leaderboard/jobs/{job_id}")
-        WebDriverWait(driver, 30).until(lambda d: "queued" in d.find_element(By.ID, "summary").text)
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "status").text in JOB_STATES)
         driver.find_element(By.ID, "key-forget").click()  # the key box forgets it again
         WebDriverWait(driver, 30).until(lambda d: d.find_elements(By.ID, "key-input"))
         assert driver.execute_script("return localStorage.getItem('bitsearch-key')") is None
