@@ -1,6 +1,7 @@
 """`make run`: the whole service on one machine with the embedded defaults (SQLite, SQLite broker, ./var).
 
-Starts a Celery worker process and the API (uvicorn), prints the URL, and stops both on Ctrl-C.
+Starts two Celery workers (searches; validations) and the API (uvicorn), prints the URL, and stops them all on
+Ctrl-C.
 Set BITSEARCH_DATABASE_URL / BITSEARCH_BROKER_URL to use PostgreSQL and Redis instead.
 """
 
@@ -51,23 +52,33 @@ def main(argv: list[str] | None = None) -> int:
     migrate(settings.resolved_database_url())  # once, before two processes race to create tables
     key = local_key(settings)
     env = dict(os.environ, BITSEARCH_VAR_DIR=str(settings.var_dir.resolve()))
-    worker = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker.celery_app",
-            "worker",
-            "--loglevel=INFO",
-            "-Q",
-            settings.queue,
-            f"--concurrency={args.concurrency}",
-            "--without-gossip",
-            "--without-mingle",
-        ],
-        env=env,
-    )
+    # Two workers: searches and validations have queues of their own, so a short search never waits behind
+    # validations on the kernels.
+    workers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "celery",
+                "-A",
+                "worker.celery_app",
+                "worker",
+                "--loglevel=INFO",
+                "-Q",
+                queue,
+                f"--concurrency={concurrency}",
+                "-n",
+                f"{role}@%h",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            env=env,
+        )
+        for role, queue, concurrency in (
+            ("search", settings.queue, args.concurrency),
+            ("validate", settings.resolved_validation_queue(), 1),
+        )
+    ]
     api = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "api.main:app", "--host", args.host, "--port", str(args.port)], env=env
     )
@@ -91,16 +102,16 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     try:
         while not stopping:
-            for name, proc in (("worker", worker), ("api", api)):
+            for name, proc in (("search worker", workers[0]), ("validation worker", workers[1]), ("api", api)):
                 if proc.poll() is not None:
                     print(f"the {name} process exited with {proc.returncode}; stopping", file=sys.stderr)
                     stopping = True
             time.sleep(0.5)
     finally:
-        for proc in (api, worker):
+        for proc in (api, *workers):
             if proc.poll() is None:
                 proc.terminate()
-        for proc in (api, worker):
+        for proc in (api, *workers):
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:

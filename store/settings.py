@@ -23,7 +23,12 @@ class Settings(BaseSettings):
     database_url: str = Field(default="", description="SQLAlchemy URL; empty means SQLite in var_dir")
     broker_url: str = Field(default="", description="Celery broker URL; empty means SQLite (kombu sqla) in var_dir")
     artifact_dir: Path | None = Field(default=None, description="uploaded models, data sets, packed models")
-    queue: str = Field(default="bitsearch", description="Celery queue name (tests use their own)")
+    queue: str = Field(default="bitsearch", description="Celery queue of the searches (tests use their own)")
+    validation_queue: str = Field(
+        default="",
+        description="Celery queue of the validations, so a search never waits behind them; "
+        "empty: the search queue's name + '-validate'",
+    )
 
     max_model_bytes: int = 256 * MiB
     max_dataset_bytes: int = 512 * MiB
@@ -67,6 +72,9 @@ class Settings(BaseSettings):
         "(epochs x samples, or steps x batch size); the thesis's 4 epochs of 60k fit",
     )
     key_cache_s: float = Field(default=30.0, description="how long a key lookup is cached (revocation delay)")
+
+    def resolved_validation_queue(self) -> str:
+        return self.validation_queue or f"{self.queue}-validate"
 
     def resolved_database_url(self) -> str:
         if self.database_url:

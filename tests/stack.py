@@ -87,8 +87,11 @@ class Stack:
         )
         return out.stdout.strip()
 
-    def start_worker(self) -> subprocess.Popen:
+    def start_worker(self, queues: str = "both") -> subprocess.Popen:
+        """A worker on the search queue, the validation queue, or (the default) both."""
         n = len(self.workers)
+        search, validate = self.env["BITSEARCH_QUEUE"], f"{self.env['BITSEARCH_QUEUE']}-validate"
+        names = {"search": search, "validate": validate, "both": f"{search},{validate}"}[queues]
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -99,7 +102,7 @@ class Stack:
                 "worker",
                 "--loglevel=INFO",
                 "-Q",
-                self.env["BITSEARCH_QUEUE"],
+                names,
                 "--concurrency=1",
                 "--without-gossip",
                 "--without-mingle",

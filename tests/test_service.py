@@ -373,3 +373,38 @@ def test_one_spec_gives_the_same_configs_through_the_cli_and_the_service(stack, 
         served_bits = [c.get(f"/candidates/{s['id']}").json()["w_bits"] for s in served]
     assert [c["w_bits"] for c in local] == served_bits
     assert [c["val_top1"] for c in local] == pytest.approx([s["val_top1"] for s in served], abs=1e-9)
+
+
+def test_validations_run_on_their_own_queue(tmp_path, tiny_model_path):
+    """A worker that takes only searches never runs a validation, and one that takes only validations never runs
+    a search: a search does not wait behind validations on the kernels."""
+    s = Stack(tmp_path / "queues", backend="postgres", heartbeat_s=1, validate_samples=300)
+    s.start(workers=0)
+    try:
+        s.start_worker("search")
+        s.start_worker("validate")
+        s.wait_ready()
+        r = submit(
+            s,
+            "uniform",
+            {"avg_wbits": 8},
+            {"calib_size": 128, "val_samples": 200, "validate_top_k": 1},
+            model=tiny_model_path,
+        )
+        assert r.status_code == 202, r.text
+        assert s.wait_job(r.json()["id"], timeout=300)["status"] == "succeeded"
+        deadline = time.time() + 300
+        with s.client() as c:
+            while time.time() < deadline:
+                cands = c.get(f"/jobs/{r.json()['id']}/candidates").json()
+                states = [c_["validation"]["status"] for c_ in cands if c_["validation"]]
+                if states and all(st in ("succeeded", "failed") for st in states):
+                    break
+                time.sleep(1)
+        assert states == ["succeeded"], cands
+        search_log, validate_log = ((s.logs / f"worker{i}.log").read_text() for i in (0, 1))
+        # Celery logs "Task <name>[<id>] received" for each task a worker takes (its banner lists every task).
+        assert "run_search[" in search_log and "validate_candidate[" not in search_log
+        assert "validate_candidate[" in validate_log and "run_search[" not in validate_log
+    finally:
+        s.stop()

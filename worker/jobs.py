@@ -615,7 +615,7 @@ def queue_validations(settings: Settings, job_id: str) -> list[int]:
                 s.add(ValidationRecord(candidate_id=c.id, status=ValidationStatus.QUEUED))
             ids.append(c.id)
     for cid in ids:
-        app.send_task(VALIDATE_TASK, args=[cid], queue=settings.queue)
+        app.send_task(VALIDATE_TASK, args=[cid], queue=settings.resolved_validation_queue())
     return ids
 
 
@@ -882,5 +882,5 @@ def reap_orphans(settings: Settings) -> list[str]:
     for jid in job_ids:
         app.send_task(SEARCH_TASK, args=[jid], queue=settings.queue)
     for cid in candidate_ids:
-        app.send_task(VALIDATE_TASK, args=[cid], queue=settings.queue)
+        app.send_task(VALIDATE_TASK, args=[cid], queue=settings.resolved_validation_queue())
     return job_ids
