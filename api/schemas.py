@@ -74,7 +74,13 @@ class ValidationOut(BaseModel):
     max_logit_diff: float | None = None
     samples: int | None = None
     packed_bytes: int | None = None
-    latency_us: dict[str, float] | None = None
+    latency_us: dict[str, float] | None = Field(default=None, description="batch size -> median microseconds")
+    latency_iqr_us: dict[str, float] | None = Field(default=None, description="batch size -> interquartile range")
+    latency_conditions: dict[str, Any] | None = Field(
+        default=None,
+        description="others_cpu_share (other processes' share of the CPU while timing), under_load, "
+        "timings (tries to find a quiet moment), repeats",
+    )
     threads: int | None = None
     isa: str | None = None
     error: str | None = None
@@ -140,6 +146,9 @@ class LeaderboardRow(BaseModel):
     bitops: float
     latency_us_batch1: float | None
     latency_us_batch64: float | None
+    latency_iqr_us_batch1: float | None = None
+    latency_iqr_us_batch64: float | None = None
+    latency_under_load: bool | None = Field(default=None, description="timed while other processes were busy")
     search_seconds: float | None
     front: bool = Field(description="on the accuracy-vs-size Pareto front of this model and data set")
 

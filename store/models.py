@@ -153,7 +153,10 @@ class ValidationRecord(Base):
     max_logit_diff: Mapped[float | None] = mapped_column(Float, nullable=True)
     samples: Mapped[int | None] = mapped_column(Integer, nullable=True)
     packed_bytes: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    latency_us: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"1": us, "64": us}
+    latency_us: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"1": us, "64": us}, medians
+    latency_iqr_us: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # {"1": us, "64": us}, spreads
+    # {"others_cpu_share": 0.02, "under_load": false, "timings": 1, "repeats": 20}: how busy the machine was
+    latency_conditions: Mapped[dict | None] = mapped_column(JSON, nullable=True)
     threads: Mapped[int | None] = mapped_column(Integer, nullable=True)
     isa: Mapped[str | None] = mapped_column(String(32), nullable=True)
     packed_path: Mapped[str | None] = mapped_column(String(512), nullable=True)

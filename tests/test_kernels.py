@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -299,3 +300,39 @@ def test_validate_matches_the_simulation_on_every_reference_model(name, fmnist_s
         assert abs(r.top1 - r.sim_top1) <= 0.001, (name, r)
         assert r.agreement >= 0.995 and r.kernel_layers == r.layers
         assert r.packed_bytes > r.buffer_bytes > 0 and r.latency_us[1] > 0
+
+
+def test_latency_is_a_median_with_its_spread_and_a_busy_machine_is_noticed(tiny_model, fmnist_small):
+    """Latencies come with their interquartile range and the conditions they were taken in: when other processes
+    keep the cores busy, validation waits and times again, and marks a figure still taken under load."""
+    import subprocess
+    import sys
+
+    from kernels.validate import BUSY_SHARE, others_share, validate
+
+    test = fmnist_small.val.subset(slice(0, 64))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        _, share = others_share(lambda: time.sleep(1.0))
+        assert share is not None and share > BUSY_SHARE  # two spinning processes on this machine's cores
+        r = validate(
+            tiny_model,
+            QuantConfig.uniform(tiny_model, 4, 8),
+            test.inputs,
+            test.labels,
+            fmnist_small.calib.inputs,
+            batch_sizes=(1, 8),
+            repeats=9,
+            quiet_retries=1,
+            quiet_wait_s=0.1,
+        )
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert r.latency_conditions["under_load"] is True and r.latency_conditions["timings"] == 2
+    assert r.latency_conditions["others_cpu_share"] > BUSY_SHARE and r.latency_conditions["repeats"] == 9
+    for b in (1, 8):
+        assert r.latency_us[b] > 0 and 0 <= r.latency_iqr_us[b]
+    d = r.to_dict()
+    assert set(d["latency_iqr_us"]) == {"1", "8"}

@@ -128,6 +128,8 @@ def test_pareto_candidates_are_validated_on_the_kernels(stack, finished_jobs, tm
         assert (
             v["packed_bytes"] > 0
             and v["latency_us"]["1"] > 0
+            and 0 <= v["latency_iqr_us"]["1"] < 10 * v["latency_us"]["1"]
+            and set(v["latency_conditions"]) >= {"others_cpu_share", "under_load", "timings", "repeats"}
             and v["isa"] in ("scalar", "avx2", "avx512", "avx512vnni")
         )
         resp = c.get(f"/candidates/{validated[0]['id']}/packed")

@@ -785,6 +785,8 @@ def _validate(settings: Settings, candidate_id: int):
         samples=r.get("samples", len(evalset)),
         packed_bytes=r.get("packed_bytes"),
         latency_us={str(k): v for k, v in r.get("latency_us", {}).items()},
+        latency_iqr_us={str(k): v for k, v in r.get("latency_iqr_us", {}).items()},
+        latency_conditions=r.get("latency_conditions"),
         threads=r.get("threads"),
         isa=r.get("isa"),
     )

@@ -26,6 +26,8 @@ def _row(c: CandidateRecord, job: Job, status: str) -> LeaderboardRow:
     v = c.validation
     measured = v is not None and v.status == "succeeded"
     latency = (v.latency_us or {}) if measured else {}
+    spread = (v.latency_iqr_us or {}) if measured else {}
+    conditions = (v.latency_conditions or {}) if measured else {}
     return LeaderboardRow(
         candidate_id=c.id,
         job_id=job.id,
@@ -41,6 +43,9 @@ def _row(c: CandidateRecord, job: Job, status: str) -> LeaderboardRow:
         bitops=c.bitops,
         latency_us_batch1=latency.get("1"),
         latency_us_batch64=latency.get("64"),
+        latency_iqr_us_batch1=spread.get("1"),
+        latency_iqr_us_batch64=spread.get("64"),
+        latency_under_load=conditions.get("under_load"),
         search_seconds=job.search_seconds,
         front=False,
     )
