@@ -15,7 +15,6 @@ import resource
 import torch
 
 from search.archive import ArchiveError
-from search.cost import unquantized_bytes
 from search.data import DatasetError, load_dataset_file
 from search.model import load_model
 
@@ -63,7 +62,7 @@ def analyse_model(path: str, opts: dict) -> dict:
         "static_batch": model.static_batch,
         "num_outputs": int(out.shape[1]),
         "total_params": int(model.total_params),
-        "unquantized_bytes": int(unquantized_bytes(model)),
+        "unquantized_bytes": int(model.unquantized_bytes),
         "layers": layers,
     }
 

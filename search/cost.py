@@ -92,7 +92,8 @@ def layer_weight_bytes(layer, w_bits: int, scheme: str = "uniform") -> int:
 
 
 def unquantized_bytes(model) -> int:
-    """fp32 bytes of every tensor the graph uses that is not a layer weight or bias."""
+    """fp32 bytes of every tensor the graph uses that is not a layer weight or bias. Costing reads the figure a
+    model caches (`LoadedModel.unquantized_bytes`), or that a stored analysis of it carries."""
     layer_tensors = set()
     for node in model.layer_nodes.values():
         layer_tensors.add(node.args[1].target)
@@ -134,7 +135,7 @@ def cost_of(
     avg = sum(l.params * w_bits[l.name] for l in model.layers) / sum(l.params for l in model.layers)
     return Cost(
         avg,
-        int(total["weight_bytes"]) + unquantized_bytes(model),
+        int(total["weight_bytes"]) + model.unquantized_bytes,
         int(total["bitops"]),
         max(c["act_bytes"] for c in per_layer),
         total["latency_us"] if latency is not None else None,

@@ -12,6 +12,7 @@ import math
 import operator
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -97,6 +98,13 @@ class LoadedModel:
     input_shape: tuple[int, ...]  # per sample
     static_batch: int | None  # set when the export fixed the batch size
     layer_nodes: dict[str, fx.Node] = field(repr=False, default_factory=dict)
+
+    @cached_property
+    def unquantized_bytes(self) -> int:
+        """search.cost.unquantized_bytes of this model, once: every config's cost adds it."""
+        from .cost import unquantized_bytes
+
+        return unquantized_bytes(self)
 
     @property
     def total_params(self) -> int:

@@ -41,22 +41,9 @@ _OWNER_LOCK_NAMESPACE = 0x6273  # "bs"
 # -- the summary feasibility checks read -------------------------------------------------------------------------
 
 
-class _FloatTensorCount:
-    """Stands in for the float tensors outside the layers: cost.unquantized_bytes counts 4 bytes per element."""
-
-    def __init__(self, numel: int):
-        self._numel = numel
-
-    def numel(self) -> int:
-        return self._numel
-
-    def is_floating_point(self) -> bool:
-        return True
-
-
 class ModelSummary:
     """The part of a LoadedModel that search.cost.check_feasible reads, rebuilt from a stored analysis: the layers,
-    and the bytes of every float tensor that is not a layer's weight or bias (cost.unquantized_bytes)."""
+    and the bytes of every float tensor that is not a layer's weight or bias (LoadedModel.unquantized_bytes)."""
 
     def __init__(self, analysis: dict, total_params: int):
         from search.model import Layer
@@ -66,10 +53,6 @@ class ModelSummary:
         ]
         self.total_params = total_params
         self.unquantized_bytes = int(analysis["unquantized_bytes"])
-        self.layer_nodes: dict = {}  # no layer tensors among used_tensors() below
-
-    def used_tensors(self) -> dict:
-        return {"<unquantized>": _FloatTensorCount(self.unquantized_bytes // 4)}
 
 
 def check_feasible(summary: ModelSummary, budget, opts) -> None:

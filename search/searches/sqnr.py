@@ -45,7 +45,7 @@ import torch
 from pydantic import Field
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from ..cost import LIMIT_SLACK, layer_costs, unquantized_bytes, within
+from ..cost import LIMIT_SLACK, layer_costs, within
 from ..quant.activation import FLOAT_ACT_BITS
 from ..quant.weight import sqnr_db
 from .base import MethodParams, SearchContext
@@ -249,7 +249,7 @@ def solve_exact(ctx: SearchContext, noise: NoiseModel, limits: dict[str, float])
         lbs.append(1)
         ubs.append(1)
     for m, row in metric_rows.items():
-        limit = limits[m] - (unquantized_bytes(ctx.model) if m == "weight_bytes" else 0)
+        limit = limits[m] - (ctx.model.unquantized_bytes if m == "weight_bytes" else 0)
         rows.append(row)
         lbs.append(-np.inf)
         ubs.append(limit * (1 + LIMIT_SLACK))
