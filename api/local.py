@@ -52,26 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     migrate(settings.resolved_database_url())  # once, before two processes race to create tables
     key = local_key(settings)
     env = dict(os.environ, BITSEARCH_VAR_DIR=str(settings.var_dir.resolve()))
+    from worker.command import worker_command
+
     # Two workers: searches and validations have queues of their own, so a short search never waits behind
     # validations on the kernels.
     workers = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "--loglevel=INFO",
-                "-Q",
-                queue,
-                f"--concurrency={concurrency}",
-                "-n",
-                f"{role}@%h",
-                "--without-gossip",
-                "--without-mingle",
-            ],
+            worker_command(queue, concurrency, f"{role}@%h"),
             env=env,
         )
         for role, queue, concurrency in (

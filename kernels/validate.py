@@ -3,6 +3,8 @@ packed size and latency."""
 
 from __future__ import annotations
 
+import os
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,9 +84,6 @@ def _cpu_ticks() -> tuple[int, int] | None:
 
 def others_share(fn) -> tuple[object, float | None]:
     """Run fn(); also return the share of the machine's CPU time that other processes used meanwhile."""
-    import os
-    import resource
-
     before, own_before = _cpu_ticks(), resource.getrusage(resource.RUSAGE_SELF)
     result = fn()
     after, own_after = _cpu_ticks(), resource.getrusage(resource.RUSAGE_SELF)

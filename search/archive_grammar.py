@@ -14,6 +14,7 @@ rebuilt ExportedProgram before any code is generated from it, so names torch der
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import keyword
@@ -219,6 +220,7 @@ def check_spec(text: str, what: str) -> None:
     _check_spec_node(spec[1], what, [0], 0)
 
 
+@functools.cache
 def _schema_field_names() -> frozenset[str]:
     from torch._export.serde import schema
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import httpx
 
+from worker.command import worker_command
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 REDIS_URL = "redis://127.0.0.1:6379/7"
@@ -93,22 +95,7 @@ class Stack:
         search, validate = self.env["BITSEARCH_QUEUE"], f"{self.env['BITSEARCH_QUEUE']}-validate"
         names = {"search": search, "validate": validate, "both": f"{search},{validate}"}[queues]
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "celery",
-                "-A",
-                "worker.celery_app",
-                "worker",
-                "--loglevel=INFO",
-                "-Q",
-                names,
-                "--concurrency=1",
-                "--without-gossip",
-                "--without-mingle",
-                "-n",
-                f"w{n}-{self.name}@%h",
-            ],
+            worker_command(names, 1, f"w{n}-{self.name}@%h"),
             env=self.env,
             cwd=ROOT,
             stdout=open(self.logs / f"worker{n}.log", "ab"),
