@@ -364,7 +364,9 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def check_tensor_sizes(gm: fx.GraphModule, in_shape: tuple[int, ...], max_elements: int) -> None:
+def check_tensor_sizes(
+    gm: fx.GraphModule, in_shape: tuple[int, ...], max_elements: int, dtype: torch.dtype = torch.float32
+) -> None:
     """Run the graph on fake tensors (shapes only, nothing allocated) and refuse it when any tensor it would
     compute is over the limit: the sizes an archive declares are metadata, an op with a constant size
     argument (full, expand, repeat) is not bound by them."""
@@ -383,7 +385,7 @@ def check_tensor_sizes(gm: fx.GraphModule, in_shape: tuple[int, ...], max_elemen
             return out
 
     with FakeTensorMode(allow_non_fake_inputs=True):
-        x = torch.empty(in_shape)
+        x = torch.empty(in_shape, dtype=dtype)  # token ids are int64: an embedding refuses floats
         try:
             SizeCheck(gm).run(x)
         except ModelError:
@@ -423,7 +425,7 @@ def load_model(
             f"the model's input is {list(per_sample)} per sample, over the limit of {max_input_elements} elements"
         )
     _check_supported(gm)
-    check_tensor_sizes(gm, (static_batch or 1, *per_sample), max_tensor_elements)
+    check_tensor_sizes(gm, (static_batch or 1, *per_sample), max_tensor_elements, placeholders[0].meta["val"].dtype)
     _fold_batch_norm(gm)
     layers, nodes = _discover_layers(gm, max_layers)
     for name, t in gm.named_parameters():

@@ -318,3 +318,22 @@ def test_uploads_with_code_or_bombs_are_refused_quickly_and_the_api_stays_small(
     assert after["VmHWM"] - before["VmHWM"] < 100 * 1024, (before, after)
     stored = [p.name for p in (api_stack.var_dir / "artifacts").rglob("*") if p.is_file()]
     assert stored == [hashlib.sha256(named_path.read_bytes()).hexdigest()], stored  # the valid upload only
+
+
+def test_a_language_model_taking_token_ids_passes_the_size_check(tmp_path):
+    # The fake-tensor size check runs the graph on an input of the export's own dtype: int64 token ids here.
+    class TinyLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(256, 32)
+            self.att = nn.MultiheadAttention(32, 4, batch_first=True)
+            self.head = nn.Linear(32, 256)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            return self.head(x + self.att(x, x, x, need_weights=False)[0])
+
+    path = tmp_path / "lm.pt2"
+    torch.export.save(torch.export.export(TinyLM().eval(), (torch.randint(0, 256, (1, 16)),)), str(path))
+    loaded = load_model(path)
+    assert loaded.input_shape == (16,) and loaded.static_batch == 1 and loaded.layers
