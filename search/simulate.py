@@ -17,6 +17,7 @@ import torch
 from torch import fx, nn
 
 from .config import QuantConfig
+from .data import DatasetError
 from .model import LoadedModel, get_attr, run_batched, set_param
 from .quant.activation import FLOAT_ACT_BITS, ActRange, ActStats, calibrate_range, fake_quantize_activation
 from .quant.bias_correction import output_shift
@@ -72,6 +73,13 @@ class Simulator:
         """`stats` reuses another simulator's calibration (activation ranges and bias-correction means)
         instead of calibrating on `calib_inputs`: fine-tuned weights are evaluated with the
         calibration they were trained under (search/finetune.py)."""
+        if calib_inputs is not None and tuple(calib_inputs.shape[1:]) != tuple(model.input_shape):
+            # Every path that runs a model on data (eval, search, validate, pack, the worker) builds a Simulator
+            # first: the one place to say the two do not fit, before an op fails deep in the graph.
+            raise DatasetError(
+                f"the data's inputs are {list(calib_inputs.shape[1:])} per sample but the model takes "
+                f"{list(model.input_shape)}"
+            )
         self.model = model
         with warnings.catch_warnings():  # torch's own pytree deprecation noise on GraphModule copies
             warnings.simplefilter("ignore", FutureWarning)

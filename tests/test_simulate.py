@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from search.config import QuantConfig
@@ -91,3 +92,11 @@ def test_bias_correction_restores_a_linear_layers_mean_output(tiny_sim, fmnist):
         shifts[bc] = (runner.layer_output("fc1").mean(0) - float_mean).abs().mean()
     tiny_sim.set_float()
     assert shifts[True] < 1e-4 < shifts[False]
+
+
+def test_data_that_does_not_fit_the_model_is_refused_by_name(tiny_model):
+    from search.data import DatasetError
+    from search.simulate import Simulator
+
+    with pytest.raises(DatasetError, match=r"inputs are \[3, 8, 8\] per sample but the model takes \[1, 28, 28\]"):
+        Simulator(tiny_model, torch.randn(4, 3, 8, 8))
