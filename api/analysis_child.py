@@ -71,7 +71,7 @@ def analyse_dataset(path: str, opts: dict) -> dict:
     data = load_dataset_file(path, max_bytes=opts["max_bytes"])
     if len(data) < 2:
         raise DatasetError(f"it has {len(data)} sample(s); at least 2 are needed")
-    return {"num_samples": len(data), "sample_shape": list(data.inputs.shape[1:]), "num_classes": data.num_classes}
+    return {"num_samples": len(data), "sample_shape": list(data.sample_shape), "num_classes": data.num_classes}
 
 
 ANALYSERS = {"model": analyse_model, "dataset": analyse_dataset}

@@ -1,10 +1,17 @@
 """Data sets: the user file format, the built-in Fashion-MNIST, deterministic splits.
 
-User data is a safetensors file (data only, no code) holding
-  inputs  float32 [N, ...]  one sample per row, already preprocessed for the model
-  labels  int64   [N]       optional; class indices in [0, num_classes)
+User data is a safetensors file (data only, no code) holding either
+  inputs  float32 [N, ...]     one sample per row, already preprocessed for the model
+or
+  images  uint8   [N, H, W, C] pixels, 4x smaller than float32
+  mean    float32 [C]          the model's inputs are ((images / 255) - mean) / std,
+  std     float32 [C]          as float32 [N, C, H, W]
+and in both
+  labels  int64   [N]          optional; class indices in [0, num_classes)
 Calibration and validation splits come from one seeded permutation, so a
-(dataset, seed, calib_size) triple always yields the same images.
+(dataset, seed, calib_size) triple always yields the same images. A file's
+samples are read and decoded only when a split is used (FileSet), so a large
+file costs memory for the images a search scores on, not for all of it.
 
 The built-in `fashion-mnist` reads the idx files that Debian's
 `dataset-fashion-mnist` package installs; its 60k training images are split
@@ -15,6 +22,7 @@ the official 10k test set is kept for reporting.
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import struct
 from dataclasses import dataclass
@@ -49,6 +57,10 @@ class LabelledSet:
         return LabelledSet(self.inputs[index], None if self.labels is None else self.labels[index])
 
     @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.inputs.shape[1:])
+
+    @property
     def num_classes(self) -> int | None:
         return None if self.labels is None else int(self.labels.max()) + 1
 
@@ -65,7 +77,7 @@ class DataSplits:
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
-        return tuple(self.calib.inputs.shape[1:])
+        return self.calib.sample_shape
 
 
 def _read_idx(path: Path) -> np.ndarray:
@@ -118,41 +130,281 @@ def fashion_mnist_splits(calib_size: int = DEFAULT_CALIB_SIZE, seed: int = DEFAU
     )
 
 
-def load_dataset_file(path: str | os.PathLike, max_bytes: int | None = None) -> LabelledSet:
-    """Read a user data set; every problem is a DatasetError naming it."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+# -- user data set files ---------------------------------------------------------------------------------------
 
-    path = Path(path)
-    if max_bytes is not None and path.stat().st_size > max_bytes:
-        raise DatasetError(f"data set file is {path.stat().st_size} bytes, over the limit of {max_bytes}")
+# safetensors dtype names: (numpy dtype, the name messages use). Only these may appear in a header; the others
+# the format knows (bf16, fp8) are refused as unreadable, as no field of ours takes them.
+_DTYPES = {
+    "F64": ("<f8", "float64"),
+    "F32": ("<f4", "float32"),
+    "F16": ("<f2", "float16"),
+    "I64": ("<i8", "int64"),
+    "I32": ("<i4", "int32"),
+    "I16": ("<i2", "int16"),
+    "I8": ("i1", "int8"),
+    "U64": ("<u8", "uint64"),
+    "U32": ("<u4", "uint32"),
+    "U16": ("<u2", "uint16"),
+    "U8": ("u1", "uint8"),
+    "BOOL": ("?", "bool"),
+}
+_MAX_HEADER = 16 * 2**20  # a data set's header names at most four tensors; this only bounds a hostile one
+_CHUNK_BYTES = 32 * 2**20  # read (and decode) at most this much of a file at once
+_FORMATS = {"inputs": {"inputs", "labels"}, "images": {"images", "mean", "std", "labels"}}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    dtype: str  # safetensors' name
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int
+
+    @property
+    def type_name(self) -> str:
+        return _DTYPES[self.dtype][1]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * np.dtype(_DTYPES[self.dtype][0]).itemsize
+
+
+def _unreadable(why: str) -> DatasetError:
+    return DatasetError(f"data set is not a readable safetensors file: {why}")
+
+
+def _read_header(f, size: int) -> dict[str, _Entry]:
+    """The tensors a safetensors file declares, checked as the format requires: known dtypes, sizes that match
+    the shapes, data that tiles the rest of the file exactly."""
+    if size < 8:
+        raise _unreadable(f"{size} bytes, shorter than a header")
+    (n,) = struct.unpack("<Q", f.read(8))
+    if n > min(_MAX_HEADER, size - 8):
+        raise _unreadable(f"its header claims {n} bytes")
+
+    def unique(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a name appears twice")
+        return dict(pairs)
+
     try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise DatasetError(f"data set is not a readable safetensors file: {e}") from e
-    if "inputs" not in tensors:
-        raise DatasetError(f"data set has no `inputs` tensor (found: {sorted(tensors)})")
-    unknown = set(tensors) - {"inputs", "labels"}
-    if unknown:
-        raise DatasetError(
-            f"data set has unexpected tensors {sorted(unknown)}; expected `inputs` and optional `labels`"
+        header = json.loads(f.read(n).decode("utf-8"), object_pairs_hook=unique)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise _unreadable(f"its header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _unreadable("its header is not a JSON object")
+    header.pop("__metadata__", None)
+    entries = []
+    for name, info in header.items():
+        ok = (
+            isinstance(info, dict)
+            and set(info) == {"dtype", "shape", "data_offsets"}
+            and info["dtype"] in _DTYPES
+            and isinstance(info["shape"], list)
+            and all(type(d) is int and d >= 0 for d in info["shape"])
+            and isinstance(info["data_offsets"], list)
+            and len(info["data_offsets"]) == 2
+            and all(type(o) is int and o >= 0 for o in info["data_offsets"])
         )
-    inputs = tensors["inputs"]
-    if inputs.dtype != torch.float32:
-        raise DatasetError(f"`inputs` must be float32, got {inputs.dtype}")
-    if inputs.ndim < 2 or inputs.shape[0] == 0:
-        raise DatasetError(f"`inputs` must be [N, ...] with N >= 1, got shape {list(inputs.shape)}")
-    if not torch.isfinite(inputs).all():
-        raise DatasetError("`inputs` holds NaN or Inf values")
-    labels = tensors.get("labels")
-    if labels is not None:
-        if labels.dtype != torch.int64:
-            raise DatasetError(f"`labels` must be int64, got {labels.dtype}")
-        if labels.shape != (inputs.shape[0],):
-            raise DatasetError(f"`labels` must have shape [{inputs.shape[0]}], got {list(labels.shape)}")
-        if labels.min() < 0:
-            raise DatasetError(f"`labels` holds a negative class index ({int(labels.min())})")
-    return LabelledSet(inputs, labels)
+        if not ok:
+            raise _unreadable(f"tensor {name!r} has a malformed entry (dtype, shape, data_offsets)")
+        begin, stop = info["data_offsets"]
+        nbytes = int(np.prod(info["shape"], dtype=object)) * np.dtype(_DTYPES[info["dtype"]][0]).itemsize
+        if stop - begin != nbytes:
+            raise _unreadable(f"tensor {name!r} holds {stop - begin} bytes but its shape needs {nbytes}")
+        entries.append(_Entry(name, info["dtype"], tuple(info["shape"]), 8 + n + begin, 8 + n + stop))
+    position = 8 + n
+    for e in sorted(entries, key=lambda e: (e.start, e.end)):
+        if e.start != position:
+            raise _unreadable(f"tensor {e.name!r} overlaps another or leaves a gap")
+        position = e.end
+    if position != size:
+        raise _unreadable(f"its tensors end at byte {position} but the file has {size}")
+    return {e.name: e for e in entries}
+
+
+def _read(f, entry: _Entry, first: int = 0, count: int | None = None) -> np.ndarray:
+    """Rows [first, first + count) of a tensor, read from the file (a copy, not a map of it)."""
+    count = entry.shape[0] - first if count is None else count
+    out = np.empty((count, *entry.shape[1:]), dtype=_DTYPES[entry.dtype][0])
+    f.seek(entry.start + first * entry.row_bytes)
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    done = 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise DatasetError("data set file ended early: it changed while it was being read")
+        done += got
+    return out
+
+
+def _finite_scan(f, entry: _Entry) -> bool:
+    rows = max(1, _CHUNK_BYTES // max(1, entry.row_bytes))
+    for first in range(0, entry.shape[0], rows):
+        if not np.isfinite(_read(f, entry, first, min(rows, entry.shape[0] - first))).all():
+            return False
+    return True
+
+
+class DataFile:
+    """A checked data set file: its layout, labels and normalisation; samples are decoded on demand.
+
+    Two layouts (README.md, "What goes in"): float32 `inputs` [N, ...], already preprocessed, or uint8 `images`
+    [N, H, W, C] with float32 `mean` and `std` [C], meaning inputs = ((images / 255) - mean) / std as
+    [N, C, H, W]; either with optional int64 `labels` [N]."""
+
+    def __init__(self, path: Path, size: int):
+        self.path = Path(path)
+        try:
+            with open(self.path, "rb") as f:
+                self._open(f, size)
+        except OSError as e:
+            raise _unreadable(e.strerror or str(e)) from e
+
+    def _open(self, f, size: int) -> None:
+        entries = _read_header(f, size)
+        names = set(entries)
+        if "inputs" in names and "images" in names:
+            raise DatasetError("data set has both `inputs` and `images`; a file holds one or the other")
+        if "inputs" not in names and "images" not in names:
+            raise DatasetError(
+                f"data set has no `inputs` tensor (float32) nor `images` (uint8) (found: {sorted(names)})"
+            )
+        self.layout = "inputs" if "inputs" in names else "images"
+        unknown = names - _FORMATS[self.layout]
+        if unknown:
+            expected = (
+                "`inputs` and optional `labels`"
+                if self.layout == "inputs"
+                else "`images`, `mean`, `std` and optional `labels`"
+            )
+            raise DatasetError(f"data set has unexpected tensors {sorted(unknown)}; expected {expected}")
+        x = self.samples = entries[self.layout]
+        if self.layout == "inputs":
+            if x.dtype != "F32":
+                raise DatasetError(f"`inputs` must be float32, got {x.type_name}")
+            if len(x.shape) < 2 or min(x.shape) == 0:
+                raise DatasetError(f"`inputs` must be [N, ...] with N >= 1, got shape {list(x.shape)}")
+            self.sample_shape = x.shape[1:]
+            self.mean = self.std = None
+        else:
+            if x.dtype != "U8":
+                raise DatasetError(f"`images` must be uint8, got {x.type_name}")
+            if len(x.shape) != 4 or min(x.shape) == 0:
+                raise DatasetError(f"`images` must be [N, H, W, C] with N >= 1, got shape {list(x.shape)}")
+            channels = x.shape[3]
+            self.sample_shape = (channels, x.shape[1], x.shape[2])
+            self.mean, self.std = (self._norm(f, entries, which, channels) for which in ("mean", "std"))
+            if not bool((self.std > 0).all()):
+                raise DatasetError(f"`std` must be > 0 in every channel, got {self.std.tolist()}")
+        self.num_samples = x.shape[0]
+        self.labels = None
+        if "labels" in entries:
+            y = entries["labels"]
+            if y.dtype != "I64":
+                raise DatasetError(f"`labels` must be int64, got {y.type_name}")
+            if y.shape != (self.num_samples,):
+                raise DatasetError(f"`labels` must have shape [{self.num_samples}], got {list(y.shape)}")
+            self.labels = torch.from_numpy(_read(f, y))
+            if self.labels.min() < 0:
+                raise DatasetError(f"`labels` holds a negative class index ({int(self.labels.min())})")
+        if self.layout == "inputs" and not _finite_scan(f, x):
+            raise DatasetError("`inputs` holds NaN or Inf values")
+
+    @staticmethod
+    def _norm(f, entries: dict[str, _Entry], which: str, channels: int) -> torch.Tensor:
+        e = entries.get(which)
+        if e is None:
+            raise DatasetError(f"data set of uint8 `images` has no `{which}`: it needs `mean` and `std`, float32 [C]")
+        if e.dtype != "F32":
+            raise DatasetError(f"`{which}` must be float32, got {e.type_name}")
+        if e.shape != (channels,):
+            raise DatasetError(
+                f"`{which}` must have shape [{channels}] (one value per channel of `images`), got {list(e.shape)}"
+            )
+        values = torch.from_numpy(_read(f, e))
+        if not bool(torch.isfinite(values).all()):
+            raise DatasetError(f"`{which}` holds NaN or Inf values")
+        return values
+
+    def _convert(self, raw: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(raw)
+        if self.layout == "inputs":
+            return x
+        return (((x.float() / 255) - self.mean) / self.std).permute(0, 3, 1, 2)
+
+    def decode(self, rows: torch.Tensor) -> torch.Tensor:
+        """The model inputs of these samples (float32 [len(rows), *sample_shape]), read in file order, a run of
+        consecutive rows at a time."""
+        rows = rows.numpy().astype(np.int64, copy=False)
+        out = torch.empty((len(rows), *self.sample_shape), dtype=torch.float32)
+        if len(rows) == 0:
+            return out
+        order = np.argsort(rows, kind="stable")
+        ordered = rows[order]
+        limit = max(1, _CHUNK_BYTES // max(1, self.samples.row_bytes))
+        starts = [0, *(np.flatnonzero(np.diff(ordered) != 1) + 1).tolist(), len(rows)]
+        with open(self.path, "rb") as f:
+            for a, b in zip(starts[:-1], starts[1:], strict=True):
+                for i in range(a, b, limit):
+                    j = min(b, i + limit)
+                    out[torch.from_numpy(order[i:j])] = self._convert(_read(f, self.samples, int(ordered[i]), j - i))
+        return out
+
+
+class FileSet(LabelledSet):
+    """Samples of a data set file, decoded at the first use of `inputs` (and kept): a split of a large file
+    holds only its row numbers until a search reads it."""
+
+    def __init__(self, source: DataFile, rows: torch.Tensor, labels: torch.Tensor | None):
+        self.source, self.rows, self.labels = source, rows, labels
+        self._inputs: torch.Tensor | None = None
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        if self._inputs is None:
+            self._inputs = self.source.decode(self.rows)
+        return self._inputs
+
+    @inputs.setter
+    def inputs(self, value: torch.Tensor) -> None:
+        self._inputs = value
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __repr__(self) -> str:
+        return f"FileSet({self.source.path.name!r}, {len(self)} samples of {list(self.sample_shape)})"
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self.source.sample_shape)
+
+    def subset(self, index: torch.Tensor | slice) -> LabelledSet:
+        if self._inputs is not None:
+            return LabelledSet(self._inputs[index], None if self.labels is None else self.labels[index])
+        rows = self.rows[index]
+        labels = None if self.source.labels is None else self.source.labels[rows]
+        return FileSet(self.source, rows, labels)
+
+
+def load_dataset_file(path: str | os.PathLike, max_bytes: int | None = None) -> LabelledSet:
+    """Open and check a user data set; every problem is a DatasetError naming it.
+
+    Only the header, the labels and the normalisation are read now (for float32 `inputs` also a chunked pass
+    checking that every value is finite); samples are read and decoded when a split's `inputs` is first used,
+    so a large file costs memory only for the samples a search uses."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        raise _unreadable(e.strerror or str(e)) from e
+    if max_bytes is not None and size > max_bytes:
+        raise DatasetError(f"data set file is {size} bytes, over the limit of {max_bytes}")
+    source = DataFile(path, size)
+    return FileSet(source, torch.arange(source.num_samples), source.labels)
 
 
 def save_dataset_file(data: LabelledSet, path: str | os.PathLike) -> None:
@@ -161,6 +413,26 @@ def save_dataset_file(data: LabelledSet, path: str | os.PathLike) -> None:
     tensors = {"inputs": data.inputs.contiguous().float()}
     if data.labels is not None:
         tensors["labels"] = data.labels.contiguous().long()
+    save_file(tensors, str(path))
+
+
+def save_image_file(
+    images: torch.Tensor,
+    mean: torch.Tensor | list[float],
+    std: torch.Tensor | list[float],
+    path: str | os.PathLike,
+    labels: torch.Tensor | None = None,
+) -> None:
+    """A uint8 data set: images [N, H, W, C] with the per-channel normalisation the model expects."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        "images": images.contiguous().to(torch.uint8),
+        "mean": torch.as_tensor(mean, dtype=torch.float32).contiguous(),
+        "std": torch.as_tensor(std, dtype=torch.float32).contiguous(),
+    }
+    if labels is not None:
+        tensors["labels"] = labels.contiguous().long()
     save_file(tensors, str(path))
 
 
