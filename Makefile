@@ -7,7 +7,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CHROMIUM := /usr/bin/chromedriver
 APT := $(if $(filter 0,$(shell id -u)),,sudo) apt-get
 
-.PHONY: venv test lint run models clean
+.PHONY: venv test lint run models imagenet-models clean
 
 $(FMNIST):
 	@command -v apt-get >/dev/null || { echo "need Debian's dataset-fashion-mnist package"; exit 1; }
@@ -42,6 +42,11 @@ run: venv
 
 models: venv
 	$(PY) models/train.py
+
+# ResNet-18 and MobileNetV2 at 224 px with their Fashion-MNIST-derived data set (models/build_imagenet.py says
+# how the weights are made); the files are large and not committed, this rebuilds them reproducibly.
+imagenet-models: venv
+	$(PY) models/build_imagenet.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
