@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from .archive import DEFAULT_MAX_ARCHIVE_BYTES, ArchiveError, brief, read_exported_program
+from .rebatch import rebatch
 
 DEFAULT_MAX_LAYERS = 4096
 # Per sample: the model's input, and any tensor the graph computes (an ImageNet CNN's largest activation is
@@ -96,8 +97,22 @@ class LoadedModel:
     gm: fx.GraphModule
     layers: list[Layer]
     input_shape: tuple[int, ...]  # per sample
-    static_batch: int | None  # set when the export fixed the batch size
+    static_batch: int | None  # set when the graph only runs at the batch size it was exported with
     layer_nodes: dict[str, fx.Node] = field(repr=False, default_factory=dict)
+    exported_batch: int | None = None  # the batch size fixed at export, rewritten away unless static_batch is set
+    batch_note: str | None = None  # why a fixed-batch export could not be made to run batched
+
+    @property
+    def batch_summary(self) -> str:
+        """One line for the CLI and the job page on how this model runs batches."""
+        if self.exported_batch is None:
+            return "exported with a dynamic batch"
+        if self.static_batch is None:
+            return f"exported at batch {self.exported_batch}, rewritten to run at any batch size"
+        return (
+            f"exported at batch {self.exported_batch} and runs {self.exported_batch} sample(s) per call "
+            f"(slow: {self.batch_note}); export with a dynamic batch to run faster"
+        )
 
     @cached_property
     def unquantized_bytes(self) -> int:
@@ -427,9 +442,20 @@ def load_model(
     _check_supported(gm)
     check_tensor_sizes(gm, (static_batch or 1, *per_sample), max_tensor_elements, placeholders[0].meta["val"].dtype)
     _fold_batch_norm(gm)
+    batch_note = rebatch(gm, static_batch) if static_batch else None
     layers, nodes = _discover_layers(gm, max_layers)
     for name, t in gm.named_parameters():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ModelError(f"model tensor {name!r} holds NaN or Inf values")
 
-    return LoadedModel(path, sha256_file(path), gm, layers, per_sample, static_batch, nodes)
+    return LoadedModel(
+        path,
+        sha256_file(path),
+        gm,
+        layers,
+        per_sample,
+        static_batch if batch_note else None,
+        nodes,
+        exported_batch=static_batch,
+        batch_note=batch_note,
+    )
