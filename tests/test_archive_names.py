@@ -336,4 +336,4 @@ def test_a_language_model_taking_token_ids_passes_the_size_check(tmp_path):
     path = tmp_path / "lm.pt2"
     torch.export.save(torch.export.export(TinyLM().eval(), (torch.randint(0, 256, (1, 16)),)), str(path))
     loaded = load_model(path)
-    assert loaded.input_shape == (16,) and loaded.static_batch == 1 and loaded.layers
+    assert loaded.input_shape == (16,) and loaded.exported_batch == 1 and loaded.layers
