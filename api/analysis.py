@@ -71,7 +71,9 @@ class ModelAnalysis(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     input_shape: list[Annotated[int, Field(ge=1, le=2**40)]] = Field(max_length=8)
-    static_batch: Annotated[int, Field(ge=1)] | None
+    static_batch: Annotated[int, Field(ge=1)] | None  # set when the graph only runs at its exported batch size
+    exported_batch: Annotated[int, Field(ge=1)] | None = None
+    batch_note: Annotated[str, Field(max_length=1000)] | None = None  # why it could not be made to run batched
     num_outputs: Annotated[int, Field(ge=1, le=2**31)]
     total_params: Count
     unquantized_bytes: Count
@@ -83,6 +85,8 @@ class ModelAnalysis(BaseModel):
             "layers": [l.model_dump() for l in self.layers],
             "unquantized_bytes": self.unquantized_bytes,
             "static_batch": self.static_batch,
+            "exported_batch": self.exported_batch,
+            "batch_note": self.batch_note,
         }
 
 

@@ -60,6 +60,8 @@ def analyse_model(path: str, opts: dict) -> dict:
     return {
         "input_shape": list(model.input_shape),
         "static_batch": model.static_batch,
+        "exported_batch": model.exported_batch,
+        "batch_note": model.batch_note,
         "num_outputs": int(out.shape[1]),
         "total_params": int(model.total_params),
         "unquantized_bytes": int(model.unquantized_bytes),

@@ -46,6 +46,9 @@ class JobOut(BaseModel):
     cancel_requested: bool
     public: bool = Field(description="listed on everyone's leaderboard and readable by anyone")
     candidates: int = 0
+    notes: list[str] = Field(
+        default_factory=list, description="what the user should know about how this job runs (e.g. the model's batch)"
+    )
     links: dict[str, str] = Field(default_factory=dict)
 
 

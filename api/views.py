@@ -14,6 +14,21 @@ def public_error(status: str, error: str | None) -> str | None:
     return "cancelled" if status == "cancelled" else "failed"
 
 
+def job_notes(job: Job) -> list[str]:
+    analysis = (job.model.analysis if job.model is not None else None) or {}
+    exported, static = analysis.get("exported_batch"), analysis.get("static_batch")
+    notes = []
+    if static:
+        notes.append(
+            f"the model was exported at batch {static} and runs {static} sample(s) per call, which is slow: "
+            f"{analysis.get('batch_note') or 'it could not be rewritten to run batched'}; "
+            "export it with a dynamic batch to run faster"
+        )
+    elif exported:
+        notes.append(f"the model was exported at batch {exported}; bitsearch rewrote it to run at any batch size")
+    return notes
+
+
 def job_out(job: Job, candidates: int, owner_view: bool = True) -> JobOut:
     return JobOut(
         id=job.id,
@@ -34,6 +49,7 @@ def job_out(job: Job, candidates: int, owner_view: bool = True) -> JobOut:
         cancel_requested=job.cancel_requested,
         public=job.public,
         candidates=candidates,
+        notes=job_notes(job),
         links={
             "self": f"/jobs/{job.id}",
             "candidates": f"/jobs/{job.id}/candidates",

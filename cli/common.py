@@ -196,3 +196,15 @@ def spec_from_args(args):
     from search.spec import make_spec
 
     return make_spec(**spec_fields(args))
+
+
+def load_model(path):
+    """search.model.load_model, saying on stderr how a fixed-batch export will run (rewritten, or slow)."""
+    import sys
+
+    from search.model import load_model as load
+
+    model = load(path)
+    if model.exported_batch is not None:
+        print(f"note: {model.batch_summary}", file=sys.stderr)
+    return model

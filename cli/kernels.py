@@ -13,8 +13,8 @@ from .common import add_data_arguments, load_data, parse_bits, percent
 
 
 def _model_and_config(args):
+    from cli.common import load_model
     from search.config import QuantConfig
-    from search.model import load_model
 
     model = load_model(args.model)
     return model, QuantConfig.from_json(Path(args.config).read_text(), model)
@@ -64,8 +64,8 @@ def cmd_pack(args) -> None:
 
 
 def cmd_latency_table(args) -> None:
+    from cli.common import load_model
     from kernels.latency import measure_latency_table
-    from search.model import load_model
 
     w_bits, a_bits = parse_bits(args.w_bits), parse_bits(args.a_bits)
     model = load_model(args.model)

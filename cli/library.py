@@ -27,7 +27,7 @@ def cmd_inspect(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from search.model import load_model
+    from cli.common import load_model
 
     model = load_model(args.model)
     total_params = sum(l.params for l in model.layers)
@@ -91,8 +91,8 @@ def cmd_eval(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from cli.common import load_model
     from search.cost import config_cost
-    from search.model import load_model
     from search.simulate import Simulator
 
     model = load_model(args.model)
@@ -139,8 +139,8 @@ def cmd_search(args) -> None:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from cli.common import load_model
     from search.cost import LatencyTable
-    from search.model import load_model
     from search.spec import load_job_data, run_job
 
     spec = spec_from_args(args)  # before the model and data are loaded: a bad option costs nothing

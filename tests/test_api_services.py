@@ -164,3 +164,38 @@ def test_stored_options_rebuild_the_same_spec(service):
         {"count": 3},
     )
     assert Path(settings.resolved_artifact_dir(), "models", r.json()["model_id"]).is_file()
+
+
+def test_a_batch1_export_is_rewritten_and_one_that_cannot_be_is_refused_for_imprinting(service, tmp_path):
+    import torch
+
+    from tests.test_rebatch import SqueezeAll, batch1_reference
+
+    _, client, keys = service
+    headers = {"Authorization": f"Bearer {keys['bob']}"}
+    fixed = tmp_path / "squeeze.pt2"
+    torch.export.save(torch.export.export(SqueezeAll().eval(), (torch.randn(1, 1, 28, 28),)), str(fixed))
+    rewritable = batch1_reference("resnet20-fmnist", tmp_path / "resnet20-b1.pt2")
+
+    def post(path, method):
+        return client.post(
+            "/jobs",
+            headers=headers,
+            files={"model": (Path(path).name, Path(path).read_bytes(), "application/zip")},
+            data={
+                "method": method,
+                "data_name": "fashion-mnist",
+                "budget": '{"avg_wbits": 4}',
+                "options": json.dumps(QUICK),
+            },
+        )
+
+    r = post(fixed, "imprinting")
+    assert r.status_code == 422, r.text
+    assert "only runs 1 sample(s) per call" in r.json()["detail"] and "'squeeze'" in r.json()["detail"]
+    for path, note in ((fixed, "runs 1 sample(s) per call, which is slow"), (rewritable, "rewrote it to run at any")):
+        r = post(path, "sqnr" if path == fixed else "imprinting")
+        assert r.status_code == 202, r.text
+        job = client.get(r.json()["location"], headers=headers).json()
+        assert any(note in n for n in job["notes"]), job["notes"]
+        client.post(f"{r.json()['location']}/cancel", headers=headers)

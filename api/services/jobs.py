@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from api.schemas import CandidateOut, JobCreated, JobOut, JobPage
 from api.services import uploads
-from api.services.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
+from api.services.errors import CannotRun, Conflict, InvalidRequest, NotFound, QuotaExceeded
 from api.views import candidate_out, job_out
 from store.artifacts import ArtifactStore
 from store.db import session_scope
@@ -97,6 +97,16 @@ def build_spec(method: str, budget: str, options: str, default_validate_top_k: i
         raise InvalidRequest(f"invalid options: {e}") from e
 
 
+def check_batching(summary, spec) -> None:
+    """A job whose method needs a batched model is refused here, not by the worker after the 202."""
+    if summary.static_batch and spec.method == "imprinting":
+        raise CannotRun(
+            f"imprinting runs the calibration set as one batch, and this model only runs {summary.static_batch} "
+            f"sample(s) per call ({summary.batch_note or 'exported with a fixed batch'}); export it with a dynamic "
+            "batch (dynamic_shapes={0: torch.export.Dim('batch')}) or choose sqnr or haq"
+        )
+
+
 def create_job(
     settings: Settings, store: ArtifactStore, owner: str, request: JobRequest, enqueue: Callable[[str], None]
 ) -> JobCreated:
@@ -133,6 +143,7 @@ def create_job(
                 data_rec = uploads.dataset_by_id(db, r.dataset_id, owner)
             uploads.check_compatible(model_rec, data_rec)
             uploads.check_feasible(summary, r.spec.budget, r.spec)
+            check_batching(summary, r.spec)
             active = db.scalar(
                 select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(ACTIVE_STATES))
             )

@@ -53,6 +53,8 @@ class ModelSummary:
         ]
         self.total_params = total_params
         self.unquantized_bytes = int(analysis["unquantized_bytes"])
+        self.static_batch = analysis.get("static_batch")  # analyses stored before rebatching lack the notes
+        self.batch_note = analysis.get("batch_note")
 
 
 def check_feasible(summary: ModelSummary, budget, opts) -> None:
