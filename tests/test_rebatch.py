@@ -158,8 +158,9 @@ def test_batch1_reference_simulates_and_validates_like_the_dynamic_export(name, 
     assert abs(r.top1 - r.sim_top1) <= 0.004, r
 
 
-def test_imprinting_runs_on_a_batch1_export(fmnist, tmp_path):
-    model = load_model(batch1_reference("resnet20-fmnist", tmp_path / "b1.pt2"))
+@pytest.mark.parametrize("name", REFERENCES)
+def test_imprinting_runs_on_a_batch1_export(name, fmnist, tmp_path):
+    model = load_model(batch1_reference(name, tmp_path / "b1.pt2"))
     result = run_search(
         "imprinting",
         model,
