@@ -31,8 +31,8 @@ class Settings(BaseSettings):
     )
 
     max_model_bytes: int = 256 * MiB
-    max_dataset_bytes: int = 2048 * MiB
-    max_request_bytes: int = 2368 * MiB  # a model and a data set at their limits, and room for the form
+    max_dataset_bytes: int = 2047 * MiB  # under 2**31: datasets.size_bytes is a 32-bit column
+    max_request_bytes: int = 2367 * MiB  # a model and a data set at their limits, and room for the form
     max_layers: int = 4096
     # Measured: the child starts at about 0.75 GB of address space (torch loaded); a 256 MiB model peaks at 1.3 GB,
     # a 480 MiB data set at 2.1 GB.
