@@ -34,8 +34,9 @@ class Settings(BaseSettings):
     max_dataset_bytes: int = 2047 * MiB  # under 2**31: datasets.size_bytes is a 32-bit column
     max_request_bytes: int = 2367 * MiB  # a model and a data set at their limits, and room for the form
     max_layers: int = 4096
-    # Measured: the child starts at about 0.75 GB of address space (torch loaded); a 256 MiB model peaks at 1.3 GB,
-    # a 480 MiB data set at 2.1 GB.
+    # Measured: the child starts at about 0.75 GB of address space (torch loaded); a 256 MiB model peaks at 1.3 GB;
+    # a data set is checked from its header, labels and normalisation (float32 inputs scanned in 32 MiB chunks), so
+    # a 1 GiB one (float32 or uint8) is analysed within 1 GB (bench/upload.py).
     upload_analysis_memory_mb: int = Field(
         default=3072,
         description="address-space limit (RLIMIT_AS) of the child "
