@@ -219,7 +219,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", help="simulate a config and report accuracy, SQNR and cost")
     p.add_argument("model")
-    p.add_argument("--data", required=True, help="'fashion-mnist' or a safetensors file (inputs, labels)")
+    p.add_argument(
+        "--data", required=True, help="'fashion-mnist' or a safetensors file (inputs or uint8 images+mean+std, labels)"
+    )
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", help="a bitsearch config JSON")
     g.add_argument("--uniform", help="every layer at W/A bits, e.g. 4/8 (A=16 keeps activations float)")
@@ -237,7 +239,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("search", help="search per-layer bit-widths under a budget")
     p.add_argument("model")
-    p.add_argument("--data", required=True, help="'fashion-mnist' or a safetensors file (inputs, labels)")
+    p.add_argument(
+        "--data", required=True, help="'fashion-mnist' or a safetensors file (inputs or uint8 images+mean+std, labels)"
+    )
     add_spec_arguments(p)
     p.add_argument("--latency-table", help="a latency table JSON for latency_us budgets")
     p.add_argument("--out", help="write every candidate and the recommendation as JSON")

@@ -42,7 +42,13 @@ def create_job(
     ] = "{}",
     model: Annotated[UploadFile | None, File(description="a torch.export .pt2 archive")] = None,
     model_id: Annotated[str | None, Form(description="the id (sha256) of a model uploaded before")] = None,
-    data: Annotated[UploadFile | None, File(description="a safetensors data set (inputs, labels)")] = None,
+    data: Annotated[
+        UploadFile | None,
+        File(
+            description="a safetensors data set: float32 inputs, or uint8 images [N, H, W, C] with mean and "
+            "std [C]; optional labels (README.md, What goes in)"
+        ),
+    ] = None,
     data_name: Annotated[str | None, Form(description="a built-in data set: fashion-mnist")] = None,
     dataset_id: Annotated[str | None, Form(description="the id of a data set uploaded before")] = None,
     public: Annotated[bool, Form(description="list the job's candidates on everyone's leaderboard")] = False,
