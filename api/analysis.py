@@ -74,6 +74,8 @@ class ModelAnalysis(BaseModel):
     static_batch: Annotated[int, Field(ge=1)] | None  # set when the graph only runs at its exported batch size
     exported_batch: Annotated[int, Field(ge=1)] | None = None
     batch_note: Annotated[str, Field(max_length=1000)] | None = None  # why it could not be made to run batched
+    activation_largest: Count | None = None  # elements per sample (search.memory.activation_profile)
+    activation_peak_live: Count | None = None
     num_outputs: Annotated[int, Field(ge=1, le=2**31)]
     total_params: Count
     unquantized_bytes: Count
@@ -87,6 +89,8 @@ class ModelAnalysis(BaseModel):
             "static_batch": self.static_batch,
             "exported_batch": self.exported_batch,
             "batch_note": self.batch_note,
+            "activation_largest": self.activation_largest,
+            "activation_peak_live": self.activation_peak_live,
         }
 
 

@@ -16,6 +16,7 @@ import torch
 
 from search.archive import ArchiveError
 from search.data import DatasetError, load_dataset_file
+from search.memory import activation_profile
 from search.model import load_model
 
 # Children are forked from this module's process: an OpenMP thread pool started here would leave them waiting on
@@ -62,6 +63,7 @@ def analyse_model(path: str, opts: dict) -> dict:
         "static_batch": model.static_batch,
         "exported_batch": model.exported_batch,
         "batch_note": model.batch_note,
+        **activation_profile(model.gm).to_dict(),
         "num_outputs": int(out.shape[1]),
         "total_params": int(model.total_params),
         "unquantized_bytes": int(model.unquantized_bytes),

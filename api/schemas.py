@@ -49,6 +49,9 @@ class JobOut(BaseModel):
     notes: list[str] = Field(
         default_factory=list, description="what the user should know about how this job runs (e.g. the model's batch)"
     )
+    expected_memory_mb: int | None = Field(
+        default=None, description="the peak memory the job is expected to need, estimated at submission"
+    )
     links: dict[str, str] = Field(default_factory=dict)
 
 

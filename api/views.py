@@ -26,6 +26,8 @@ def job_notes(job: Job) -> list[str]:
         )
     elif exported:
         notes.append(f"the model was exported at batch {exported}; bitsearch rewrote it to run at any batch size")
+    if job.memory_estimate:
+        notes.append(f"expected peak memory: {job.memory_estimate['text']}")
     return notes
 
 
@@ -50,6 +52,7 @@ def job_out(job: Job, candidates: int, owner_view: bool = True) -> JobOut:
         public=job.public,
         candidates=candidates,
         notes=job_notes(job),
+        expected_memory_mb=(job.memory_estimate or {}).get("mb"),
         links={
             "self": f"/jobs/{job.id}",
             "candidates": f"/jobs/{job.id}/candidates",

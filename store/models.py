@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -27,7 +27,7 @@ class ModelRecord(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the .pt2 archive
     filename: Mapped[str] = mapped_column(String(255))
-    size_bytes: Mapped[int] = mapped_column(Integer)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
     num_layers: Mapped[int] = mapped_column(Integer)
     total_params: Mapped[int] = mapped_column(Integer)
     input_shape: Mapped[list] = mapped_column(JSON)  # per sample, without the batch dimension
@@ -44,7 +44,7 @@ class DatasetRecord(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256 of the file, or a built-in's name
     name: Mapped[str] = mapped_column(String(255))
     builtin: Mapped[bool] = mapped_column(Boolean, default=False)
-    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     num_samples: Mapped[int] = mapped_column(Integer)
     sample_shape: Mapped[list] = mapped_column(JSON)
     num_classes: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -80,6 +80,7 @@ class Job(Base):
     phase: Mapped[str] = mapped_column(String(64), default="queued")
     best_val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    memory_estimate: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # search.memory, at submission
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

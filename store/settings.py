@@ -49,6 +49,12 @@ class Settings(BaseSettings):
 
     task_time_limit_s: int = Field(default=6 * 3600, description="hard limit per search task")
     validate_time_limit_s: int = Field(default=1800, description="hard limit per validation task")
+    job_memory_mb: int = Field(
+        default=12288,
+        ge=256,
+        description="a job whose expected peak memory (search/memory.py) is over this is refused at submission; "
+        "set it to what one worker process may use",
+    )
     worker_max_memory_mb: int = Field(default=16384, description="a worker child over this is replaced after its task")
     heartbeat_s: float = Field(default=5.0, description="how often a running job proves its worker is alive")
     stale_after_s: float = Field(default=60.0, description="a running job without a heartbeat this long is orphaned")

@@ -199,3 +199,34 @@ def test_a_batch1_export_is_rewritten_and_one_that_cannot_be_is_refused_for_impr
         job = client.get(r.json()["location"], headers=headers).json()
         assert any(note in n for n in job["notes"]), job["notes"]
         client.post(f"{r.json()['location']}/cancel", headers=headers)
+
+
+def test_a_job_states_its_expected_memory_and_one_over_the_limit_is_refused(service):
+    from api.services import jobs
+    from api.services.errors import CannotRun
+    from api.views import job_out
+    from store.artifacts import ArtifactStore
+    from store.db import session_scope
+
+    settings, _, _ = service
+    store = ArtifactStore(settings.resolved_artifact_dir())
+
+    def request(calib_size, top_k=1):
+        options = {**QUICK, "calib_size": calib_size, "validate_top_k": top_k}
+        spec, top_k = jobs.build_spec("sqnr", '{"avg_wbits": 4}', json.dumps(options), 1)
+        return jobs.JobRequest(
+            spec, top_k, model=jobs.Upload(open(RESNET, "rb"), "resnet20.pt2"), data_name="fashion-mnist"
+        )
+
+    created = jobs.create_job(settings, store, "frank", request(128), lambda _: None)
+    with session_scope(settings.resolved_database_url()) as db:
+        job = job_out(jobs.job_for(db, created.id, "frank"), 0)
+        assert job.expected_memory_mb and 300 < job.expected_memory_mb < 4000
+        assert any(n.startswith("expected peak memory: about") for n in job.notes)
+        jobs.cancel_job(db, created.id, "frank")
+    tight = settings.model_copy(update={"job_memory_mb": job.expected_memory_mb + 50})
+    with pytest.raises(CannotRun, match=r"would need about [\d,]+ MB .* over this server's limit .* lower calib_size"):
+        jobs.create_job(tight, store, "frank", request(50000, top_k=0), lambda _: None)
+    tighter = settings.model_copy(update={"job_memory_mb": job.expected_memory_mb - 1})
+    with pytest.raises(CannotRun, match=r"in its validation .* lower validate_top_k=0"):
+        jobs.create_job(tighter, store, "frank", request(128, top_k=4), lambda _: None)

@@ -107,6 +107,43 @@ def check_batching(summary, spec) -> None:
         )
 
 
+def check_memory(settings: Settings, model, dataset, spec, validate_top_k: int) -> dict | None:
+    """The job's expected peak memory (search/memory.py), refused when over the worker's limit; None for a
+    model analysed before activation profiles were recorded."""
+    import math
+
+    from search.memory import ActivationProfile, estimate_job_memory
+
+    profile = ActivationProfile.from_dict(model.analysis or {})
+    if profile is None:
+        return None
+    n = dataset.num_samples
+    calib = min(spec.calib_size, n)
+    extra = spec.params.get("reward_samples", 512) if spec.method == "haq" else 0
+    estimate = estimate_job_memory(
+        method=spec.method,
+        profile=profile,
+        input_elements=math.prod(model.input_shape),
+        weight_params=sum(int(l["params"]) for l in model.analysis["layers"]),
+        layers=len(model.analysis["layers"]),
+        calib_samples=calib,
+        val_samples=min(spec.val_samples + extra, n),
+        validate_samples=min(settings.validate_samples, n) if validate_top_k else 0,
+        embedding=spec.params.get("embedding", 256),
+    )
+    if estimate.total_mb > settings.job_memory_mb:
+        raise CannotRun(
+            f"the job would need {estimate.describe()}, over this server's limit of {settings.job_memory_mb:,} MB "
+            f"per job; lower {estimate.lever}"
+        )
+    return {
+        "mb": estimate.total_mb,
+        "phase": estimate.phase,
+        "parts_mb": estimate.parts_mb(),
+        "text": estimate.describe(),
+    }
+
+
 def create_job(
     settings: Settings, store: ArtifactStore, owner: str, request: JobRequest, enqueue: Callable[[str], None]
 ) -> JobCreated:
@@ -144,6 +181,7 @@ def create_job(
             uploads.check_compatible(model_rec, data_rec)
             uploads.check_feasible(summary, r.spec.budget, r.spec)
             check_batching(summary, r.spec)
+            memory = check_memory(settings, model_rec, data_rec, r.spec, r.validate_top_k)
             active = db.scalar(
                 select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(ACTIVE_STATES))
             )
@@ -162,6 +200,7 @@ def create_job(
                 owner=owner,
                 public=r.public,
                 heartbeat_at=datetime.now(UTC),
+                memory_estimate=memory,
             )
             db.add(job)
             db.flush()
