@@ -38,7 +38,12 @@ sys.path.insert(0, str(HERE.parent))
 
 from imagenet import ARCHITECTURES, IMAGE_SIZE, head, pooled_features  # noqa: E402
 
-from search.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, fashion_mnist_splits  # noqa: E402
+from search.data import (  # noqa: E402
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    fashion_mnist_splits,
+    save_image_file,
+)
 
 DATA_FILE = HERE / "fmnist224.safetensors"
 MANIFEST = HERE / "imagenet.json"
@@ -66,11 +71,11 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 def load_image_set(path: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Decode a uint8 image data set file into (normalised NCHW float32 inputs, labels or None)."""
-    from safetensors.torch import load_file
+    """(normalised NCHW float32 inputs, labels or None) of a data set file, read as bitsearch reads it."""
+    from search.data import load_dataset_file
 
-    t = load_file(str(path))
-    return normalise(t["images"], t["mean"], t["std"]), t.get("labels")
+    data = load_dataset_file(path)
+    return data.inputs, data.labels
 
 
 def _mean_std() -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,12 +88,8 @@ def _inputs(x28: torch.Tensor) -> torch.Tensor:
 
 
 def build_data(n: int = DATA_IMAGES) -> dict:
-    from safetensors.torch import save_file
-
     val = fashion_mnist_splits().val
-    mean, std = _mean_std()
-    tensors = {"images": to_uint8_224(val.inputs[:n]), "mean": mean, "std": std, "labels": val.labels[:n].clone()}
-    save_file(tensors, str(DATA_FILE))
+    save_image_file(to_uint8_224(val.inputs[:n]), *_mean_std(), DATA_FILE, labels=val.labels[:n].clone())
     return {
         "file": DATA_FILE.name,
         "images": n,
