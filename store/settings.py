@@ -61,6 +61,12 @@ class Settings(BaseSettings):
     max_attempts: int = Field(default=3, description="runs of a job before it is failed as lost")
     validate_top_k: int = Field(default=4, description="default number of Pareto candidates validated per job")
     validate_samples: int = Field(default=10000, description="test images a validation runs on the kernels")
+    validate_gmacs: float = Field(
+        default=1000.0,
+        gt=0,
+        description="a validation runs at most this many billion multiply-accumulates of the model per pass "
+        "(fewer images for a big model: ResNet-18 at 224 px gets 549, ResNet-20 at 28 px all 10,000)",
+    )
     threads: int = Field(default=0, description="torch threads per task; 0 = torch's default")
 
     rate_limit_per_s: float = Field(default=100.0, description="requests per second per API key (or client address)")
@@ -79,6 +85,11 @@ class Settings(BaseSettings):
         "(epochs x samples, or steps x batch size); the thesis's 4 epochs of 60k fit",
     )
     key_cache_s: float = Field(default=30.0, description="how long a key lookup is cached (revocation delay)")
+
+    def validation_samples_for(self, model_macs: int) -> int:
+        """Test images a validation of this model runs: validate_samples, fewer where that would take minutes."""
+        by_compute = int(self.validate_gmacs * 1e9 // max(1, model_macs))
+        return max(1, min(self.validate_samples, max(256, by_compute)))
 
     def resolved_validation_queue(self) -> str:
         return self.validation_queue or f"{self.queue}-validate"

@@ -774,7 +774,7 @@ def _validate(settings: Settings, candidate_id: int):
     evalset = splits.test if splits.test is not None else splits.val
     if evalset.labels is None:
         raise DatasetError("validation needs labelled data")
-    evalset = evalset.subset(slice(0, settings.validate_samples))
+    evalset = evalset.subset(slice(0, settings.validation_samples_for(sum(l.macs for l in model.layers))))
     report = validate(model, config, evalset.inputs, evalset.labels, splits.calib.inputs)
     r = report.to_dict()
     values = dict(

@@ -117,18 +117,20 @@ def check_memory(settings: Settings, model, dataset, spec, validate_top_k: int) 
     profile = ActivationProfile.from_dict(model.analysis or {})
     if profile is None:
         return None
-    n = dataset.num_samples
+    n, layers = dataset.num_samples, model.analysis["layers"]
     calib = min(spec.calib_size, n)
     extra = spec.params.get("reward_samples", 512) if spec.method == "haq" else 0
     estimate = estimate_job_memory(
         method=spec.method,
         profile=profile,
         input_elements=math.prod(model.input_shape),
-        weight_params=sum(int(l["params"]) for l in model.analysis["layers"]),
-        layers=len(model.analysis["layers"]),
+        weight_params=sum(int(l["params"]) for l in layers),
+        layers=len(layers),
         calib_samples=calib,
         val_samples=min(spec.val_samples + extra, n),
-        validate_samples=min(settings.validate_samples, n) if validate_top_k else 0,
+        validate_samples=min(settings.validation_samples_for(sum(int(l["macs"]) for l in layers)), n)
+        if validate_top_k
+        else 0,
         embedding=spec.params.get("embedding", 256),
     )
     if estimate.total_mb > settings.job_memory_mb:
