@@ -44,10 +44,11 @@ class ActRange:
 def fake_quantize_activation(x: torch.Tensor, r: ActRange) -> torch.Tensor:
     """(clamp(round(x * (1/S)) + z, 0, 2^b-1) - z) * S, round half to even.
 
-    Bit for bit what torch.fake_quantize_per_tensor_affine computes on the CPU (its kernel takes
-    the float32 reciprocal of the float32 scale, rounds, then adds z), so the kernels, which follow
-    that op, see the same codes. Written as one multiply and in-place steps because the fused op
-    is 2-3x slower here, and this runs on every layer input of every simulated forward. Under
+    Value for value what torch.fake_quantize_per_tensor_affine computes on the CPU (its kernel takes
+    the float32 reciprocal of the float32 scale, rounds, then adds z; a zero here may carry the other
+    sign), so the kernels, which follow that op, see the same codes. Written as one multiply and
+    in-place steps, the zero point folded into the clamp's bounds, because the fused op is 2-3x
+    slower here, and this runs on every layer input of every simulated forward. Under
     autograd (fine-tuning) the fused op is used: its gradient passes inside the range, round's is 0.
     """
     if x.requires_grad:  # STE fine-tuning: torch's op carries the straight-through gradient
@@ -55,7 +56,9 @@ def fake_quantize_activation(x: torch.Tensor, r: ActRange) -> torch.Tensor:
     scale = float(np.float32(r.scale))
     inv_scale = float(np.float32(1.0) / np.float32(scale))
     z = r.zero_point
-    return torch.mul(x, inv_scale).round_().add_(z).clamp_(0, r.qmax).sub_(z).mul_(scale)
+    # clamp(round(x/S) + z, 0, qmax) - z == clamp(round(x/S), -z, qmax - z): z is an integer and round(x/S) an
+    # integer-valued float, so both sums are exact below 2^24 and both clamp to a bound beyond; two passes fewer.
+    return torch.mul(x, inv_scale).round_().clamp_(-z, r.qmax - z).mul_(scale)
 
 
 @dataclass
