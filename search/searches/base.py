@@ -228,9 +228,18 @@ class SearchContext:
         return self.sim.evaluate(config, data if data is not None else self.val)
 
     def add_candidate(
-        self, w_bits: dict[str, int], a_bits: dict[str, int], score: float | None = None, **meta
+        self,
+        w_bits: dict[str, int],
+        a_bits: dict[str, int],
+        score: float | None = None,
+        samples: int | None = None,
+        **meta,
     ) -> Candidate | None:
-        """Record a config that meets the budget (once), scored on the validation subset; others are skipped."""
+        """Record a config that meets the budget (once), scored on the validation subset; others are skipped.
+
+        `samples` scores it on only the first images of that subset (a search's cheap side candidates on a big
+        model); such a candidate says so in meta.val_samples and is recommended only when no fully scored one fits.
+        """
         key = (tuple(w_bits[n] for n in self.layer_names), tuple(a_bits[n] for n in self.layer_names))
         if key in self._seen:
             return self._seen[key]
@@ -238,7 +247,11 @@ class SearchContext:
         if not self.budget.fits(cost):
             return None
         config = self.config(w_bits, a_bits)
-        res = self.evaluate(config)
+        if samples is not None and samples < len(self.val):
+            res = self.evaluate(config, self.val.subset(slice(0, samples)))
+            meta = {**meta, "val_samples": samples}
+        else:
+            res = self.evaluate(config)
         if score is None:
             score = res.top1 if res.top1 is not None else res.sqnr_db
         cand = Candidate(config, cost, score, res.top1, res.sqnr_db, True, meta)
@@ -254,6 +267,8 @@ class SearchContext:
         fitting = [(i, c) for i, c in enumerate(self.candidates) if c.fits]
         if not fitting:
             return None
+        # a candidate scored on fewer images is not compared with the others' figures while one of those fits
+        fitting = [(i, c) for i, c in fitting if "val_samples" not in c.meta] or fitting
         return min(fitting, key=lambda ic: (-ic[1].quality, getattr(ic[1].cost, self.pareto_metric), ic[0]))[1]
 
     def finetune_set(self) -> LabelledSet:

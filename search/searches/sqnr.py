@@ -48,10 +48,19 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from ..cost import LIMIT_SLACK, layer_costs, within
 from ..quant.activation import FLOAT_ACT_BITS
 from ..quant.weight import sqnr_db
+from ..simulate import SuffixRunner, fast_layout, layer_work
 from .base import MethodParams, SearchContext
 from .widen import refill
 
 ADDITIVE_METRICS = ("avg_wbits", "weight_bytes", "bitops", "latency_us")
+MEASURE_BYTES = 1 << 30  # what one chunk of measurement images keeps: the float layer outputs and the base run
+# A measurement pass (every tensor at every measured width, its suffix re-run on every image) may cost this much
+# (in MACs, search.simulate.layer_work; about 25 s on 2 cores) before the defaults measure fewer images (down to
+# MIN_SAMPLES) and then fewer widths. The reference 28x28 models stay well within it (64 images, every width).
+MEASURE_WORK = 4e12
+MIN_SAMPLES = 8
+SWEEP_WORK = 1e12  # scoring one allocation below the budget (about 6 s on 2 cores), before fewer images score it
+FIT_ABOVE = 4  # with fitted widths, the widths measured are those up to this and the widest
 
 
 @dataclass
@@ -95,12 +104,24 @@ class SqnrParams(MethodParams):
         "at the network output (measured), or the tensor's own SQNR (none)",
     )
     sweep_points: int = Field(default=6, ge=0, description="extra allocations below the budget, each a candidate")
+    sweep_samples: int | None = Field(
+        default=None,
+        ge=1,
+        description="validation images the allocations below the budget are scored on; default all of them, "
+        f"fewer (at least 100) where one scoring would cost over {SWEEP_WORK:.0e} MACs",
+    )
     relinearize: int = Field(default=2, ge=0, description="features: rounds re-measured around the allocation")
     output_weight: float = Field(default=2.0, ge=0, description="features: weight of the network output's noise")
     propagation_samples: int | None = Field(
         default=None,
         ge=1,
-        description="calibration images the noise is measured on; default 64 (features) or 256 (measured)",
+        description="calibration images the noise is measured on; default 256 (measured), and for features 64, "
+        f"fewer (down to {MIN_SAMPLES}) where a measurement pass would cost over {MEASURE_WORK:.0e} MACs",
+    )
+    fitted_widths: bool | None = Field(
+        default=None,
+        description=f"features: measure only the widths up to {FIT_ABOVE} bits and the widest, the others "
+        "scaled by the tensor's own noise; default: where a pass would still cost over the MAC budget",
     )
 
     def samples(self) -> int:
@@ -122,6 +143,55 @@ def _non_increasing(noise_by_bits: dict[int, float]) -> dict[int, float]:
     return out
 
 
+def _suffix_work(ctx: SearchContext, runner: SuffixRunner) -> dict[str, int]:
+    work = {l.name: layer_work(l) for l in ctx.model.layers}
+    return {n: sum(work[m] for m in runner.affected_layers(n)) for n in ctx.layer_names}
+
+
+def _widths(ctx: SearchContext, fit: bool) -> tuple[list[int], list[int]]:
+    """The weight and activation widths measured; with `fit` the middle ones are left to the fit (_fill)."""
+    o = ctx.options
+    a = [b for b in o.a_bits if b < FLOAT_ACT_BITS] if len(o.a_bits) > 1 else []
+    if not fit:
+        return list(o.w_bits), a
+    return [b for b in o.w_bits if b <= FIT_ABOVE or b == o.w_bits[-1]], [b for b in a if b <= FIT_ABOVE or b == a[-1]]
+
+
+def measurement_plan(ctx: SearchContext, runner: SuffixRunner) -> tuple[int, bool]:
+    """(images, fitted widths) for the damage measurement: the params where given, else within MEASURE_WORK."""
+    params: SqnrParams = ctx.params
+    suffix = _suffix_work(ctx, runner)
+
+    def cost(samples: int, fit: bool) -> float:
+        w, a = _widths(ctx, fit)
+        return samples * (len(w) + len(a)) * sum(suffix.values())
+
+    available = len(ctx.splits.calib)
+    if params.propagation_samples is not None:
+        samples = params.propagation_samples
+    else:
+        samples = max(min(64, int(MEASURE_WORK // max(cost(1, False), 1))), MIN_SAMPLES)
+    fit = params.fitted_widths if params.fitted_widths is not None else cost(samples, False) > MEASURE_WORK
+    return min(samples, available), fit
+
+
+def _fill(table: dict[int, float], own: dict[int, float]) -> dict[int, float]:
+    """Damage at the widths not measured, from the nearest measured one below them. Beyond FIT_ABOVE bits a
+    tensor's noise passes through the network linearly, so its damage, counted from the widest width's (the
+    table's 0 after the shift), scales with the tensor's own noise counted the same way (`own`, 1/SQNR of the
+    weights or input at each width)."""
+    out = dict(table)
+    top = max(table)
+    for b in own:
+        if b in table:
+            continue
+        ref = max((m for m in table if m < b), default=min(table))
+        excess = own[ref] - own[top]
+        share = max((own[b] - own[top]) / excess, 0.0) if excess > 0 else 1.0
+        out[b] = table[top] + share * (table[ref] - table[top])
+    return out
+
+
 def measure_damage(
     ctx: SearchContext,
     base_w: dict[str, int | None],
@@ -134,60 +204,95 @@ def measure_damage(
     `output_weight` x the noise of the network output, against the unquantized network; a
     tensor's entry is how much changing it alone changes that damage, shifted so its least is
     (nearly) 0: each layer takes one choice, so a per-layer constant does not move the allocation.
+
+    The images are measured in chunks that keep at most MEASURE_BYTES (sums of squares add up over
+    chunks; a small model's images are one chunk), and each change re-runs only its suffix (SuffixRunner).
     """
     o = ctx.options
     sim = ctx.sim
     names = ctx.layer_names
     output_weight = ctx.params.output_weight
-    x = ctx.splits.calib.inputs[: ctx.params.samples()]
     scheme, clip, calibration = o.scheme, o.clip, o.act_calibration
-    search_act = len(o.a_bits) > 1
-    sim.set_float()
-    runner = sim.incremental(x)
-    runner.run()
-    ref_layers = {n: runner.layer_output(n).clone() for n in names}
-    ref_out = runner.output().clone()
+    runner = SuffixRunner(sim, None, names)
+    samples, fit = measurement_plan(ctx, runner)
+    x = ctx.splits.calib.inputs[:samples]
+    w_widths, a_widths = _widths(ctx, fit)
+    affected = {n: runner.affected_layers(n) for n in names}
+    per_sample = 4 * (runner.kept_elements() + sum(l.out_features for l in ctx.model.layers))
+    chunk = max(1, min(len(x), MEASURE_BYTES // max(per_sample, 1)))
+    chunks = range(0, len(x), chunk)
+    OUT = None  # the network output's key in the sums
+
+    def add(sums: dict, key, value: torch.Tensor) -> None:
+        sums[key] = value if key not in sums else sums[key] + value
 
     def set_layer(name, w, a):
         sim.set_layer(name, w, a, scheme, clip, calibration)
 
-    def damage(affected: list[str]) -> float:
-        # only the layers downstream of the changed one differ from the base config
-        changed = sum(_nmse(runner.layer_output(m), ref_layers[m]) - base_nmse[m] for m in affected)
-        return (base_total + changed) / len(names) + output_weight * _nmse(runner.output(), ref_out)
-
+    # float32 sums of squares over the chunks, as one chunk computes them: sum (quantized - float)^2 per layer
+    # output (and the network output), per config measured; sum float^2 per output
+    ref_sq: dict = {}
+    base_err: dict = {}
+    err: dict[tuple, dict] = {}
     try:
-        for n in names:
-            set_layer(n, base_w[n], base_a[n])
-        runner.run()
-        base_nmse = {n: _nmse(runner.layer_output(n), ref_layers[n]) for n in names}
-        base_total = sum(base_nmse.values())
-        w_noise, a_noise = {}, {}
-        for step, n in enumerate(names):
-            affected = runner.affected_layers([n])
-            w_noise[n] = {}
-            for b in o.w_bits:
-                set_layer(n, b, base_a[n])
-                runner.run([n])
-                w_noise[n][b] = damage(affected)
-            a_noise[n] = {}
-            if search_act:
-                for b in o.a_bits:
-                    if b < FLOAT_ACT_BITS:
-                        set_layer(n, base_w[n], b)
-                        runner.run([n])
-                        a_noise[n][b] = damage(affected)
-            set_layer(n, base_w[n], base_a[n])
-            runner.run([n])
-            if progress is not None:
-                ctx.report(progress[0] + step + 1, progress[1], "measure")
+        for c, start in enumerate(chunks):
+            runner.x = fast_layout(x[start : start + chunk])
+            sim.set_float()
+            refs: dict = {}
+            refs[OUT] = runner.run(refs.__setitem__)
+            for m, v in refs.items():
+                add(ref_sq, m, (v**2).sum())
+            for n in names:
+                set_layer(n, base_w[n], base_a[n])
+            out = runner.run(lambda m, v: add(base_err, m, ((v - refs[m]) ** 2).sum()))
+            add(base_err, OUT, ((out - refs[OUT]) ** 2).sum())
+            for step, n in enumerate(names):
+                changes = [("w", b, b, base_a[n]) for b in w_widths] + [("a", b, base_w[n], b) for b in a_widths]
+                for kind, b, w, a in changes:
+                    set_layer(n, w, a)
+                    sums = err.setdefault((n, kind, b), {})
+                    out = runner.run_suffix(n, lambda m, v, sums=sums: add(sums, m, ((v - refs[m]) ** 2).sum()))
+                    add(sums, OUT, ((out - refs[OUT]) ** 2).sum())
+                set_layer(n, base_w[n], base_a[n])
+                if progress is not None:
+                    done = (c * len(names) + step + 1) * len(names) // (len(chunks) * len(names))
+                    ctx.report(progress[0] + done, progress[1], "measure")
     finally:
         sim.set_float()
-    for table in (*w_noise.values(), *a_noise.values()):
-        if table:
-            least = min(table.values())
-            table.update({b: v - least + 1e-12 for b, v in _non_increasing(table).items()})
+
+    def nmse(sums: dict, m) -> float:
+        return float(sums[m] / ref_sq[m].clamp_min(1e-30))
+
+    base_nmse = {n: nmse(base_err, n) for n in names}
+    base_total = sum(base_nmse.values())
+
+    def damage(n: str, kind: str, b: int) -> float:
+        sums = err[(n, kind, b)]
+        # only the layers downstream of the changed one differ from the base config
+        changed = sum(nmse(sums, m) - base_nmse[m] for m in affected[n])
+        return (base_total + changed) / len(names) + output_weight * nmse(sums, OUT)
+
+    w_noise, a_noise = {}, {}
+    for n in names:
+        w_noise[n] = {b: damage(n, "w", b) for b in w_widths}
+        a_noise[n] = {b: damage(n, "a", b) for b in a_widths}
+    for table, kind in ((w_noise, "w"), (a_noise, "a")):
+        for n in names:
+            if not table[n]:
+                continue
+            least = min(table[n].values())
+            table[n] = {b: v - least + 1e-12 for b, v in _non_increasing(table[n]).items()}
+            if fit:
+                table[n] = _non_increasing(_fill(table[n], _own_noise(ctx, n, kind)))
     return NoiseModel(w_noise, a_noise)
+
+
+def _own_noise(ctx: SearchContext, name: str, kind: str) -> dict[int, float]:
+    """1/SQNR of a layer's weights (or input) at each allowed width: what the fit scales the damage by."""
+    o, sim = ctx.options, ctx.sim
+    if kind == "w":
+        return {b: 10 ** (-sim.weight_sqnr_db(name, b, o.scheme, o.clip) / 10) for b in o.w_bits}
+    return {b: 10 ** (-sim.activation_sqnr_db(name, b, o.act_calibration) / 10) for b in o.a_bits if b < FLOAT_ACT_BITS}
 
 
 def measure_noise(ctx: SearchContext, total_steps: int | None = None) -> NoiseModel:
@@ -365,7 +470,11 @@ def sqnr_search(ctx: SearchContext) -> None:
     noise = measure_noise(ctx, total)
     solve = solve_exact if mode == "exact" else _solve_analytic
 
-    def allocate(model: NoiseModel, limits: dict[str, float], **meta) -> tuple[dict, dict] | None:
+    sweep_samples = params.sweep_samples
+    if sweep_samples is None:
+        sweep_samples = max(100, int(SWEEP_WORK // ctx.sim.work_per_sample))
+
+    def allocate(model: NoiseModel, limits: dict[str, float], samples=None, **meta) -> tuple[dict, dict] | None:
         alloc = solve(ctx, model, limits)
         if alloc is None:
             return None
@@ -375,14 +484,20 @@ def sqnr_search(ctx: SearchContext) -> None:
         alloc = refill(ctx, *alloc, {n: 1.0 for n in ctx.layer_names}, noise_of, limits)
         modelled = noise.output_sqnr_db(*alloc)  # every round scored by the same (first) model
         cand = ctx.add_candidate(
-            *alloc, score=modelled, mode=mode, modelled_sqnr_db=modelled, limit=limits[ctx.pareto_metric], **meta
+            *alloc,
+            score=modelled,
+            samples=samples,
+            mode=mode,
+            modelled_sqnr_db=modelled,
+            limit=limits[ctx.pareto_metric],
+            **meta,
         )
         if cand is not None and "relinearized" in meta:  # a round that reached an allocation found before
             cand.meta.setdefault("relinearized", meta["relinearized"])
         return alloc
 
     for step, limits in enumerate(sweep):
-        alloc = allocate(noise, limits)
+        alloc = allocate(noise, limits, None if step == 0 else sweep_samples)
         if step == 0:
             at_budget = alloc  # the budget itself: the allocation the rounds below re-linearise
         ctx.report(layers + step + 1, total, "allocate")
