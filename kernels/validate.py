@@ -45,14 +45,18 @@ class ValidationReport:
         return d
 
 
-def timed_us(fn, repeats: int, warmup: int = 3) -> list[float]:
+def timed_us(fn, repeats: int, warmup: int = 3, budget_s: float | None = None, min_repeats: int = 5) -> list[float]:
+    """`repeats` timings of fn() after `warmup` calls; with `budget_s`, fewer (down to min_repeats) where the
+    calls would take longer than that: an ImageNet CNN at batch 64 takes seconds a call."""
     for _ in range(warmup):
         fn()
     times = []
-    for _ in range(repeats):
+    for i in range(repeats):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e6)
+        if budget_s is not None and i + 1 >= min_repeats and sum(times) / 1e6 * (i + 2) / (i + 1) > budget_s:
+            break
     return times
 
 
@@ -70,6 +74,9 @@ def iqr(times: list[float]) -> float:
 # Other processes using more than this share of the machine's CPU time while we time is "under load": a figure
 # taken then says more about the neighbours than about the kernels.
 BUSY_SHARE = 0.15
+# Seconds the timed calls of one batch size may take before fewer repeats are timed (at least 5): 20 repeats of a
+# 224-px ResNet-18 at batch 64 would take minutes; a small model's 20 take well under this.
+TIMING_BUDGET_S = 10.0
 
 
 def _cpu_ticks() -> tuple[int, int] | None:
@@ -116,7 +123,7 @@ def validate(
     sim.apply(config)
     sim_logits = sim.forward(inputs)
     packed = lower(model, config, simulator=sim)
-    logits = packed.forward(inputs)
+    logits = packed.forward(inputs, sim.batch_size)  # batches sized by memory, as the simulation's
     top1 = sim_top1 = None
     if labels is not None:
         top1 = float((logits.argmax(1) == labels).float().mean())
@@ -128,7 +135,7 @@ def validate(
             x = inputs[:bs]
             if len(x) < bs:
                 x = x.repeat((bs + len(x) - 1) // len(x), *([1] * (x.dim() - 1)))[:bs]
-            out[bs] = timed_us(lambda x=x: packed.module(x), repeats)
+            out[bs] = timed_us(lambda x=x: packed.module(x), repeats, budget_s=TIMING_BUDGET_S)
         return out
 
     # Timed again after a pause while other processes keep the machine busy, up to quiet_retries times; a
@@ -142,7 +149,7 @@ def validate(
         "others_cpu_share": None if share is None else round(share, 3),
         "under_load": share is not None and share > BUSY_SHARE,
         "timings": attempt + 1,
-        "repeats": repeats,
+        "repeats": min((len(t) for t in times.values()), default=0),  # fewer than asked where TIMING_BUDGET_S ran out
     }
     report = ValidationReport(
         top1=top1,
