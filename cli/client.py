@@ -2,7 +2,7 @@
 
     bitsearch submit MODEL.pt2 --data fashion-mnist --method sqnr --budget avg_wbits=3 --wait
     bitsearch jobs | watch ID | cancel ID
-    bitsearch download CANDIDATE_ID [-o config.json | -o DIR/] [--packed]
+    bitsearch download CANDIDATE_ID [-o FILE | -o DIR/] [--format config|packed|onnx]
     bitsearch login KEY
 
 The server is --server, else $BITSEARCH_SERVER, else http://127.0.0.1:8000. The API key is --api-key, else
@@ -255,9 +255,13 @@ def _show_results(server: Server, job: dict, as_json: bool) -> None:
         raise ServerError(f"job {job['id']} {job['status']}: {job['error'] or 'no reason given'}")
 
 
-def download_path(candidate_id: int, output: str | None, packed: bool) -> Path:
+DOWNLOAD_SUFFIX = {"config": ".json", "packed": "-packed.zip", "onnx": ".onnx"}
+
+
+def download_path(candidate_id: int, output: str | None, packed: bool = False, fmt: str | None = None) -> Path:
     """-o as given; an existing directory, or a name ending in '/', gets the default file name inside it."""
-    name = f"bitsearch-candidate-{candidate_id}{'-packed.zip' if packed else '.json'}"
+    fmt = fmt or ("packed" if packed else "config")
+    name = f"bitsearch-candidate-{candidate_id}{DOWNLOAD_SUFFIX[fmt]}"
     if not output:
         return Path(name)
     out = Path(output)
@@ -267,8 +271,9 @@ def download_path(candidate_id: int, output: str | None, packed: bool) -> Path:
     return out
 
 
-def download(server: Server, candidate_id: int, out: Path, packed: bool = False) -> Path:
-    resp = server.request("GET", f"/candidates/{candidate_id}/{'packed' if packed else 'config'}")
+def download(server: Server, candidate_id: int, out: Path, packed: bool = False, fmt: str | None = None) -> Path:
+    fmt = fmt or ("packed" if packed else "config")
+    resp = server.request("GET", f"/candidates/{candidate_id}/export", params={"format": fmt})
     tmp = out.with_name(out.name + ".part")
     tmp.write_bytes(resp.content)
     os.replace(tmp, out)
@@ -370,9 +375,10 @@ def cmd_cancel(args) -> None:
 
 
 def cmd_download(args) -> None:
-    out = download_path(args.candidate_id, args.output, args.packed)
+    fmt = args.format or ("packed" if args.packed else "config")
+    out = download_path(args.candidate_id, args.output, fmt=fmt)
     with Server(args.server, args.api_key) as server:
-        download(server, args.candidate_id, out, args.packed)
+        download(server, args.candidate_id, out, fmt=fmt)
     print(out)
 
 
@@ -456,13 +462,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser(
-        "download", parents=[conn], help="download a candidate's config (or --packed model) from a server"
+        "download", parents=[conn], help="download a candidate's config, packed model or ONNX model from a server"
     )
     p.add_argument("candidate_id", type=int)
     p.add_argument(
         "-o", "--output", help="a file, or a directory (existing, or ending in /) to write the default file name into"
     )
-    p.add_argument("--packed", action="store_true", help="the packed low-bit model (zip) instead of the config")
+    p.add_argument(
+        "--format",
+        choices=sorted(DOWNLOAD_SUFFIX),
+        help="config: the bit-width config JSON (default); packed: the low-bit model for bitsearch's kernels (zip); "
+        "onnx: the ONNX QDQ model for onnxruntime (both once the candidate is validated)",
+    )
+    p.add_argument("--packed", action="store_true", help="the same as --format packed")
     p.set_defaults(func=cmd_download)
 
     p = sub.add_parser("login", help=f"save an API key for the client commands ({user_key_file()}, mode 0600)")

@@ -376,8 +376,8 @@ ORT_SESSION_CONFIG = {"session.qdq_matmulnbits_accuracy_level": "1"}
 
 
 def onnx_session(model_or_path, threads: int | None = None):
-    """An onnxruntime CPU session with every graph optimisation on, as a deployment runs it, and
-    ORT_SESSION_CONFIG."""
+    """An onnxruntime CPU session (of a ModelProto, its bytes or a path) with every graph optimisation on, as a
+    deployment runs it, and ORT_SESSION_CONFIG."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -387,7 +387,12 @@ def onnx_session(model_or_path, threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    src = model_or_path.SerializeToString() if hasattr(model_or_path, "SerializeToString") else str(model_or_path)
+    if hasattr(model_or_path, "SerializeToString"):
+        src = model_or_path.SerializeToString()
+    elif isinstance(model_or_path, bytes):
+        src = model_or_path
+    else:
+        src = str(model_or_path)
     return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
 
 
@@ -404,3 +409,19 @@ def run_onnx(session, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
             chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), chunk.dtype)])
         outs.append(session.run(None, {inp.name: chunk})[0][:n])
     return torch.from_numpy(np.concatenate(outs))
+
+
+ONNX_FILE = "model.onnx"
+ONNX_ERROR_FILE = "onnx-error.txt"
+
+
+def write_onnx_artifact(directory: str | os.PathLike, model: LoadedModel, config: QuantConfig, simulator: Simulator):
+    """Beside a packed model: model.onnx, or onnx-error.txt saying why the config has none (a width without an
+    exact integer form, an op the exporter cannot write). The validation stores both with the packed model."""
+    directory = Path(directory)
+    try:
+        save_onnx(export_onnx(model, config, simulator=simulator), directory / ONNX_FILE)
+    except ExportError as e:
+        (directory / ONNX_ERROR_FILE).write_text(str(e))
+    except ImportError as e:
+        (directory / ONNX_ERROR_FILE).write_text(f"the validation worker cannot export to ONNX: {e}")

@@ -138,11 +138,20 @@ def test_pareto_candidates_are_validated_on_the_kernels(stack, finished_jobs, tm
         with zipfile.ZipFile(tmp_path / "packed.zip") as zf:
             assert set(zf.namelist()) == {"model.pt2", "config.json"}
             zf.extractall(tmp_path / "packed")
+        # The validation also wrote the ONNX QDQ model (tests/test_onnx_export.py checks its arithmetic).
+        resp = c.get(f"/candidates/{validated[0]['id']}/export", params={"format": "onnx"})
+        assert resp.status_code == 200, resp.text
+        onnx_bytes = resp.content
     from kernels.lower import load_packed
 
     packed = load_packed(tmp_path / "packed")
-    logits = packed(fashion_mnist_splits(calib_size=FAST["calib_size"]).test.inputs[:200])
+    images = fashion_mnist_splits(calib_size=FAST["calib_size"]).test.inputs[:200]
+    logits = packed(images)
     assert logits.shape == (200, 10)
+    from kernels.onnx_export import onnx_session, run_onnx
+
+    onnx_logits = run_onnx(onnx_session(onnx_bytes), images)
+    assert (onnx_logits.argmax(1) == logits.argmax(1)).float().mean() >= 0.98
 
 
 def test_leaderboard_json_lists_both_methods(stack, finished_jobs):
@@ -323,6 +332,7 @@ def test_health_reports_database_broker_and_workers(stack):
         "/candidates/{candidate_id}",
         "/candidates/{candidate_id}/config",
         "/candidates/{candidate_id}/packed",
+        "/candidates/{candidate_id}/export",
         "/jobs/{job_id}/cancel",
         "/health",
         "/leaderboard",

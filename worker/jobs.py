@@ -25,6 +25,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import and_, delete, or_, select, update
@@ -739,9 +740,10 @@ def run_validation(settings: Settings, candidate_id: int) -> str:
     try:
         with ValidationHeartbeat(settings, lease):
             try:
-                values, packed = _validate(settings, candidate_id)
+                values, packed, write_onnx = _validate(settings, candidate_id)
                 with tempfile.TemporaryDirectory() as tmp:
                     packed.save(Path(tmp))
+                    write_onnx(Path(tmp))  # GET /candidates/{id}/export?format=onnx serves it
                     publish_packed(settings, lease, Path(tmp), **values)
                 return "succeeded"
             except ValidationLost:
@@ -775,7 +777,12 @@ def _validate(settings: Settings, candidate_id: int):
     if evalset.labels is None:
         raise DatasetError("validation needs labelled data")
     evalset = evalset.subset(slice(0, settings.validation_samples_for(sum(l.macs for l in model.layers))))
-    report = validate(model, config, evalset.inputs, evalset.labels, splits.calib.inputs)
+    from kernels.onnx_export import write_onnx_artifact
+    from search.simulate import Simulator
+
+    # One calibration for the kernels and the ONNX export: the same activation ranges and corrected biases.
+    sim = Simulator(model, splits.calib.inputs)
+    report = validate(model, config, evalset.inputs, evalset.labels, splits.calib.inputs, simulator=sim)
     r = report.to_dict()
     values = dict(
         top1=r.get("top1"),
@@ -790,7 +797,7 @@ def _validate(settings: Settings, candidate_id: int):
         threads=r.get("threads"),
         isa=r.get("isa"),
     )
-    return values, report.packed
+    return values, report.packed, partial(write_onnx_artifact, model=model, config=config, simulator=sim)
 
 
 # -- recovery -------------------------------------------------------------------------------------------

@@ -1,13 +1,12 @@
-"""/candidates: one candidate, its bit-width config as a download, its packed model once validated."""
+"""/candidates: one candidate, its bit-width config as a download, its packed and ONNX models once validated."""
 
 from __future__ import annotations
 
 import io
 import json
-import zipfile
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Response
+from fastapi import APIRouter, Depends, Query, Response
 from fastapi import Path as PathParam
 from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
@@ -15,6 +14,7 @@ from sqlalchemy.orm import Session
 from api import deps
 from api.schemas import CandidateOut
 from api.security import Caller, optional_caller
+from api.services.exports import candidate_export, packed_zip
 from api.services.jobs import candidate_for, packed_directory
 from api.views import candidate_out
 from store.artifacts import ArtifactStore
@@ -63,13 +63,31 @@ def get_packed(
     store: ArtifactStore = Depends(deps.artifacts),
 ) -> StreamingResponse:
     directory = packed_directory(db, store, candidate_id, who.owner)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
-        for f in sorted(directory.iterdir()):
-            zf.write(f, f.name)
-    buf.seek(0)
     return StreamingResponse(
-        buf,
+        io.BytesIO(packed_zip(directory)),
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="bitsearch-candidate-{candidate_id}-packed.zip"'},
+    )
+
+
+@router.get(
+    "/candidates/{candidate_id}/export",
+    summary="The candidate as a download: ONNX QDQ model (once validated), config JSON, or packed model zip",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}, "application/json": {}, "application/zip": {}}},
+        422: {"description": "the config has no ONNX form (the reason names the layer)"},
+    },
+)
+def get_export(
+    candidate_id: CandidateId,
+    format: Annotated[Literal["onnx", "config", "packed"], Query(description="onnx | config | packed")] = "onnx",
+    who: Caller = Depends(optional_caller),
+    db: Session = Depends(deps.db),
+    store: ArtifactStore = Depends(deps.artifacts),
+) -> StreamingResponse:
+    d = candidate_export(db, store, candidate_id, who.owner, format)
+    body = iter([d.body]) if isinstance(d.body, bytes) else d.body
+    return StreamingResponse(
+        body, media_type=d.media_type, headers={"Content-Disposition": f'attachment; filename="{d.filename}"'}
     )
