@@ -18,19 +18,24 @@ Variants and speed-ups (options in `params`):
              layer does to it, so on post-training quantization both drive the layers that add
              little straight to the lowest width (the thesis fine-tunes for hundreds of epochs
              afterwards). noise_aware lowers the layer with the least expected damage per unit
-             cost saved, damage = importance x growth of its weight quantization noise:
-                 max(diff_i, 1/n_score) * (1/gamma_i(b - 1) - 1/gamma_i(b)) / cost saved,
+             cost saved, damage = importance x growth of the noise it puts on the output:
+                 max(diff_i, 1/n_score) * t_i * (1/gamma_i(b - 1) - 1/gamma_i(b)) / cost saved,
              the cost saved summed over the budget's limits that are still broken, each as a
              fraction of its limit (all limits once the config fits),
              with diff_i from the imprinting curve and gamma_i the weight SQNR (cached per
-             layer and width). A layer's next step costs about 4x its last, so the bits
+             layer and width) and t_i the layer's transfer: the network output's noise with the
+             layer alone lowered to about 4 bits, over its weight noise growth (measured once;
+             weight SQNR alone is flat across MobileNetV2's layers while their damage at the
+             output differs 20x). A layer's next step costs about 4x its last, so the bits
              spread over the layers by importance instead of piling up. When activation bits
              are searched (more than one a_bits choice), lowering a layer's input activation
              is a move too, priced the same way with the activation's SQNR; the other variants
              keep every activation at the widest choice. The best configs that fit are then
              refilled: one lowering can overshoot the budget by a whole layer's cost, so inner
              layers are raised again, most profitable first, while the config still fits
-             (`refill`), and the refilled configs are measured and validated too.
+             (`refill`), and the refilled configs are measured and validated too, as is the
+             widest uniform config that fits (the recommendation never falls below it on the
+             validation split).
   refills    how many of the best fitting configs (by Acc_N) noise_aware refills. Default 2.
   remeasure  measure the per-layer curve every this many steps while the config is above the
              budget (configs that fit are always measured: they are the candidates). Default 1
@@ -40,8 +45,13 @@ Variants and speed-ups (options in `params`):
              accurate (the importance of a layer is read off the unquantized network).
   patience   stop once this many consecutive configs meet the budget without beating the best
              Acc_N among them (0 = run all N_max iterations, as in the thesis). Default 8.
+  se_floor   noise_aware: floor each importance at the standard error of the imprinting gain
+             (off by default: it helps mobilenetv2-fmnist at 2.5 bits, costs resnet20-fmnist
+             1.5 points there; docs/methods.md#imprinting-noise-aware).
   embedding  N, the target embedding length (default 256).
-Only the layers downstream of the lowered one are recomputed (IncrementalRunner).
+Only the layers downstream of the lowered one are recomputed (IncrementalRunner) while the
+calibration set's intermediates fit in KEEP_ACTIVATIONS_BYTES; otherwise the images are streamed
+and only the per-layer embeddings are kept.
 
 Algorithm 1 fine-tuning (`SearchOptions.finetune`, off by default; the thesis uses 4 epochs):
 after every bit lowering the quantized network is fine-tuned with the straight-through
@@ -73,6 +83,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch import fx
 
 from ..finetune import STEFineTuner
 from ..quant.activation import FLOAT_ACT_BITS
@@ -105,36 +116,159 @@ def imprint_accuracy(
     return float(((test_e @ weights.T).argmax(1) == test_y).float().mean())
 
 
+# Every intermediate tensor of the calibration images is kept between measurements (IncrementalRunner) only
+# while they fit in this; beyond it (ImageNet-size inputs) the images are streamed in chunks, each layer's
+# output embedded as it is computed and dropped, and every measurement is a full forward.
+KEEP_ACTIVATIONS_BYTES = 3 << 30
+STREAM_CHUNK_BYTES = 256 << 20  # intermediates of one streamed chunk, about
+
+
+@torch.no_grad()
+def sample_bytes(sim: Simulator, x: torch.Tensor) -> int:
+    """Bytes of every intermediate tensor one sample of `x` creates in the simulated graph."""
+    runner = sim.incremental(x[:1] if not sim.static_batch else x[: sim.static_batch])
+    runner.run(None)
+    total = sum(v.numel() * v.element_size() for v in runner.env.values() if isinstance(v, torch.Tensor))
+    total -= sum(
+        v.numel() * v.element_size()
+        for n, v in runner.env.items()
+        if n.op == "get_attr" and isinstance(v, torch.Tensor)
+    )
+    return total // len(runner.x)
+
+
+class _LayerTap(fx.Interpreter):
+    """Runs the graph freeing each value after its last use, handing every layer output to `sink`."""
+
+    def __init__(self, gm: fx.GraphModule, layer_of: dict[fx.Node, str], sink):
+        super().__init__(gm, garbage_collect_values=True)
+        self.layer_of, self.sink = layer_of, sink
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n in self.layer_of:
+            self.sink(self.layer_of[n], out)
+        return out
+
+
+class StreamedLayers:
+    """The per-layer embeddings and the network output of `x` under the simulator's current config,
+    computed chunk by chunk: memory is the embeddings plus one chunk's working set, whatever N."""
+
+    def __init__(self, sim: Simulator, x: torch.Tensor, embedding: int, per_sample: int):
+        self.sim, self.x, self.embedding = sim, x, embedding
+        nodes = {n.name: n for n in sim.gm.graph.nodes}
+        self.layer_of = {nodes[node.name]: name for name, node in sim.model.layer_nodes.items()}
+        self.chunk = sim.static_batch or max(1, min(len(x), STREAM_CHUNK_BYTES // max(per_sample, 1)))
+        self.embeddings: dict[str, torch.Tensor] = {}
+        self.out: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def run(self) -> None:
+        n_total = len(self.x)
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.layer_of.values()}
+        outs = []
+        for i in range(0, n_total, self.chunk):
+            chunk = self.x[i : i + self.chunk]
+            n = len(chunk)
+            if self.sim.static_batch and n < self.chunk:
+                chunk = torch.cat([chunk, chunk.new_zeros((self.chunk - n, *chunk.shape[1:]))])
+
+            def keep(name: str, value: torch.Tensor, n: int = n) -> None:
+                parts[name].append(embed(value, self.embedding)[:n])
+
+            out = _LayerTap(self.sim.gm, self.layer_of, keep).run(chunk)
+            outs.append((out[0] if isinstance(out, (tuple, list)) else out)[:n])
+        self.embeddings = {name: torch.cat(p) for name, p in parts.items()}
+        self.out = torch.cat(outs)
+
+
 class LayerAccuracy:
     """acc_i for every layer under the simulator's current config, recomputing only what changed.
 
     `sim` defaults to the context's simulator; imprinting with fine-tuning passes one over the
-    fine-tuned weights."""
+    fine-tuned weights. While the calibration set's intermediate tensors fit in
+    KEEP_ACTIVATIONS_BYTES they are kept and only the layers downstream of a change are rerun;
+    otherwise (large inputs, or a graph that only runs at its export's fixed batch) the images are
+    streamed and each measurement runs the whole graph, keeping only the embeddings."""
 
     def __init__(self, ctx: SearchContext, embedding: int, sim: Simulator | None = None):
         calib = ctx.splits.calib
         if calib.labels is None:
             raise SearchError("imprinting needs a labelled calibration set")
-        if ctx.model.static_batch and ctx.model.static_batch != len(calib):
-            raise SearchError("imprinting needs a model exported with a dynamic batch dimension")
+        sim = sim or ctx.sim
         half = len(calib) // 2
         self.imprint_y, self.score_y = calib.labels[:half], calib.labels[half:]
         self.half = half
         self.num_classes = int(calib.labels.max()) + 1
         self.embedding = embedding
-        self.runner = (sim or ctx.sim).incremental(calib.inputs)
         self.names = ctx.layer_names
         self.acc: dict[str, float] = {}
+        per_sample = sample_bytes(sim, calib.inputs)
+        static = bool(sim.static_batch) and sim.static_batch != len(calib)
+        if static or per_sample * len(calib) > KEEP_ACTIVATIONS_BYTES:
+            self.runner = None
+            self.stream = StreamedLayers(sim, calib.inputs, embedding, per_sample)
+        else:
+            self.runner = sim.incremental(calib.inputs)
+            self.stream = None
 
     def update(self, changed: list[str] | None) -> list[float]:
-        self.runner.run(changed)
-        stale = self.names if changed is None else self.runner.affected_layers(changed)
+        if self.stream is not None:
+            self.stream.run()
+            stale, get = self.names, self.stream.embeddings.__getitem__
+        else:
+            self.runner.run(changed)
+            stale = self.names if changed is None else self.runner.affected_layers(changed)
+            get = lambda name: embed(self.runner.layer_output(name), self.embedding)  # noqa: E731
         for name in stale:
-            e = embed(self.runner.layer_output(name), self.embedding)
+            e = get(name)
             self.acc[name] = imprint_accuracy(
                 e[: self.half], self.imprint_y, e[self.half :], self.score_y, self.num_classes
             )
         return [self.acc[n] for n in self.names]
+
+
+TRANSFER_SAMPLES = 64  # calibration images the output noise of each layer's quantization is measured on
+TRANSFER_BITS = 4  # the weight width it is measured at (the nearest allowed one below the widest)
+
+
+@torch.no_grad()
+def output_transfer(
+    ctx: SearchContext,
+    sim: Simulator,
+    layers: list[str],
+    w_bits: dict[str, int],
+    a_bits: dict[str, int],
+    own_noise,
+) -> dict[str, float]:
+    """Per layer: the network output's noise (NMSE against the config `w_bits`/`a_bits`) when that
+    layer alone is lowered to about TRANSFER_BITS, divided by the growth of its own weight noise.
+
+    A layer's weight SQNR is nearly the same for every layer at a width (on mobilenetv2-fmnist 6-10 dB
+    at 2 bits), but what the same weight noise does at the network output differs by more than 10x
+    between layers (docs/methods.md#imprinting-noise-aware); this factor carries that difference."""
+    o = ctx.options
+    choices = [b for b in o.w_bits if b < o.w_bits[-1]]
+    if not choices:
+        return {}
+    bits = min(choices, key=lambda b: (abs(b - TRANSFER_BITS), -b))
+    x = ctx.splits.calib.inputs[:TRANSFER_SAMPLES]
+    sim.apply(ctx.config(w_bits, a_bits))
+    ref = sim.forward(x)
+    power = float(ref.pow(2).mean())
+    out = {}
+    for name in layers:
+        sim.set_layer(name, bits, a_bits[name], o.scheme, o.clip, o.act_calibration)
+        noise = float((sim.forward(x) - ref).pow(2).mean()) / max(power, 1e-30)
+        sim.set_layer(name, w_bits[name], a_bits[name], o.scheme, o.clip, o.act_calibration)
+        growth = own_noise(name, bits) - own_noise(name, w_bits[name])
+        out[name] = noise / growth if growth > 0 else math.nan
+    # Relative factors (geometric mean 1), so weight moves stay on the scale of activation moves,
+    # which are priced by the activation's own SQNR.
+    logs = [math.log(t) for t in out.values() if t > 0]
+    mean = math.exp(sum(logs) / len(logs)) if logs else 1.0
+    return {n: t / mean if t > 0 else 1.0 for n, t in out.items()}
 
 
 class ImprintingParams(MethodParams):
@@ -148,6 +282,10 @@ class ImprintingParams(MethodParams):
     curve_points: int = Field(default=6, ge=0, description="configs along the path that are validated")
     refills: int = Field(default=2, ge=0, description="best fitting configs widened with the leftover budget")
     embedding: int = Field(default=256, ge=1, description="features kept per layer for imprinting")
+    se_floor: bool = Field(
+        default=False,
+        description="noise_aware: floor each layer's importance at the standard error of its imprinting gain",
+    )
     remeasure: int | None = Field(
         default=None,
         ge=0,
@@ -165,7 +303,7 @@ def imprinting_search(ctx: SearchContext) -> None:
         raise SearchError("imprinting needs at least 3 quantizable layers (the first and last are never lowered)")
     w_choices = o.w_bits
     a_choices = o.a_bits  # searched by noise_aware only; the other variants keep the widest
-    a_bits = ctx.uniform_bits(a_choices[-1])
+    a_bits = a_bits0 = ctx.uniform_bits(a_choices[-1])
     w_bits = ctx.uniform_bits(w_choices[-1])
     a_steps = len(a_choices) - 1 if variant == "noise_aware" else 0
     n_max = (len(w_choices) - 1 + a_steps) * (len(names) - 2) + 1
@@ -180,8 +318,17 @@ def imprinting_search(ctx: SearchContext) -> None:
     tuned_batches = 0
 
     @cache
-    def weight_noise(name: str, bits: int) -> float:
+    def own_weight_noise(name: str, bits: int) -> float:
         return 10 ** (-ctx.sim.weight_sqnr_db(name, bits, o.scheme, o.clip) / 10)
+
+    transfer = (
+        output_transfer(ctx, sim, [names[i] for i in range(1, len(names) - 1)], w_bits, a_bits, own_weight_noise)
+        if variant == "noise_aware"
+        else {}
+    )
+
+    def weight_noise(name: str, bits: int) -> float:
+        return transfer.get(name, 1.0) * own_weight_noise(name, bits)
 
     @cache
     def act_noise(name: str, bits: int) -> float:
@@ -190,7 +337,15 @@ def imprinting_search(ctx: SearchContext) -> None:
         )
 
     noise_of = {"w": weight_noise, "a": act_noise} if a_steps else {"w": weight_noise}  # the kinds of move
-    floor = 1.0 / len(acc_model.score_y)  # an importance of at least one scored image
+    n_score = len(acc_model.score_y)
+
+    def importance(curve: list[float], i: int) -> float:
+        """|acc_i - acc_(i-1)|, never below one scored image and, with se_floor, never below the
+        standard error of that difference on the scored half."""
+        p, q = curve[i], curve[i - 1]
+        se = math.sqrt((p * (1 - p) + q * (1 - q)) / n_score) if params.se_floor else 0.0
+        return max(abs(p - q), se, 1.0 / n_score)
+
     inner = range(1, len(names) - 1)  # the layers Algorithm 2 may change
     remeasure = params.remeasure if params.remeasure is not None else (0 if variant == "noise_aware" else 1)
     trajectory = []  # (iteration, w_bits, a_bits, Acc_N, fits, per-layer acc, fine-tuning meta)
@@ -234,6 +389,7 @@ def imprinting_search(ctx: SearchContext) -> None:
         if not moves or (patience and since_best >= patience):
             break
         diffs = {i: abs(acc[i] - acc[i - 1]) for i, _ in moves}
+        weights = {i: importance(acc, i) for i, _ in moves}
 
         def lowered(move):
             """(w_bits, a_bits) with the move made."""
@@ -257,7 +413,7 @@ def imprinting_search(ctx: SearchContext) -> None:
                 name = names[i]
                 growth = noise_of[kind](name, new_bits[name]) - noise_of[kind](name, old_bits[name])
                 cost_saved = limit_fraction(current, ctx.cost(wb, ab), limits, over)
-                return max(diffs[i], floor) * growth / cost_saved if cost_saved > 0 else math.inf
+                return weights[i] * growth / cost_saved if cost_saved > 0 else math.inf
 
             move = min(moves, key=lambda m: (damage_per_cost(m), m))
         elif variant == "cost_aware":
@@ -279,10 +435,10 @@ def imprinting_search(ctx: SearchContext) -> None:
     if variant == "noise_aware" and tuner is None:
         # One lowering can overshoot the budget by a whole layer's cost: give what is left back to
         # the layers that profit most, then measure the refilled configs like the path's.
-        importance = {names[i]: max(abs(curve0[i] - curve0[i - 1]), floor) for i in inner}
+        layer_weight = {names[i]: importance(curve0, i) for i in inner}
         at = (w_bits, a_bits)
         for t in best[:refills]:
-            wb, ab = refill(ctx, t[1], t[2], importance, noise_of)
+            wb, ab = refill(ctx, t[1], t[2], layer_weight, noise_of)
             if (wb, ab) == (t[1], t[2]):
                 continue
             diff = [n for n in names if (wb[n], ab[n]) != (at[0][n], at[1][n])]
@@ -291,6 +447,18 @@ def imprinting_search(ctx: SearchContext) -> None:
             acc = acc_model.update(diff)
             at = (wb, ab)
             best.append((t[0], wb, ab, acc[-1], True, acc, {"refilled": True}))
+
+    if variant == "noise_aware" and tuner is None:
+        # The widest uniform config that fits is measured and validated too: the path's importances
+        # are read off imprinted class means, which can rank layers by noise (docs/methods.md,
+        # #imprinting-noise-aware), and a recommendation worse than uniform is of no use to anyone.
+        for b in reversed(w_choices):
+            wb = ctx.uniform_bits(b)
+            if ctx.fits(wb, a_bits0):
+                sim.apply(ctx.config(wb, a_bits0))
+                acc = acc_model.update(None)
+                best.append((None, wb, a_bits0, acc[-1], True, acc, {"uniform": True}))
+                break
 
     # Score on the validation split: the best fitting configs by Acc_N (and their refills), and a
     # spread of the fitting part of the path for the front (every config on the path is simulated).
