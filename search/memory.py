@@ -135,9 +135,11 @@ def estimate_job_memory(
     search = {**common, "data": (calib_samples + val_samples) * input_elements * FLOAT}
     levers = {"data": "calib_size or val_samples"}
     if method == "sqnr":
-        # a suffix re-run reads the values of one full run over the measurement samples
-        search["method"] = min(calib_samples, sqnr_samples) * profile.peak_live * FLOAT
-        levers["method"] = "the sqnr measurement's samples"
+        from .searches.sqnr import MEASURE_BYTES
+
+        # a chunk of measurement images keeps the float layer outputs and the base run's values, at most 1 GB
+        search["method"] = min(MEASURE_BYTES, min(calib_samples, sqnr_samples) * profile.peak_live * FLOAT)
+        levers["method"] = "the sqnr measurement's samples (params.propagation_samples)"
     elif method == "imprinting":
         search["method"] = layers * calib_samples * embedding * FLOAT
         levers["method"] = "calib_size or params.embedding"
