@@ -198,8 +198,9 @@ def export_onnx(
 ):
     """The ONNX QDQ ModelProto of `config` on `model`. Give the Simulator the search used (or the calibration
     inputs to build one) so activation ranges and corrected biases are the simulation's own."""
+    import ml_dtypes
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     config.check_against(model)
     check_exportable(config)
@@ -231,13 +232,10 @@ def export_onnx(
         if transposed:
             codes = codes.T
         axis = 1 if transposed else 0
-        if grid.dtype == "int4":
-            q_init = helper.make_tensor(f"{tag}.weight_q", TensorProto.INT4, codes.shape, codes.reshape(-1).tolist())
-            zp_init = helper.make_tensor(f"{tag}.weight_zero_point", TensorProto.INT4, scale.shape, [0] * scale.size)
-        else:
-            np_dtype = {"int8": np.int8, "int16": np.int16, "int32": np.int32}[grid.dtype]
-            q_init = numpy_helper.from_array(np.ascontiguousarray(codes.astype(np_dtype)), f"{tag}.weight_q")
-            zp_init = numpy_helper.from_array(np.zeros(scale.shape, np_dtype), f"{tag}.weight_zero_point")
+        # ml_dtypes.int4 arrays become packed raw data, two codes a byte (a list of values would be varints).
+        np_dtype = {"int4": ml_dtypes.int4, "int8": np.int8, "int16": np.int16, "int32": np.int32}[grid.dtype]
+        q_init = numpy_helper.from_array(np.ascontiguousarray(codes).astype(np_dtype), f"{tag}.weight_q")
+        zp_init = numpy_helper.from_array(np.zeros(scale.shape, np_dtype), f"{tag}.weight_zero_point")
         s_init = numpy_helper.from_array(scale.astype(np.float32), f"{tag}.weight_scale")
         new_inits += [q_init, zp_init, s_init]
         before = [
@@ -343,6 +341,11 @@ def export_onnx(
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
     mp.producer_name = "bitsearch"
+    # The exporter annotates every node and the graph with torch's internals (fx node text, stack traces, the
+    # export signature): a quarter to a half of a W4 model's file, and nothing a runtime reads.
+    for n in graph.node:
+        del n.metadata_props[:]
+    del graph.metadata_props[:]
     del mp.metadata_props[:]
     meta = {
         "bitsearch.format": FORMAT,
