@@ -76,6 +76,7 @@ class ModelAnalysis(BaseModel):
     batch_note: Annotated[str, Field(max_length=1000)] | None = None  # why it could not be made to run batched
     activation_largest: Count | None = None  # elements per sample (search.memory.activation_profile)
     activation_peak_live: Count | None = None
+    activation_total: Count | None = None
     num_outputs: Annotated[int, Field(ge=1, le=2**31)]
     total_params: Count
     unquantized_bytes: Count
@@ -91,6 +92,7 @@ class ModelAnalysis(BaseModel):
             "batch_note": self.batch_note,
             "activation_largest": self.activation_largest,
             "activation_peak_live": self.activation_peak_live,
+            "activation_total": self.activation_total,
         }
 
 

@@ -37,16 +37,22 @@ class ActivationProfile:
 
     largest: int
     peak_live: int
+    total: int = 0  # every tensor the graph computes for one sample (what imprinting keeps when it can)
 
     def to_dict(self) -> dict:
-        return {"activation_largest": self.largest, "activation_peak_live": self.peak_live}
+        return {
+            "activation_largest": self.largest,
+            "activation_peak_live": self.peak_live,
+            "activation_total": self.total,
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> ActivationProfile | None:
         """From a stored model analysis; None for analyses stored before the profile was recorded."""
         if d.get("activation_largest") is None:
             return None
-        return cls(int(d["activation_largest"]), int(d["activation_peak_live"]))
+        peak = int(d["activation_peak_live"])
+        return cls(int(d["activation_largest"]), peak, int(d.get("activation_total") or peak))
 
 
 def _elements(node: fx.Node) -> int:
@@ -71,7 +77,7 @@ def activation_profile(gm: fx.GraphModule) -> ActivationProfile:
         for a in n.all_input_nodes:
             last_use[a] = i
     alive: dict[fx.Node, int] = {}
-    live = peak = largest = 0
+    live = peak = largest = total = 0
     for i, n in enumerate(nodes):
         if n.op in ("call_function", "call_module", "placeholder"):
             e = _elements(n)
@@ -79,10 +85,11 @@ def activation_profile(gm: fx.GraphModule) -> ActivationProfile:
             live += e
             largest = max(largest, e)
             peak = max(peak, live)
+            total += e
         for a in n.all_input_nodes:
             if last_use.get(a) == i and a in alive:
                 live -= alive.pop(a)
-    return ActivationProfile(largest, peak)
+    return ActivationProfile(largest, peak, total)
 
 
 @dataclass(frozen=True)
@@ -141,7 +148,13 @@ def estimate_job_memory(
         search["method"] = min(MEASURE_BYTES, min(calib_samples, sqnr_samples) * profile.peak_live * FLOAT)
         levers["method"] = "the sqnr measurement's samples (params.propagation_samples)"
     elif method == "imprinting":
-        search["method"] = layers * calib_samples * embedding * FLOAT
+        from .searches.imprinting import KEEP_ACTIVATIONS_BYTES, STREAM_CHUNK_BYTES
+
+        # every intermediate of the calibration set when it fits, else a streamed chunk; and the embeddings
+        kept = calib_samples * profile.total * FLOAT
+        search["method"] = (kept if kept <= KEEP_ACTIVATIONS_BYTES else STREAM_CHUNK_BYTES) + (
+            layers * calib_samples * embedding * FLOAT
+        )
         levers["method"] = "calib_size or params.embedding"
     searching = MemoryEstimate("search", search, levers[max(levers, key=lambda k: search[k])])
     validation = {**common, "data": (calib_samples + validate_samples) * input_elements * FLOAT}

@@ -97,16 +97,6 @@ def build_spec(method: str, budget: str, options: str, default_validate_top_k: i
         raise InvalidRequest(f"invalid options: {e}") from e
 
 
-def check_batching(summary, spec) -> None:
-    """A job whose method needs a batched model is refused here, not by the worker after the 202."""
-    if summary.static_batch and spec.method == "imprinting":
-        raise CannotRun(
-            f"imprinting runs the calibration set as one batch, and this model only runs {summary.static_batch} "
-            f"sample(s) per call ({summary.batch_note or 'exported with a fixed batch'}); export it with a dynamic "
-            "batch (dynamic_shapes={0: torch.export.Dim('batch')}) or choose sqnr or haq"
-        )
-
-
 def check_memory(settings: Settings, model, dataset, spec, validate_top_k: int) -> dict | None:
     """The job's expected peak memory (search/memory.py), refused when over the worker's limit; None for a
     model analysed before activation profiles were recorded."""
@@ -182,7 +172,6 @@ def create_job(
                 data_rec = uploads.dataset_by_id(db, r.dataset_id, owner)
             uploads.check_compatible(model_rec, data_rec)
             uploads.check_feasible(summary, r.spec.budget, r.spec)
-            check_batching(summary, r.spec)
             memory = check_memory(settings, model_rec, data_rec, r.spec, r.validate_top_k)
             active = db.scalar(
                 select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(ACTIVE_STATES))
