@@ -35,9 +35,10 @@ def service(tmp_path_factory):
         from store.db import session_scope
 
         settings = get_settings()
+        app = create_app()  # migrates the fresh database before the keys are written
         with session_scope(settings.resolved_database_url()) as db:
             keys = {owner: create_key(db, owner) for owner in ("alice", "bob")}
-        with TestClient(create_app()) as client:
+        with TestClient(app) as client:
             yield settings, client, keys
     finally:
         for k in [k for k in os.environ if k.startswith("BITSEARCH_")]:

@@ -353,7 +353,7 @@ def test_a_validation_runs_on_the_kernels_and_publishes_its_packed_model(setting
     assert row["status"] == "succeeded" and row["error"] is None and 0.5 < row["top1"] <= 1
     packed = Path(row["packed_path"])
     assert packed.parent == s.resolved_artifact_dir() / "packed"
-    assert sorted(p.name for p in packed.iterdir()) == ["config.json", "model.pt2"]
+    assert sorted(p.name for p in packed.iterdir()) == ["config.json", "model.onnx", "model.pt2"]
     assert [p.name for p in packed.parent.iterdir()] == [packed.name]  # no staging or older version left
     logits = load_packed(packed)(fashion_mnist_splits(calib_size=128).test.inputs[:8])
     assert logits.shape == (8, 10)
