@@ -46,6 +46,8 @@ sys.path.insert(0, str(ROOT / "models"))
 from build_imagenet import DATA_FILE  # noqa: E402
 from imagenet import ARCHITECTURES  # noqa: E402
 
+from bench.kernels import interleaved_times  # noqa: E402
+
 MODELS = list(ARCHITECTURES)
 DEFAULT_RUNS = ["sqnr@3,4,6", "imprinting@4", "haq@4"]
 
@@ -116,20 +118,6 @@ def _pct(v: float | None) -> float | None:
     return None if v is None else round(100 * v, 2)
 
 
-def interleaved_us(fns: dict, repeats: int, block: int = 3) -> dict[str, list[float]]:
-    """Microseconds of each callable; rounds of `block` calls, the callables taking turns round after round
-    so a slow spell of this shared machine hits all of them alike (as bench/kernels.py)."""
-    times = {name: [] for name in fns}
-    for _ in range(max(1, repeats // block)):
-        for name, fn in fns.items():
-            fn()
-            for _ in range(block):
-                t0 = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - t0) * 1e6)
-    return times
-
-
 def torch_x86_int8(name: str, state: dict, calib: torch.Tensor) -> torch.nn.Module:
     """torch's own int8 CPU path: FX graph-mode static quantization, 'x86' backend, per-channel weights."""
     from torch.ao.quantization import get_default_qconfig_mapping
@@ -193,7 +181,7 @@ def latency_rows(name: str, args) -> dict:
     accuracy = {k: top1(fn) for k, fn in paths.items()}
     x1 = val.inputs[:1]
     calls = {k: (lambda fn=fn: fn(x1)) for k, fn in paths.items()}
-    times, share = others_share(lambda: interleaved_us(calls, args.latency_repeats))
+    times, share = others_share(lambda: interleaved_times(calls, args.latency_repeats, block=3))
     med = {k: statistics.median(t) for k, t in times.items()}
     fp32 = med["fp32 torch (.pt2 as exported)"]
     return {

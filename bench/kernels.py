@@ -30,10 +30,10 @@ from search.model import load_model  # noqa: E402
 from search.quant.weight import quantize_weight  # noqa: E402
 
 
-def interleaved_us(fns: dict, repeats: int, block: int = 5) -> dict:
-    """Median microseconds of each callable. Rounds of `block` back-to-back calls (after one warm-up call, so the
-    weights are hot), the callables taking turns round after round: a slow spell of this shared machine then
-    hits all of them alike."""
+def interleaved_times(fns: dict, repeats: int, block: int = 5) -> dict[str, list[float]]:
+    """Microseconds of every timed call of each callable. Rounds of `block` back-to-back calls (after one warm-up
+    call, so the weights are hot), the callables taking turns round after round: a slow spell of this shared
+    machine then hits all of them alike."""
     times = {name: [] for name in fns}
     for _ in range(max(1, repeats // block)):
         for name, fn in fns.items():
@@ -42,7 +42,12 @@ def interleaved_us(fns: dict, repeats: int, block: int = 5) -> dict:
                 t0 = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e6)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def interleaved_us(fns: dict, repeats: int, block: int = 5) -> dict:
+    """Median microseconds of each callable (interleaved_times)."""
+    return {name: statistics.median(ts) for name, ts in interleaved_times(fns, repeats, block).items()}
 
 
 _EVICT = torch.empty(96 << 20, dtype=torch.uint8)  # three times this machine's L3
