@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,37 @@ def reference_model(name: str) -> Path:
     if not path.exists():
         pytest.fail(f"{path} is missing; run `make models` (models/train.py) to create it")
     return path
+
+
+@contextmanager
+def embedded_service(var: Path, **env: str):
+    """The API on a fresh SQLite database in `var` with BITSEARCH_* exactly `env` (plus VAR_DIR and a memory broker,
+    so queueing succeeds and no worker takes a job), run in this process: (settings, TestClient, keys of alice
+    and bob). The caller's BITSEARCH_* environment is restored afterwards."""
+    import os
+
+    from fastapi.testclient import TestClient
+
+    from store.settings import get_settings
+
+    saved = {k: v for k, v in os.environ.items() if k.startswith("BITSEARCH_")}
+    for k in saved:
+        del os.environ[k]
+    os.environ.update(BITSEARCH_VAR_DIR=str(var), BITSEARCH_BROKER_URL="memory://", **env)
+    get_settings.cache_clear()
+    try:
+        from api.main import create_app
+        from store.auth import create_key
+        from store.db import session_scope
+
+        settings = get_settings()
+        app = create_app()  # migrates the fresh database before the keys are written
+        with session_scope(settings.resolved_database_url()) as db:
+            keys = {owner: create_key(db, owner) for owner in ("alice", "bob")}
+        with TestClient(app) as client:
+            yield settings, client, keys
+    finally:
+        for k in [k for k in os.environ if k.startswith("BITSEARCH_")]:
+            del os.environ[k]
+        os.environ.update(saved)
+        get_settings.cache_clear()

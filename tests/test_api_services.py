@@ -4,11 +4,10 @@ in this process, on an embedded SQLite database. No Redis, PostgreSQL or worker:
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from fastapi.testclient import TestClient
+from conftest import embedded_service
 
 from tests.stack import ROOT
 
@@ -19,32 +18,8 @@ QUICK = {"calib_size": 128, "val_samples": 200}
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     """Settings on a fresh SQLite file; the app built from them; two owners' keys."""
-    from store.settings import get_settings
-
-    var = tmp_path_factory.mktemp("svc")
-    saved = {k: v for k, v in os.environ.items() if k.startswith("BITSEARCH_")}
-    for k in saved:
-        del os.environ[k]
-    os.environ.update(
-        BITSEARCH_VAR_DIR=str(var), BITSEARCH_MAX_ACTIVE_JOBS="2", BITSEARCH_BROKER_URL="memory://"
-    )  # queueing succeeds, and no worker takes the job
-    get_settings.cache_clear()
-    try:
-        from api.main import create_app
-        from store.auth import create_key
-        from store.db import session_scope
-
-        settings = get_settings()
-        app = create_app()
-        with session_scope(settings.resolved_database_url()) as db:
-            keys = {owner: create_key(db, owner) for owner in ("alice", "bob")}
-        with TestClient(app) as client:
-            yield settings, client, keys
-    finally:
-        for k in [k for k in os.environ if k.startswith("BITSEARCH_")]:
-            del os.environ[k]
-        os.environ.update(saved)
-        get_settings.cache_clear()
+    with embedded_service(tmp_path_factory.mktemp("svc"), BITSEARCH_MAX_ACTIVE_JOBS="2") as svc:
+        yield svc
 
 
 def _post(client, key, budget=None, options=None, method="uniform", **form):

@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import zipfile
 
 import numpy as np
 import pytest
-from conftest import MODELS
-from fastapi.testclient import TestClient
+from conftest import MODELS, embedded_service
 
 pytest.importorskip("onnxruntime")
 
@@ -21,30 +19,8 @@ RESNET = MODELS / "resnet20-fmnist.pt2"
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    from store.settings import get_settings
-
-    var = tmp_path_factory.mktemp("exports")
-    saved = {k: v for k, v in os.environ.items() if k.startswith("BITSEARCH_")}
-    for k in saved:
-        del os.environ[k]
-    os.environ.update(BITSEARCH_VAR_DIR=str(var), BITSEARCH_BROKER_URL="memory://")
-    get_settings.cache_clear()
-    try:
-        from api.main import create_app
-        from store.auth import create_key
-        from store.db import session_scope
-
-        settings = get_settings()
-        app = create_app()  # migrates the fresh database before the keys are written
-        with session_scope(settings.resolved_database_url()) as db:
-            keys = {owner: create_key(db, owner) for owner in ("alice", "bob")}
-        with TestClient(app) as client:
-            yield settings, client, keys
-    finally:
-        for k in [k for k in os.environ if k.startswith("BITSEARCH_")]:
-            del os.environ[k]
-        os.environ.update(saved)
-        get_settings.cache_clear()
+    with embedded_service(tmp_path_factory.mktemp("exports")) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")
