@@ -119,9 +119,9 @@ class MemoryEstimate:
 
 
 def forward_batch(profile: ActivationProfile) -> int:
-    from .simulate import BATCH_BYTES, EVAL_BATCH
+    from .simulate import batch_for_largest
 
-    return max(1, min(EVAL_BATCH, BATCH_BYTES // (FLOAT * max(1, profile.largest))))
+    return batch_for_largest(profile.largest)
 
 
 def estimate_job_memory(

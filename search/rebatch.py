@@ -505,9 +505,11 @@ def _apply(gm: fx.GraphModule, propagation: _Propagation) -> list[tuple[fx.Node,
             (aten.squeeze.dims, (node.args[0], dims)) if dims else (aten.alias.default, node.args[:1])
         )
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
-    with gm.graph.inserting_after(placeholder):
-        batch = gm.graph.call_function(aten.sym_size.int, (placeholder, 0))
-    undo.append((batch, ()))
+    batch = None
+    if rewrites:  # a graph whose shapes never name the batch (e.g. a CNN ending in mean()) needs no size node
+        with gm.graph.inserting_after(placeholder):
+            batch = gm.graph.call_function(aten.sym_size.int, (placeholder, 0))
+        undo.append((batch, ()))
     for node, arg_index, position, multiplier in rewrites:
         sizes = list(node.args[arg_index])
         if sizes[position] == -1:  # view(x, [-1, 512]) already follows the batch

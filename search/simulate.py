@@ -61,7 +61,13 @@ def fast_layout(x: torch.Tensor) -> torch.Tensor:
 def batch_size_for(gm: fx.GraphModule, budget_bytes: int = BATCH_BYTES, cap: int = EVAL_BATCH) -> int:
     """Images per batch such that the graph's largest tensor stays within budget_bytes (4 bytes an element)."""
     largest = max((e for n in gm.graph.nodes if (e := sample_elements(n))), default=1)
-    return max(1, min(cap, budget_bytes // (4 * largest)))
+    return batch_for_largest(largest, budget_bytes, cap)
+
+
+def batch_for_largest(largest: int, budget_bytes: int = BATCH_BYTES, cap: int = EVAL_BATCH) -> int:
+    """Images per batch when the largest tensor holds `largest` elements per image (search/memory.py reads the
+    same rule from a stored activation profile)."""
+    return max(1, min(cap, budget_bytes // (4 * max(1, largest))))
 
 
 class ActivationQuantizer(nn.Module):
