@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from .cost import METRICS, Budget, BudgetError, LatencyTable
 from .data import DEFAULT_CALIB_SIZE, DataSplits, load_splits
+from .measurement import Measurements
 from .model import LoadedModel
 from .searches import CandidateCallback, ProgressCallback, SearchOptions, SearchResult, check_method_options, run_search
 from .simulate import Simulator
@@ -127,7 +128,17 @@ def run_job(
     on_candidate: CandidateCallback | None = None,
     latency: LatencyTable | None = None,
     simulator: Simulator | None = None,
+    measurements: Measurements | None = None,
 ) -> SearchResult:
     return run_search(
-        spec.method, model, splits, spec.budget, spec.search_options(), on_progress, latency, simulator, on_candidate
+        spec.method,
+        model,
+        splits,
+        spec.budget,
+        spec.search_options(),
+        on_progress,
+        latency,
+        simulator,
+        on_candidate,
+        measurements,
     )

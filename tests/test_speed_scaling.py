@@ -9,6 +9,7 @@ import torch
 from conftest import export_model
 from torch import nn
 
+from search import measurement as measurement_module
 from search.cost import Budget
 from search.model import load_model
 from search.searches import SearchContext, SearchOptions, run_search
@@ -50,7 +51,7 @@ def test_the_damage_tables_are_the_same_measured_in_chunks(tiny_model, fmnist, t
     whole = sqnr_module.measure_noise(ctx)
     runner = SuffixRunner(tiny_sim, None, ctx.layer_names)
     per_sample = 4 * (runner.kept_elements() + sum(l.out_features for l in tiny_model.layers))
-    monkeypatch.setattr(sqnr_module, "MEASURE_BYTES", per_sample * 10)  # 64 images in 7 chunks
+    monkeypatch.setattr(measurement_module, "MEASURE_BYTES", per_sample * 10)  # 64 images in 7 chunks
     chunked = sqnr_module.measure_noise(ctx)
     for n in ctx.layer_names:
         for b, v in whole.w_noise[n].items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..cost import Budget, LatencyTable
 from ..data import DataSplits
+from ..measurement import Measurements
 from ..model import LoadedModel
 from ..simulate import Simulator
 from .base import (
@@ -84,11 +85,15 @@ def run_search(
     latency: LatencyTable | None = None,
     simulator: Simulator | None = None,
     on_candidate: CandidateCallback | None = None,
+    measurements: Measurements | None = None,
 ) -> SearchResult:
-    """Run `method`; `on_candidate` sees each recorded candidate as it is found (the service stores it then)."""
+    """Run `method`; `on_candidate` sees each recorded candidate as it is found (the service stores it then);
+    `measurements` keeps (and may spread) what the search measures, so a later search reuses it."""
     options = options or SearchOptions()
     check_method_options(method, options)
-    ctx = SearchContext(method, model, data, budget, options, on_progress, latency, simulator, on_candidate)
+    ctx = SearchContext(
+        method, model, data, budget, options, on_progress, latency, simulator, on_candidate, measurements
+    )
     METHODS[method].run(ctx)
     return ctx.result()
 

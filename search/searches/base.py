@@ -5,15 +5,18 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import QuantConfig
 from ..cost import Budget, Cost, LatencyTable, check_feasible, cost_of
 from ..data import DataSplits, LabelledSet
 from ..finetune import FineTuneError, FineTuneOptions, training_set
+from ..measurement import MEASUREMENT_VERSION, DamageMeter, Measurements, tensor_sha256
 from ..model import LoadedModel
 from ..pareto import pareto_front
 from ..quant.activation import FLOAT_ACT_BITS
@@ -133,6 +136,9 @@ class SearchResult:
     pareto_metric: str
     seconds: float
     recommended: Candidate | None = None
+    phase_seconds: dict[str, float] = field(default_factory=dict)  # where the seconds went (SearchContext.phase)
+    measurement: list[dict] = field(default_factory=list)  # each measurement pass: computed or reused chunks
+    sensitivity: dict | None = None  # per-layer damage at each width, where the method measures it
 
     @property
     def pareto(self) -> list[Candidate]:
@@ -144,6 +150,8 @@ class SearchResult:
             "budget": self.budget.limits(),
             "pareto_metric": self.pareto_metric,
             "seconds": self.seconds,
+            "phase_seconds": self.phase_seconds,
+            "measurement": self.measurement,
             "candidates": [c.to_dict() for c in self.candidates],
             "recommended": None if self.recommended is None else self.candidates.index(self.recommended),
             "recommended_config": None if self.recommended is None else self.recommended.config.model_dump(),
@@ -171,8 +179,11 @@ class SearchContext:
         latency: LatencyTable | None = None,
         simulator: Simulator | None = None,
         on_candidate: CandidateCallback | None = None,
+        measurements: Measurements | None = None,
     ):
         from . import method_params  # the registry imports this module
+
+        started = time.perf_counter()
 
         self.method = method
         self.params = method_params(method, options.params)
@@ -197,9 +208,56 @@ class SearchContext:
         self._on_progress = on_progress
         self._on_candidate = on_candidate
         self._last_step = -1
-        self.started = time.perf_counter()
+        self.started = started
+        self.measurements = measurements if measurements is not None else Measurements()
+        self._meter: DamageMeter | None = None
+        self._identity: dict | None = None
+        # Seconds per phase: time goes to the innermost phase open (`phase()`); "setup" is the calibration.
+        self.phase_seconds: dict[str, float] = {"setup": time.perf_counter() - started}
+        self._phases: list[tuple[str, float]] = []
+        # A search that measures per-layer sensitivity sets this (search/sensitivity.py reads it).
+        self.sensitivity: dict | None = None
         self.pareto_metric = next(iter(budget.limits()))
         self.layer_names = [l.name for l in model.layers]
+
+    # -- measurement ----------------------------------------------------------------------------------
+    def damage_meter(self) -> DamageMeter:
+        if self._meter is None:
+            self._meter = DamageMeter(self.sim, self.splits.calib.inputs, self.layer_names)
+        return self._meter
+
+    def measurement_identity(self) -> dict:
+        """What a measurement pass depends on besides its own widths, images and base config
+        (search/measurement.py): the model, the calibration images by content, the quantizer settings."""
+        if self._identity is None:
+            o = self.options
+            self._identity = {
+                "model_sha256": self.model.sha256,
+                "calibration_sha256": tensor_sha256(self.splits.calib.inputs),
+                "scheme": o.scheme,
+                "clip": o.clip,
+                "act_calibration": o.act_calibration,
+                "measurement_version": MEASUREMENT_VERSION,
+                "torch": torch.__version__,
+            }
+        return self._identity
+
+    @contextmanager
+    def phase(self, name: str):
+        """Count the time of the block to phase `name` (nested phases take their own time out of it)."""
+        now = time.perf_counter()
+        if self._phases:
+            outer, since = self._phases[-1]
+            self.phase_seconds[outer] = self.phase_seconds.get(outer, 0.0) + now - since
+        self._phases.append((name, now))
+        try:
+            yield
+        finally:
+            end = time.perf_counter()
+            _, since = self._phases.pop()
+            self.phase_seconds[name] = self.phase_seconds.get(name, 0.0) + end - since
+            if self._phases:
+                self._phases[-1] = (self._phases[-1][0], end)
 
     # -- configs and costs --------------------------------------------------------------------------
     def config(self, w_bits: dict[str, int], a_bits: dict[str, int]) -> QuantConfig:
@@ -247,11 +305,12 @@ class SearchContext:
         if not self.budget.fits(cost):
             return None
         config = self.config(w_bits, a_bits)
-        if samples is not None and samples < len(self.val):
-            res = self.evaluate(config, self.val.subset(slice(0, samples)))
-            meta = {**meta, "val_samples": samples}
-        else:
-            res = self.evaluate(config)
+        with self.phase("score"):
+            if samples is not None and samples < len(self.val):
+                res = self.evaluate(config, self.val.subset(slice(0, samples)))
+                meta = {**meta, "val_samples": samples}
+            else:
+                res = self.evaluate(config)
         if score is None:
             score = res.top1 if res.top1 is not None else res.sqnr_db
         cand = Candidate(config, cost, score, res.top1, res.sqnr_db, True, meta)
@@ -291,11 +350,25 @@ class SearchContext:
 
     def result(self) -> SearchResult:
         mark_pareto(self.candidates, self.pareto_metric)
+        seconds = time.perf_counter() - self.started
+        phases = {k: round(v, 3) for k, v in self.phase_seconds.items()}
+        phases["other"] = round(max(seconds - sum(self.phase_seconds.values()), 0.0), 3)
+        recommended = self.best_fitting()
+        sensitivity = self.sensitivity
+        if sensitivity is not None:
+            chosen = None if recommended is None else recommended.config
+            sensitivity = {
+                **sensitivity,
+                "chosen": None if chosen is None else {"w_bits": chosen.w_bits(), "a_bits": chosen.a_bits()},
+            }
         return SearchResult(
             self.method,
             self.budget,
             self.candidates,
             self.pareto_metric,
-            time.perf_counter() - self.started,
-            self.best_fitting(),
+            seconds,
+            recommended,
+            phase_seconds=phases,
+            measurement=[r.to_dict() for r in self.measurements.records],
+            sensitivity=sensitivity,
         )

@@ -46,14 +46,14 @@ from pydantic import Field
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..cost import LIMIT_SLACK, layer_costs, within
+from ..measurement import CHUNK_WORK, DamagePass, chunk_layers
 from ..quant.activation import FLOAT_ACT_BITS
 from ..quant.weight import sqnr_db
-from ..simulate import SuffixRunner, fast_layout, layer_work
+from ..simulate import SuffixRunner, layer_work
 from .base import MethodParams, SearchContext
 from .widen import refill
 
 ADDITIVE_METRICS = ("avg_wbits", "weight_bytes", "bitops", "latency_us")
-MEASURE_BYTES = 1 << 30  # what one chunk of measurement images keeps: the float layer outputs and the base run
 # A measurement pass (every tensor at every measured width, its suffix re-run on every image) may cost this much
 # (in MACs, search.simulate.layer_work; about 25 s on 2 cores) before the defaults measure fewer images (down to
 # MIN_SAMPLES) and then fewer widths. The reference 28x28 models stay well within it (64 images, every width).
@@ -122,6 +122,12 @@ class SqnrParams(MethodParams):
         default=None,
         description=f"features: measure only the widths up to {FIT_ABOVE} bits and the widest, the others "
         "scaled by the tensor's own noise; default: where a pass would still cost over the MAC budget",
+    )
+    measure_chunks: int | None = Field(
+        default=None,
+        ge=1,
+        description="features: chunks of layers each measurement pass is split into (the unit spread over "
+        f"workers and kept for a resume); default: chunks of about {CHUNK_WORK:.0e} MACs of work",
     )
 
     def samples(self) -> int:
@@ -192,6 +198,29 @@ def _fill(table: dict[int, float], own: dict[int, float]) -> dict[int, float]:
     return out
 
 
+def damage_pass(
+    ctx: SearchContext, base_w: dict[str, int | None], base_a: dict[str, int | None]
+) -> tuple[DamagePass, bool]:
+    """The pass that measures every tensor's damage with the others at base_w / base_a (None: float), and
+    whether the widths it leaves out are to be fitted."""
+    meter = ctx.damage_meter()
+    samples, fit = measurement_plan(ctx, meter.runner)
+    w_widths, a_widths = _widths(ctx, fit)
+    params: SqnrParams = ctx.params
+    target = CHUNK_WORK if params.measure_chunks is None else sum(meter.suffix_work().values()) / params.measure_chunks
+    per_layer = samples * (len(w_widths) + len(a_widths))
+    damage = DamagePass(
+        identity=ctx.measurement_identity(),
+        samples=samples,
+        w_widths=w_widths,
+        a_widths=a_widths,
+        base_w=dict(base_w),
+        base_a=dict(base_a),
+        chunks=chunk_layers(ctx.layer_names, meter.suffix_work(), per_layer, target),
+    )
+    return damage, fit
+
+
 def measure_damage(
     ctx: SearchContext,
     base_w: dict[str, int | None],
@@ -205,77 +234,29 @@ def measure_damage(
     tensor's entry is how much changing it alone changes that damage, shifted so its least is
     (nearly) 0: each layer takes one choice, so a per-layer constant does not move the allocation.
 
-    The images are measured in chunks that keep at most MEASURE_BYTES (sums of squares add up over
-    chunks; a small model's images are one chunk), and each change re-runs only its suffix (SuffixRunner).
+    The sums come from a measurement pass (search/measurement.py): chunks of layers, computed here or spread
+    over workers, and reused wherever a pass with the same key was measured before.
     """
-    o = ctx.options
-    sim = ctx.sim
     names = ctx.layer_names
     output_weight = ctx.params.output_weight
-    scheme, clip, calibration = o.scheme, o.clip, o.act_calibration
-    runner = SuffixRunner(sim, None, names)
-    samples, fit = measurement_plan(ctx, runner)
-    x = ctx.splits.calib.inputs[:samples]
-    w_widths, a_widths = _widths(ctx, fit)
-    affected = {n: runner.affected_layers(n) for n in names}
-    per_sample = 4 * (runner.kept_elements() + sum(l.out_features for l in ctx.model.layers))
-    chunk = max(1, min(len(x), MEASURE_BYTES // max(per_sample, 1)))
-    chunks = range(0, len(x), chunk)
-    OUT = None  # the network output's key in the sums
+    p, fit = damage_pass(ctx, base_w, base_a)
 
-    def add(sums: dict, key, value: torch.Tensor) -> None:
-        sums[key] = value if key not in sums else sums[key] + value
+    def on_chunk(done: int, total: int) -> None:
+        if progress is not None:
+            ctx.report(progress[0] + done * len(names) // total, progress[1], "measure")
 
-    def set_layer(name, w, a):
-        sim.set_layer(name, w, a, scheme, clip, calibration)
-
-    # float32 sums of squares over the chunks, as one chunk computes them: sum (quantized - float)^2 per layer
-    # output (and the network output), per config measured; sum float^2 per output
-    ref_sq: dict = {}
-    base_err: dict = {}
-    err: dict[tuple, dict] = {}
-    try:
-        for c, start in enumerate(chunks):
-            runner.x = fast_layout(x[start : start + chunk])
-            sim.set_float()
-            refs: dict = {}
-            refs[OUT] = runner.run(refs.__setitem__)
-            for m, v in refs.items():
-                add(ref_sq, m, (v**2).sum())
-            for n in names:
-                set_layer(n, base_w[n], base_a[n])
-            out = runner.run(lambda m, v: add(base_err, m, ((v - refs[m]) ** 2).sum()))
-            add(base_err, OUT, ((out - refs[OUT]) ** 2).sum())
-            for step, n in enumerate(names):
-                changes = [("w", b, b, base_a[n]) for b in w_widths] + [("a", b, base_w[n], b) for b in a_widths]
-                for kind, b, w, a in changes:
-                    set_layer(n, w, a)
-                    sums = err.setdefault((n, kind, b), {})
-                    out = runner.run_suffix(n, lambda m, v, sums=sums: add(sums, m, ((v - refs[m]) ** 2).sum()))
-                    add(sums, OUT, ((out - refs[OUT]) ** 2).sum())
-                set_layer(n, base_w[n], base_a[n])
-                if progress is not None:
-                    done = (c * len(names) + step + 1) * len(names) // (len(chunks) * len(names))
-                    ctx.report(progress[0] + done, progress[1], "measure")
-    finally:
-        sim.set_float()
-
-    def nmse(sums: dict, m) -> float:
-        return float(sums[m] / ref_sq[m].clamp_min(1e-30))
-
-    base_nmse = {n: nmse(base_err, n) for n in names}
-    base_total = sum(base_nmse.values())
+    results = ctx.measurements.run(p, ctx.damage_meter(), on_chunk)
+    base_total = results[0]["base_total"]
+    entries = {k: v for r in results for k, v in r["entries"].items()}
 
     def damage(n: str, kind: str, b: int) -> float:
-        sums = err[(n, kind, b)]
-        # only the layers downstream of the changed one differ from the base config
-        changed = sum(nmse(sums, m) - base_nmse[m] for m in affected[n])
-        return (base_total + changed) / len(names) + output_weight * nmse(sums, OUT)
+        changed, out = entries[f"{n}|{kind}|{b}"]
+        return (base_total + changed) / len(names) + output_weight * out
 
     w_noise, a_noise = {}, {}
     for n in names:
-        w_noise[n] = {b: damage(n, "w", b) for b in w_widths}
-        a_noise[n] = {b: damage(n, "a", b) for b in a_widths}
+        w_noise[n] = {b: damage(n, "w", b) for b in p.w_widths}
+        a_noise[n] = {b: damage(n, "a", b) for b in p.a_widths}
     for table, kind in ((w_noise, "w"), (a_noise, "a")):
         for n in names:
             if not table[n]:
@@ -467,21 +448,27 @@ def sqnr_search(ctx: SearchContext) -> None:
     sweep = sweep_limits(ctx, points)
     layers = len(ctx.model.layers)
     total = layers * (1 + rounds) + len(sweep)
-    noise = measure_noise(ctx, total)
-    solve = solve_exact if mode == "exact" else _solve_analytic
+    with ctx.phase("measure"):
+        noise = measure_noise(ctx, total)
+    ctx.sensitivity = sensitivity_tables(ctx, noise, propagation)
+
+    def solve(model: NoiseModel, limits: dict[str, float]) -> tuple[dict, dict] | None:
+        with ctx.phase("solve"):
+            return (solve_exact if mode == "exact" else _solve_analytic)(ctx, model, limits)
 
     sweep_samples = params.sweep_samples
     if sweep_samples is None:
         sweep_samples = max(100, int(SWEEP_WORK // ctx.sim.work_per_sample))
 
     def allocate(model: NoiseModel, limits: dict[str, float], samples=None, **meta) -> tuple[dict, dict] | None:
-        alloc = solve(ctx, model, limits)
+        alloc = solve(model, limits)
         if alloc is None:
             return None
         noise_of = {"w": lambda n, b: model.w_noise[n][b]}
         if len(ctx.options.a_bits) > 1:
             noise_of["a"] = lambda n, b: model.a_noise[n].get(b, 0.0)
-        alloc = refill(ctx, *alloc, {n: 1.0 for n in ctx.layer_names}, noise_of, limits)
+        with ctx.phase("solve"):
+            alloc = refill(ctx, *alloc, {n: 1.0 for n in ctx.layer_names}, noise_of, limits)
         modelled = noise.output_sqnr_db(*alloc)  # every round scored by the same (first) model
         cand = ctx.add_candidate(
             *alloc,
@@ -505,9 +492,38 @@ def sqnr_search(ctx: SearchContext) -> None:
     for r in range(rounds):
         if at_budget is None:
             break
-        around = measure_damage(ctx, *at_budget, (layers * (1 + r) + len(sweep), total))
+        with ctx.phase("relinearize"):
+            around = measure_damage(ctx, *at_budget, (layers * (1 + r) + len(sweep), total))
         at_budget = allocate(around, sweep[0], relinearized=r + 1)
         if at_budget in seen:  # a fixed point: more rounds give the same allocation
             break
         seen.append(at_budget)
     ctx.report(total, total, "allocate")
+
+
+SENSITIVITY_TEXT = {
+    "features": "damage: the mean noise (1/SQNR) at every layer output plus output_weight x the network "
+    "output's, caused by quantizing this tensor alone at that width, less its least over the widths",
+    "measured": "the tensor's own noise (1/SQNR) at that width, times how much of it reaches the output",
+    "none": "the tensor's own noise (1/SQNR) at that width",
+}
+
+
+def sensitivity_tables(ctx: SearchContext, noise: NoiseModel, propagation: str) -> dict:
+    """The first noise model as a per-layer report (search/sensitivity.py adds the widths chosen)."""
+    return {
+        "method": "sqnr",
+        "propagation": propagation,
+        "quantity": SENSITIVITY_TEXT[propagation],
+        "layers": [
+            {
+                "name": l.name,
+                "op": l.op,
+                "params": l.params,
+                "macs": l.macs,
+                "weight": {str(b): v for b, v in noise.w_noise[l.name].items()},
+                "activation": {str(b): v for b, v in noise.a_noise[l.name].items()},
+            }
+            for l in ctx.model.layers
+        ],
+    }

@@ -1,0 +1,242 @@
+"""Measurement passes: what sqnr measures, as data that can be keyed, split into chunks, stored and reused.
+
+A pass quantizes every layer alone at each measured width, with the others at a base config, and sums the
+noise that lands at every layer output and at the network output (docs/methods.md#sqnr-allocation). Its
+sums depend only on what `DamagePass` holds: the model and calibration images (by content hash), the
+quantizer settings, the widths, the images measured and the base config, plus the version of this code and of
+torch. Its key is the sha256 of all of that, so a pass with the same key is the same measurement, and
+anything that changes it changes the key (docs/measurement.md).
+
+A pass is split into chunks of layers. A chunk's result is a few floats per (layer, width); combining the
+chunks in order gives the same tables however many processes computed them, because each chunk runs
+exactly what one process would run for those layers (the same image chunks, in the same order).
+
+    meter = DamageMeter(sim, calib_inputs, layer_names)
+    results = Measurements().run(damage_pass, meter)     # here, chunk by chunk; the worker spreads them
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .simulate import Simulator, SuffixRunner, fast_layout, layer_work
+
+__all__ = [
+    "MEASUREMENT_VERSION",
+    "CHUNK_WORK",
+    "MEASURE_BYTES",
+    "DamageMeter",
+    "DamagePass",
+    "Measurements",
+    "PassRecord",
+    "chunk_layers",
+    "tensor_sha256",
+]
+
+# Bump when anything that changes a pass's sums changes (the measuring code, the quantizers it calls):
+# every stored measurement then stops matching and is measured again.
+MEASUREMENT_VERSION = 1
+MEASURE_BYTES = 1 << 30  # what one image chunk keeps: the float layer outputs and the base run
+# A chunk of layers is about this much work (MACs re-run, search.simulate.layer_work): a few seconds on
+# 2 cores, long enough that handing it to another worker pays, short enough that a killed worker loses little.
+CHUNK_WORK = 2e11
+OUTPUT = "__output__"
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class DamagePass:
+    """One measurement pass as data: everything that decides its sums, and how it is split into chunks."""
+
+    identity: dict  # model sha256, calibration sha256, scheme, clip, act_calibration, code and torch versions
+    samples: int  # the first `samples` calibration images are measured
+    w_widths: list[int]
+    a_widths: list[int]
+    base_w: dict[str, int | None]  # the other layers' widths while one is changed (None: float)
+    base_a: dict[str, int | None]
+    chunks: list[list[str]]  # layer names, per chunk
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: dict) -> DamagePass:
+        return cls(**raw)
+
+    @property
+    def around_float(self) -> bool:
+        return all(b is None for b in self.base_w.values())
+
+
+def chunk_layers(names: list[str], suffix_work: dict[str, float], per_layer: float, target: float) -> list[list[str]]:
+    """Consecutive layers grouped into chunks of about `target` work each (`per_layer`: widths x images)."""
+    chunks, current, work = [], [], 0.0
+    for n in names:
+        current.append(n)
+        work += suffix_work[n] * per_layer
+        if work >= target:
+            chunks.append(current)
+            current, work = [], 0.0
+    if current:
+        chunks.append(current)
+    return chunks
+
+
+class DamageMeter:
+    """Computes chunks of passes on one simulator. Between chunks of one pass that fits one image chunk,
+    the float and base runs are kept, so one process computing every chunk runs them once."""
+
+    def __init__(self, sim: Simulator, calib_inputs: torch.Tensor, names: list[str]):
+        self.sim = sim
+        self.inputs = calib_inputs
+        self.names = names
+        self.runner = SuffixRunner(sim, None, names)
+        self.affected = {n: self.runner.affected_layers(n) for n in names}
+        self._kept: tuple | None = None  # (pass identity, image chunk start, refs, ref_sq, base_err)
+
+    def images_per_chunk(self, samples: int) -> int:
+        per_sample = 4 * (self.runner.kept_elements() + sum(l.out_features for l in self.sim.model.layers))
+        return max(1, min(samples, MEASURE_BYTES // max(per_sample, 1)))
+
+    def suffix_work(self) -> dict[str, float]:
+        work = {l.name: layer_work(l) for l in self.sim.model.layers}
+        return {n: float(sum(work[m] for m in self.affected[n])) for n in self.names}
+
+    def release(self) -> None:
+        self._kept = None
+        self.sim.set_float()
+
+    @torch.no_grad()
+    def measure(self, p: DamagePass, index: int) -> dict:
+        """Chunk `index` of pass `p`: per (layer, kind, width) the change in summed layer-output noise it
+        causes and the noise at the network output, and the base config's summed noise."""
+        sim, runner = self.sim, self.runner
+        o = p.identity
+        scheme, clip, calibration = o["scheme"], o["clip"], o["act_calibration"]
+
+        def set_layer(name, w, a):
+            sim.set_layer(name, w, a, scheme, clip, calibration)
+
+        def add(sums: dict, key, value: torch.Tensor) -> None:
+            sums[key] = value if key not in sums else sums[key] + value
+
+        for n in self.names:
+            set_layer(n, p.base_w[n], p.base_a[n])
+        x = self.inputs[: p.samples]
+        step = self.images_per_chunk(p.samples)
+        starts = range(0, len(x), step)
+        identity = (json.dumps({**p.to_json(), "chunks": None}, sort_keys=True), step)
+        ref_sq: dict = {}
+        base_err: dict = {}
+        err: dict[tuple, dict] = {}
+        for start in starts:
+            kept = self._kept
+            if kept is not None and kept[0] == identity and kept[1] == start:
+                refs = kept[2]
+                for m, v in kept[3].items():
+                    add(ref_sq, m, v)
+                for m, v in kept[4].items():
+                    add(base_err, m, v)
+            else:
+                self._kept = None
+                runner.x = fast_layout(x[start : start + step])
+                for n in self.names:
+                    set_layer(n, None, None)
+                refs = {}
+                refs[OUTPUT] = runner.run(refs.__setitem__)
+                chunk_ref_sq = {m: (v**2).sum() for m, v in refs.items()}
+                for n in self.names:
+                    set_layer(n, p.base_w[n], p.base_a[n])
+                chunk_base: dict = {}
+                out = runner.run(lambda m, v: add(chunk_base, m, ((v - refs[m]) ** 2).sum()))
+                add(chunk_base, OUTPUT, ((out - refs[OUTPUT]) ** 2).sum())
+                for m, v in chunk_ref_sq.items():
+                    add(ref_sq, m, v)
+                for m, v in chunk_base.items():
+                    add(base_err, m, v)
+                if len(starts) == 1:  # keep it for the next chunk of this pass
+                    self._kept = (identity, start, refs, chunk_ref_sq, chunk_base)
+            for n in p.chunks[index]:
+                changes = [("w", b, b, p.base_a[n]) for b in p.w_widths] + [
+                    ("a", b, p.base_w[n], b) for b in p.a_widths
+                ]
+                for kind, b, w, a in changes:
+                    set_layer(n, w, a)
+                    sums = err.setdefault((n, kind, b), {})
+                    out = runner.run_suffix(n, lambda m, v, sums=sums: add(sums, m, ((v - refs[m]) ** 2).sum()))
+                    add(sums, OUTPUT, ((out - refs[OUTPUT]) ** 2).sum())
+                set_layer(n, p.base_w[n], p.base_a[n])
+
+        def nmse(sums: dict, m) -> float:
+            return float(sums[m] / ref_sq[m].clamp_min(1e-30))
+
+        base_nmse = {n: nmse(base_err, n) for n in self.names}
+        entries = {}
+        for (n, kind, b), sums in err.items():
+            changed = sum(nmse(sums, m) - base_nmse[m] for m in self.affected[n])
+            entries[f"{n}|{kind}|{b}"] = [changed, nmse(sums, OUTPUT)]
+        return {"base_total": sum(base_nmse.values()), "entries": entries}
+
+
+@dataclass
+class PassRecord:
+    """How one pass of a search was obtained: chunks computed here or elsewhere, and reused ones."""
+
+    key: str
+    around_float: bool
+    chunks: int
+    computed: int = 0  # by this search's process
+    elsewhere: int = 0  # by other workers while this search waited
+    reused: int = 0  # found finished: an earlier job's, or a dead attempt's
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Measurements:
+    """Where a search's passes are computed and kept. This one computes them here, chunk by chunk, and keeps
+    them for its own life (a budget sweep in one process measures once); the worker's subclass keeps them in
+    the database and spreads the chunks over workers (worker/measurements.py)."""
+
+    records: list[PassRecord] = field(default_factory=list)
+    _done: dict[str, list[dict]] = field(default_factory=dict, repr=False)
+
+    def run(self, p: DamagePass, meter: DamageMeter, on_chunk: Callable[[int, int], None] | None = None) -> list[dict]:
+        """The results of every chunk of `p`, in order."""
+        import time
+
+        started = time.perf_counter()
+        record = PassRecord(p.key, p.around_float, len(p.chunks))
+        self.records.append(record)
+        if p.key in self._done:
+            record.reused = len(p.chunks)
+            return self._done[p.key]
+        try:
+            results = []
+            for i in range(len(p.chunks)):
+                results.append(meter.measure(p, i))
+                record.computed += 1
+                if on_chunk is not None:
+                    on_chunk(i + 1, len(p.chunks))
+        finally:
+            meter.release()
+        self._done[p.key] = results
+        record.seconds = time.perf_counter() - started
+        return results
