@@ -81,6 +81,10 @@ class Job(Base):
     best_val_top1: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     memory_estimate: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # search.memory, at submission
+    # Seconds per phase ({"phases": {...}}) and each measurement pass's chunks, computed or reused (at the end).
+    timings: Mapped[dict | None] = mapped_column(JSON, nullable=True, deferred=True)
+    # Per-layer damage at each width and the widths chosen, where the method measures it (search/searches/sqnr.py).
+    sensitivity: Mapped[dict | None] = mapped_column(JSON, nullable=True, deferred=True)
 
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -178,6 +182,43 @@ class LatencyTableRecord(Base):
     machine: Mapped[str] = mapped_column(String(255))
     table: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class MeasurementRecord(Base):
+    """A measurement pass (search/measurement.py), under the sha256 of everything that decides its sums.
+    Jobs with the same key share it; its chunks are computed once, by whichever worker claims each."""
+
+    __tablename__ = "measurements"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(64), index=True)
+    spec: Mapped[dict] = mapped_column(JSON)  # DamagePass.to_json()
+    chunks: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str] = mapped_column(String(32))  # the job that first asked for it: where workers load from
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ChunkStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+
+
+class MeasurementChunk(Base):
+    """One chunk of a pass: claimed by one worker at a time (a conditional UPDATE), its result kept when done."""
+
+    __tablename__ = "measurement_chunks"
+    __table_args__ = (UniqueConstraint("measurement_key", "index", name="uq_measurement_chunk"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    measurement_key: Mapped[str] = mapped_column(ForeignKey("measurements.key", ondelete="CASCADE"), index=True)
+    index: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16), default=ChunkStatus.PENDING.value)
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    runs: Mapped[int] = mapped_column(Integer, default=0)  # times a worker started it
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class WorkerRecord(Base):
