@@ -35,6 +35,7 @@ __all__ = [
     "Measurements",
     "PassRecord",
     "chunk_layers",
+    "pass_identity",
     "tensor_sha256",
 ]
 
@@ -42,10 +43,25 @@ __all__ = [
 # every stored measurement then stops matching and is measured again.
 MEASUREMENT_VERSION = 1
 MEASURE_BYTES = 1 << 30  # what one image chunk keeps: the float layer outputs and the base run
-# A chunk of layers is about this much work (MACs re-run, search.simulate.layer_work): a few seconds on
-# 2 cores, long enough that handing it to another worker pays, short enough that a killed worker loses little.
-CHUNK_WORK = 2e11
+# A chunk of layers is about this much work (MACs re-run, search.simulate.layer_work): about a second on
+# 2 cores, long enough that the database round trips around it do not count, short enough that a killed
+# worker loses little.
+CHUNK_WORK = 1e12
 OUTPUT = "__output__"
+
+
+def pass_identity(model_sha256: str, calib_inputs: torch.Tensor, scheme: str, clip: str, act_calibration: str) -> dict:
+    """What a pass depends on besides its widths, images and base config: the model, the calibration images by
+    content (the activation ranges come from all of them), the quantizer settings, this code and torch."""
+    return {
+        "model_sha256": model_sha256,
+        "calibration_sha256": tensor_sha256(calib_inputs),
+        "scheme": scheme,
+        "clip": clip,
+        "act_calibration": act_calibration,
+        "measurement_version": MEASUREMENT_VERSION,
+        "torch": torch.__version__,
+    }
 
 
 def tensor_sha256(t: torch.Tensor) -> str:

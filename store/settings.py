@@ -68,6 +68,11 @@ class Settings(BaseSettings):
         "(fewer images for a big model: ResNet-18 at 224 px gets 549, ResNet-20 at 28 px all 10,000)",
     )
     threads: int = Field(default=0, description="torch threads per task; 0 = torch's default")
+    spread: bool = Field(
+        default=True,
+        description="offer a search's measurement chunks to every worker on the search queue (else the search's "
+        "own worker computes them all); finished chunks are reused either way",
+    )
 
     rate_limit_per_s: float = Field(default=100.0, description="requests per second per API key (or client address)")
     rate_limit_burst: int = Field(default=200, description="requests a key may send at once before the rate applies")

@@ -9,6 +9,7 @@ from store.settings import get_settings
 
 SEARCH_TASK = "worker.tasks.run_search"
 VALIDATE_TASK = "worker.tasks.validate_candidate"
+MEASURE_TASK = "worker.tasks.measure_chunk"
 
 
 def make_celery() -> Celery:

@@ -38,6 +38,7 @@ from store.models import (
     DatasetRecord,
     Job,
     JobStatus,
+    MeasurementRecord,
     ModelRecord,
     ValidationRecord,
     ValidationStatus,
@@ -383,6 +384,7 @@ def run_job(settings: Settings, job_id: str) -> str:
 
 def _run_claimed(settings: Settings, claim: Claim) -> str:
     from search.spec import run_job as run_spec
+    from worker.measurements import DatabaseMeasurements
 
     url = settings.resolved_database_url()
     job_id = claim.job_id
@@ -417,8 +419,17 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
             model, splits = load_job_inputs(settings, job, model_rec, data_rec)
             hb.check()
             latency = _latency_table(settings, claim, job, model)
+            measurements = DatabaseMeasurements(
+                settings, job_id, claim.worker, hb.check, partial(offer_chunks, settings) if settings.spread else None
+            )
             result = run_spec(
-                job_spec(job), model, splits, on_progress=on_progress, on_candidate=on_candidate, latency=latency
+                job_spec(job),
+                model,
+                splits,
+                on_progress=on_progress,
+                on_candidate=on_candidate,
+                latency=latency,
+                measurements=measurements,
             )
         except Exception as e:
             chain = _chain(e)
@@ -445,9 +456,54 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
         step=Job.total,
         best_val_top1=None if best is None else best.val_top1,
         phase="done",
+        timings={"phases": result.phase_seconds, "measurement": result.measurement},
+        sensitivity=None if result.sensitivity is None else _jsonable(result.sensitivity),
     )
     queue_validations(settings, job_id)
     return "succeeded"
+
+
+def offer_chunks(settings: Settings, key: str, index: int) -> None:
+    """Offer chunk `index` of measurement `key` to the workers on the search queue (worker/measurements.py)."""
+    from worker.celery_app import MEASURE_TASK, app
+
+    app.send_task(MEASURE_TASK, args=[key, index], queue=settings.queue)
+
+
+# One loaded job per process for measure_chunk tasks: the chunks of a pass arrive one after another.
+_measure_context: dict[str, tuple] = {}
+
+
+def run_measure_chunks(settings: Settings, key: str) -> int:
+    """Compute chunks of measurement `key` that nobody holds, on the model and data of the job that asked for it
+    (whose inputs must give the pass's identity: the same model and calibration images). Returns how many."""
+    import torch
+
+    from search.measurement import DamageMeter, pass_identity
+    from search.simulate import Simulator
+    from worker.measurements import compute_offered_chunks
+
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    url = settings.resolved_database_url()
+
+    def meter_for(p) -> DamageMeter:
+        with session_scope(url) as s:
+            job = s.get(Job, s.get(MeasurementRecord, key).job_id)
+            model_rec, data_rec = s.get(ModelRecord, job.model_id), s.get(DatasetRecord, job.dataset_id)
+            s.expunge_all()
+        if job.id not in _measure_context:
+            _measure_context.clear()
+            model, splits = load_job_inputs(settings, job, model_rec, data_rec)
+            _measure_context[job.id] = (model, splits, Simulator(model, splits.calib.inputs))
+        model, splits, sim = _measure_context[job.id]
+        spec = job_spec(job)
+        identity = pass_identity(model.sha256, splits.calib.inputs, spec.scheme, spec.clip, spec.act_calibration)
+        if identity != p.identity:
+            raise RuntimeError(f"measurement {key[:12]}: job {job.id}'s inputs no longer give its identity")
+        return DamageMeter(sim, splits.calib.inputs, [l.name for l in model.layers])
+
+    return compute_offered_chunks(settings, key, worker_name(), meter_for)
 
 
 def _latency_table(settings: Settings, claim: Claim, job: Job, model):

@@ -10,7 +10,7 @@ from celery.signals import worker_process_init, worker_ready, worker_shutdown
 from store.db import migrate
 from store.settings import get_settings
 from worker import jobs
-from worker.celery_app import SEARCH_TASK, VALIDATE_TASK, app
+from worker.celery_app import MEASURE_TASK, SEARCH_TASK, VALIDATE_TASK, app
 
 log = logging.getLogger("bitsearch.worker")
 settings = get_settings()
@@ -30,6 +30,13 @@ def run_search(job_id: str) -> str:
 )
 def validate_candidate(candidate_id: int) -> str:
     return jobs.run_validation(get_settings(), candidate_id)
+
+
+# A chunk of a search's measurement, offered to every worker on the search queue (worker/measurements.py).
+# `index` is the chunk the offer was made for; the task computes whichever chunks are still unclaimed.
+@app.task(name=MEASURE_TASK, time_limit=settings.task_time_limit_s + 120, soft_time_limit=settings.task_time_limit_s)
+def measure_chunk(key: str, index: int) -> int:
+    return jobs.run_measure_chunks(get_settings(), key)
 
 
 @worker_process_init.connect

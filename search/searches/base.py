@@ -9,14 +9,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from ..config import QuantConfig
 from ..cost import Budget, Cost, LatencyTable, check_feasible, cost_of
 from ..data import DataSplits, LabelledSet
 from ..finetune import FineTuneError, FineTuneOptions, training_set
-from ..measurement import MEASUREMENT_VERSION, DamageMeter, Measurements, tensor_sha256
+from ..measurement import DamageMeter, Measurements, pass_identity
 from ..model import LoadedModel
 from ..pareto import pareto_front
 from ..quant.activation import FLOAT_ACT_BITS
@@ -231,15 +230,9 @@ class SearchContext:
         (search/measurement.py): the model, the calibration images by content, the quantizer settings."""
         if self._identity is None:
             o = self.options
-            self._identity = {
-                "model_sha256": self.model.sha256,
-                "calibration_sha256": tensor_sha256(self.splits.calib.inputs),
-                "scheme": o.scheme,
-                "clip": o.clip,
-                "act_calibration": o.act_calibration,
-                "measurement_version": MEASUREMENT_VERSION,
-                "torch": torch.__version__,
-            }
+            self._identity = pass_identity(
+                self.model.sha256, self.splits.calib.inputs, o.scheme, o.clip, o.act_calibration
+            )
         return self._identity
 
     @contextmanager

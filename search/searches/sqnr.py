@@ -207,8 +207,9 @@ def damage_pass(
     samples, fit = measurement_plan(ctx, meter.runner)
     w_widths, a_widths = _widths(ctx, fit)
     params: SqnrParams = ctx.params
-    target = CHUNK_WORK if params.measure_chunks is None else sum(meter.suffix_work().values()) / params.measure_chunks
     per_layer = samples * (len(w_widths) + len(a_widths))
+    total_work = sum(meter.suffix_work().values()) * per_layer
+    target = CHUNK_WORK if params.measure_chunks is None else total_work / params.measure_chunks
     damage = DamagePass(
         identity=ctx.measurement_identity(),
         samples=samples,

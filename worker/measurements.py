@@ -1,0 +1,216 @@
+"""Measurement passes kept in the database and spread over the workers (docs/measurement.md).
+
+A search asks for a pass (search/measurement.py); its chunks are rows of `measurement_chunks` under the pass's
+key. Finished chunks are reused by any later job with the same key and by a retried attempt of a job whose
+worker died. The pending ones are offered to every worker on the search queue (one `measure_chunk` task each)
+and computed by the search's own process as well: each chunk is claimed by one process at a time with a
+conditional UPDATE, and a claim whose heartbeat went stale (its worker died) is taken over. The search
+combines the chunks in order once all are done, so the tables do not depend on who computed what.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.exc import IntegrityError
+
+from search.measurement import DamageMeter, DamagePass, Measurements, PassRecord
+from store.db import session_scope
+from store.models import ChunkStatus, MeasurementChunk, MeasurementRecord
+from store.settings import Settings
+from worker.jobs import _Beating, utcnow
+
+log = logging.getLogger("bitsearch.worker")
+
+__all__ = ["DatabaseMeasurements", "compute_offered_chunks"]
+
+
+class _ChunkBeat(_Beating):
+    """Keeps a claimed chunk's heartbeat fresh while it is computed, so a long chunk is not taken over."""
+
+    def __init__(self, settings: Settings, chunk_id: int, worker: str):
+        super().__init__(settings.heartbeat_s, f"chunk-{chunk_id}")
+        self.url, self.chunk_id, self.worker = settings.resolved_database_url(), chunk_id, worker
+
+    def _tick(self) -> bool:
+        try:
+            with session_scope(self.url) as s:
+                s.execute(
+                    update(MeasurementChunk)
+                    .where(MeasurementChunk.id == self.chunk_id, MeasurementChunk.worker == self.worker)
+                    .values(heartbeat_at=utcnow())
+                )
+        except Exception as e:  # a dropped connection: the next beat retries
+            log.warning("chunk heartbeat failed: %s", e)
+        return True
+
+
+def _claim(settings: Settings, key: str, worker: str) -> tuple[int, int] | None:
+    """Claim a chunk of pass `key` that nobody holds (pending, or running under a stale heartbeat):
+    (chunk id, chunk index), or None when there is none."""
+    url = settings.resolved_database_url()
+    stale = utcnow() - timedelta(seconds=settings.stale_after_s)
+    claimable = and_(
+        MeasurementChunk.measurement_key == key,
+        or_(
+            MeasurementChunk.status == ChunkStatus.PENDING,
+            and_(MeasurementChunk.status == ChunkStatus.RUNNING, MeasurementChunk.heartbeat_at < stale),
+        ),
+    )
+    with session_scope(url) as s:
+        rows = s.execute(
+            select(MeasurementChunk.id, MeasurementChunk.index).where(claimable).order_by(MeasurementChunk.index)
+        ).all()
+    for chunk_id, index in rows:
+        with session_scope(url) as s:
+            won = s.execute(
+                update(MeasurementChunk)
+                .where(MeasurementChunk.id == chunk_id, claimable)
+                .values(
+                    status=ChunkStatus.RUNNING, worker=worker, runs=MeasurementChunk.runs + 1, heartbeat_at=utcnow()
+                )
+            ).rowcount
+        if won == 1:
+            return chunk_id, index
+    return None
+
+
+def _release(settings: Settings, chunk_id: int, worker: str) -> None:
+    with session_scope(settings.resolved_database_url()) as s:
+        s.execute(
+            update(MeasurementChunk)
+            .where(MeasurementChunk.id == chunk_id, MeasurementChunk.worker == worker)
+            .values(status=ChunkStatus.PENDING, worker=None)
+        )
+
+
+def _compute(settings: Settings, p: DamagePass, meter: DamageMeter, chunk_id: int, index: int, worker: str) -> None:
+    started = time.perf_counter()
+    with _ChunkBeat(settings, chunk_id, worker):
+        result = meter.measure(p, index)
+    with session_scope(settings.resolved_database_url()) as s:
+        # Only the holder stores: a worker whose claim went stale and was taken over computed the same result.
+        s.execute(
+            update(MeasurementChunk)
+            .where(
+                MeasurementChunk.id == chunk_id,
+                MeasurementChunk.worker == worker,
+                MeasurementChunk.status == ChunkStatus.RUNNING,
+            )
+            .values(status=ChunkStatus.DONE, result=result, seconds=time.perf_counter() - started)
+        )
+
+
+def compute_offered_chunks(
+    settings: Settings, key: str, worker: str, meter_for: Callable[[DamagePass], DamageMeter]
+) -> int:
+    """What a `measure_chunk` task does: claim and compute chunks of pass `key` until none is left to claim.
+    `meter_for` builds the simulator only once a chunk was claimed (an offer that comes too late costs a query).
+    Returns the chunks computed."""
+    done = 0
+    p = meter = None
+    while (claim := _claim(settings, key, worker)) is not None:
+        if p is None:
+            try:
+                with session_scope(settings.resolved_database_url()) as s:
+                    p = DamagePass.from_json(s.get(MeasurementRecord, key).spec)
+                meter = meter_for(p)
+            except BaseException:
+                _release(settings, claim[0], worker)  # the search's own process takes it now, not after a timeout
+                raise
+        _compute(settings, p, meter, *claim, worker)
+        done += 1
+    if meter is not None:
+        meter.release()
+    return done
+
+
+class DatabaseMeasurements(Measurements):
+    """Measurements of one job, kept in the database and spread over the workers on the search queue."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        job_id: str,
+        worker: str,
+        check: Callable[[], None],
+        offer: Callable[[str, int], None] | None,
+    ):
+        super().__init__()
+        self.settings = settings
+        self.url = settings.resolved_database_url()
+        self.job_id = job_id
+        self.worker = worker
+        self.check = check  # raises when the job was cancelled, lost or timed out
+        self.offer = offer  # sends one measure_chunk task for (key, index); None: compute everything here
+
+    def _ensure_rows(self, p: DamagePass) -> None:
+        try:
+            with session_scope(self.url) as s:
+                if s.get(MeasurementRecord, p.key) is None:
+                    s.add(
+                        MeasurementRecord(
+                            key=p.key,
+                            model_id=p.identity["model_sha256"],
+                            spec=p.to_json(),
+                            chunks=len(p.chunks),
+                            job_id=self.job_id,
+                        )
+                    )
+                    s.flush()
+                    for i in range(len(p.chunks)):
+                        s.add(MeasurementChunk(measurement_key=p.key, index=i, status=ChunkStatus.PENDING, runs=0))
+        except IntegrityError:  # another job created the same pass at the same moment: use theirs
+            pass
+
+    def _status(self, key: str) -> dict[int, tuple[str, str | None]]:
+        with session_scope(self.url) as s:
+            rows = s.execute(
+                select(MeasurementChunk.index, MeasurementChunk.status, MeasurementChunk.worker).where(
+                    MeasurementChunk.measurement_key == key
+                )
+            ).all()
+        return {i: (status, worker) for i, status, worker in rows}
+
+    def run(self, p: DamagePass, meter: DamageMeter, on_chunk: Callable[[int, int], None] | None = None) -> list[dict]:
+        started = time.perf_counter()
+        record = PassRecord(p.key, p.around_float, len(p.chunks))
+        self.records.append(record)
+        self._ensure_rows(p)
+        status = self._status(p.key)
+        record.reused = sum(1 for st, _ in status.values() if st == ChunkStatus.DONE)
+        if self.offer is not None and len(p.chunks) > 1:
+            for i, (st, _) in sorted(status.items()):
+                if st != ChunkStatus.DONE:
+                    self.offer(p.key, i)
+        n = len(p.chunks)
+        try:
+            while True:
+                self.check()
+                claim = _claim(self.settings, p.key, self.worker)
+                if claim is not None:
+                    _compute(self.settings, p, meter, *claim, self.worker)
+                    record.computed += 1
+                status = self._status(p.key)
+                finished = sum(1 for st, _ in status.values() if st == ChunkStatus.DONE)
+                if on_chunk is not None and finished:
+                    on_chunk(finished, n)
+                if finished == n:
+                    break
+                if claim is None:
+                    time.sleep(0.2)  # the rest is being computed elsewhere
+        finally:
+            meter.release()
+        record.elsewhere = n - record.reused - record.computed
+        with session_scope(self.url) as s:
+            rows = s.execute(
+                select(MeasurementChunk.index, MeasurementChunk.result)
+                .where(MeasurementChunk.measurement_key == p.key)
+                .order_by(MeasurementChunk.index)
+            ).all()
+        record.seconds = time.perf_counter() - started
+        return [result for _, result in rows]
