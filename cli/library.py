@@ -3,6 +3,7 @@
 bitsearch inspect MODEL.pt2 [--json]
 bitsearch eval MODEL.pt2 --data fashion-mnist [--config CFG.json | --uniform W/A] [--split test] [--json]
 bitsearch search MODEL.pt2 --data fashion-mnist --method sqnr --budget avg_wbits=3 [--out result.json]
+    [--report sensitivity.csv]
 """
 
 from __future__ import annotations
@@ -10,6 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+
+from search.sensitivity import (
+    SENSITIVITY_METHODS,
+    SensitivityError,
+    SensitivityTables,
+    no_sensitivity_reason,
+    write_report,
+)
 
 from .common import (
     add_data_arguments,
@@ -144,6 +153,8 @@ def cmd_search(args) -> None:
     from search.spec import load_job_data, run_job
 
     spec = spec_from_args(args)  # before the model and data are loaded: a bad option costs nothing
+    if args.report and spec.method not in SENSITIVITY_METHODS:
+        raise SensitivityError(f"--report: {no_sensitivity_reason(spec.method)}")
     model = load_model(args.model)
     splits = load_job_data(spec, args.data)
     latency = LatencyTable.load(args.latency_table) if args.latency_table else None
@@ -174,6 +185,8 @@ def cmd_search(args) -> None:
         Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
     if args.config_out and result.recommended is not None:
         Path(args.config_out).write_text(result.recommended.config.to_json())
+    if args.report:
+        write_report(SensitivityTables.parse(result.sensitivity, spec.method), args.report)
     if args.json:
         print_json(result.to_dict())
         return
@@ -246,5 +259,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latency-table", help="a latency table JSON for latency_us budgets")
     p.add_argument("--out", help="write every candidate and the recommendation as JSON")
     p.add_argument("--config-out", help="write the recommended config as JSON")
+    p.add_argument(
+        "--report",
+        metavar="FILE",
+        help="write the per-layer sensitivity report (each layer's damage at every width, the widths chosen): "
+        "CSV when FILE ends in .csv, else JSON; methods: " + ", ".join(SENSITIVITY_METHODS),
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_search)
