@@ -1,4 +1,5 @@
-"""/jobs: submit, list, inspect and cancel searches. Thin: the work is in api/services/jobs.py."""
+"""/jobs: submit, list, inspect and cancel searches, and read a job's sensitivity report. Thin: the work is in
+api/services/jobs.py and api/services/sensitivity.py."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from api.schemas import CandidateOut, JobCreated, JobOut, JobPage
 from api.security import Caller, caller, optional_caller
 from api.services import jobs as service
 from api.services.errors import NotFound
+from api.services.sensitivity import sensitivity_download
 from store.artifacts import ArtifactStore
 from store.db import session_scope
 from store.models import JobStatus
@@ -120,6 +122,29 @@ def job_candidates(
     db: Session = Depends(deps.db),
 ) -> list[CandidateOut]:
     return service.job_candidates(db, job_id, who.owner, sort, pareto)
+
+
+@router.get(
+    "/jobs/{job_id}/sensitivity",
+    summary="Per-layer sensitivity report: each layer's damage at every width and the widths chosen (sqnr jobs)",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/json": {}, "text/csv": {}}},
+        409: {"description": "the job has no report: its method measures none, or it has not succeeded"},
+    },
+)
+def job_sensitivity(
+    job_id: str,
+    format: Annotated[str, Query(description="json (default) | csv")] = "json",
+    who: Caller = Depends(optional_caller),
+    db: Session = Depends(deps.db),
+) -> Response:
+    d = sensitivity_download(db, job_id, who.owner, format)
+    # JSON is shown inline (the job page reads it); CSV is a file to save.
+    disposition = "attachment" if format == "csv" else "inline"
+    return Response(
+        d.body, media_type=d.media_type, headers={"Content-Disposition": f'{disposition}; filename="{d.filename}"'}
+    )
 
 
 def _changed(job_id: str) -> None:
