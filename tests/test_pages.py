@@ -1,11 +1,12 @@
 """The pages a new user opens, in headless Chromium against a real stack: /docs without internet, the
-leaderboard and a job's page with and without a key, a failed job's page, and the leaderboard's chart and table
-layout (nice ticks, nothing outside the chart, no sideways scrolling at 1400 px)."""
+leaderboard and a job's page with and without a key, a failed job's page, an sqnr job's sensitivity heatmap, and
+the leaderboard's chart and table layout (nice ticks, nothing outside the chart, no sideways scrolling at 1400 px)."""
 
 from __future__ import annotations
 
 import json
 import math
+import time
 from datetime import UTC
 from pathlib import Path
 
@@ -160,6 +161,85 @@ def test_job_page_without_a_key_asks_for_one(stack, jobs, browser):
     # Another owner's key: the job stays hidden, and the page says why.
     _fresh(browser, f"{stack.url}/leaderboard/jobs/{job['id']}", stack.keys["bob"])
     _wait(browser, lambda d: _css(d, "#not-found"))
+
+
+@pytest.fixture(scope="module")
+def sqnr_job(stack):
+    """A finished sqnr search of bob's (private, so the leaderboard tests, run with alice's key, never see it)."""
+    options = {**SMALL, "params": {"sweep_points": 0, "relinearize": 0}}
+    with stack.client("bob") as c:
+        r = c.post(
+            "/jobs",
+            data={
+                "method": "sqnr",
+                "budget": json.dumps({"avg_wbits": 3}),
+                "options": json.dumps(options),
+                "data_name": "fashion-mnist",
+            },
+            files={"model": (RESNET.name, RESNET.read_bytes())},
+        )
+        assert r.status_code == 202, r.text
+        deadline = time.time() + 600  # (stack.wait_job reads the job with alice's key)
+        while (done := c.get(r.headers["Location"]).json())["status"] not in ("succeeded", "failed", "cancelled"):
+            assert time.time() < deadline, done
+            time.sleep(0.5)
+    assert done["status"] == "succeeded", done
+    return done
+
+
+# Each heatmap cell: its layer, kind, width, whether it is marked chosen, its colour and whether it lies inside the
+# chart; and whether the page scrolls sideways.
+HEATMAP = """
+const svg = document.querySelector('#sensitivity-chart'), box = svg.getBoundingClientRect();
+const inside = b => b.left >= box.left - 0.5 && b.right <= box.right + 0.5 && b.top >= box.top - 0.5
+  && b.bottom <= box.bottom + 0.5;
+return {
+  cells: [...svg.querySelectorAll('rect.cell')].map(r => [r.dataset.layer, r.dataset.kind, +r.dataset.bits,
+    r.classList.contains('chosen'), r.getAttribute('fill'), inside(r.getBoundingClientRect())]),
+  textOutside: [...svg.querySelectorAll('text')].filter(t => !inside(t.getBoundingClientRect()))
+    .map(t => t.textContent),
+  pageScrolls: document.documentElement.scrollWidth > document.documentElement.clientWidth,
+};
+"""
+
+
+def _brightness(fill: str) -> int:
+    """r + g + b of a cell's fill: "rgb(r,g,b)", or white (a damage of 0, each layer's least)."""
+    return 3 * 255 if fill == "#fff" else sum(map(int, fill.removeprefix("rgb(").removesuffix(")").split(",")))
+
+
+def test_job_page_charts_the_sensitivity_report(stack, jobs, sqnr_job, browser):
+    with stack.client("bob") as c:
+        report = c.get(f"/jobs/{sqnr_job['id']}/sensitivity").json()
+        cands = c.get(f"/jobs/{sqnr_job['id']}/candidates").json()
+        recommended = c.get(f"/candidates/{next(x['id'] for x in cands if x['recommended'])}").json()
+    _fresh(browser, f"{stack.url}/leaderboard/jobs/{sqnr_job['id']}", stack.keys["bob"])
+    _wait(browser, lambda d: _css(d, "#sensitivity-chart rect.cell"))
+    assert _css(browser, "#sensitivity-section")[0].is_displayed()
+    chart = browser.execute_script(HEATMAP)
+    layers = [row["layer"] for row in report["layers"]]
+    # One cell per layer and weight width (activations kept at 8 bits: no activation columns), every one drawn
+    # inside the chart, and the recommended candidate's width outlined in each row.
+    assert sorted((layer, bits) for layer, kind, bits, *_ in chart["cells"]) == sorted(
+        (layer, b) for layer in layers for b in range(2, 9)
+    )
+    assert {kind for _, kind, *_ in chart["cells"]} == {"w"} and all(cell[5] for cell in chart["cells"])
+    assert {layer: bits for layer, _, bits, chosen, *_ in chart["cells"] if chosen} == recommended["w_bits"]
+    assert chart["textOutside"] == [] and not chart["pageScrolls"]
+    # The colours follow the damage: each layer's narrowest width is drawn darker than its widest.
+    brightness = {(layer, bits): _brightness(f) for layer, _, bits, _, f, _ in chart["cells"]}
+    assert all(brightness[(layer, 2)] < brightness[(layer, 8)] for layer in layers)
+    ARTIFACTS.mkdir(exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "job-sensitivity.png"))
+    # The CSV link fetches the report's CSV with the page's key.
+    _css(browser, "#sensitivity-csv")[0].click()
+    _wait(browser, lambda d: any(n.endswith("/sensitivity?format=csv") for n in _resources(d)))
+
+    # A method that measures no sensitivity: the page asks once, hears 409, and shows no section.
+    _fresh(browser, f"{stack.url}/leaderboard/jobs/{jobs['private']['id']}", stack.keys["alice"])
+    _wait(browser, lambda d: any(n.endswith("/sensitivity") for n in _resources(d)) and _css(d, "#candidates table"))
+    time.sleep(0.5)  # the answer has arrived; give the page the moment it would take to draw a chart
+    assert not _css(browser, "#sensitivity-section")[0].is_displayed() and not _css(browser, "#sensitivity-chart")
 
 
 def test_failed_job_page_shows_the_failure_not_progress(stack, jobs, browser):
