@@ -4,6 +4,10 @@
     splits = load_job_data(spec, "fashion-mnist")          # calibration/validation chosen by (seed, calib_size)
     result = run_job(spec, load_model("model.pt2"), splits)
 
+A spec may carry a budget sweep (`sweep=[{"avg_wbits": 2.5}, {"avg_wbits": 4}]`): the method then runs once per
+budget, main budget first, on one simulator and one set of measurements, and the runs merge into one result
+with one Pareto front (search/sweep.py).
+
 A spec is checked when it is made: bit choices, scheme, every per-method param against the method's typed
 params (an unknown key is refused with its name), fine-tuning only for the methods that fine-tune. Nothing
 else rebuilds "options -> data -> search", so the service and the CLI cannot calibrate on different images.
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_serializer, field_validator, model_validator
 
 from .cost import METRICS, Budget, BudgetError, LatencyTable
 from .data import DEFAULT_CALIB_SIZE, DataSplits, load_splits
@@ -22,9 +26,10 @@ from .model import LoadedModel
 from .searches import CandidateCallback, ProgressCallback, SearchOptions, SearchResult, check_method_options, run_search
 from .simulate import Simulator
 
-__all__ = ["JobSpec", "SpecError", "load_job_data", "make_spec", "parse_budget", "run_job"]
+__all__ = ["MAX_SWEEP", "JobSpec", "SpecError", "load_job_data", "make_spec", "parse_budget", "run_job"]
 
 MAX_SEED = 2**31 - 1
+MAX_SWEEP = 16  # extra budgets one job may carry: each is a full run of the method (measurements aside)
 
 
 class SpecError(ValueError):
@@ -68,15 +73,64 @@ class JobSpec(SearchOptions):
         default=2000, ge=100, le=100000, description="validation samples each candidate is scored on"
     )
 
+    sweep: list[Budget] = Field(
+        default_factory=list,
+        description=f"up to {MAX_SWEEP} more budgets, each limiting the same metrics as `budget` (other values): "
+        "the method runs once per budget and the job keeps one Pareto front over all of them",
+    )
+
     @field_validator("budget", mode="before")
     @classmethod
     def _budget(cls, v):
         return parse_budget(v)
 
+    @field_validator("sweep", mode="before")
+    @classmethod
+    def _sweep(cls, v):
+        if not isinstance(v, (list, tuple)):
+            raise ValueError('a sweep is a list of budgets, e.g. [{"avg_wbits": 2.5}, {"avg_wbits": 4}]')
+        if len(v) > MAX_SWEEP:
+            raise ValueError(f"a sweep holds at most {MAX_SWEEP} budgets, got {len(v)}")
+        budgets = []
+        for i, raw in enumerate(v):
+            try:
+                budgets.append(parse_budget(raw))
+            except BudgetError as e:
+                raise ValueError(f"sweep[{i}]: {e}") from e
+        return budgets
+
+    @field_serializer("sweep")
+    def _sweep_limits(self, sweep: list[Budget]) -> list[dict[str, float]]:
+        # Only the limits that are set: what parse_budget reads back when the worker rebuilds the spec.
+        return [b.limits() for b in sweep]
+
     @model_validator(mode="after")
     def _method_takes_these_options(self) -> JobSpec:
         check_method_options(self.method, self)
         return self
+
+    @model_validator(mode="after")
+    def _sweep_like_the_budget(self) -> JobSpec:
+        # One Pareto front needs one cost axis, and every candidate's cost must carry every figure each budget
+        # limits (latency only exists where a budget asks for it), so a sweep changes values, not metrics.
+        metrics = list(self.budget.limits())
+        seen = {tuple(sorted(self.budget.limits().items())): "budget"}
+        for i, b in enumerate(self.sweep):
+            if list(b.limits()) != metrics:
+                raise ValueError(
+                    f"sweep[{i}] limits {', '.join(b.limits())}; every sweep budget limits the same metrics as "
+                    f"the budget ({', '.join(metrics)}), with other values"
+                )
+            key = tuple(sorted(b.limits().items()))
+            if key in seen:
+                limits = ", ".join(f"{k}={v:g}" for k, v in b.limits().items())
+                raise ValueError(f"sweep[{i}] repeats {seen[key]} ({limits})")
+            seen[key] = f"sweep[{i}]"
+        return self
+
+    def budgets(self) -> list[Budget]:
+        """Every budget the job runs at: the main one (index 0), then the sweep's in order (1, 2, ...)."""
+        return [self.budget, *self.sweep]
 
     @classmethod
     def from_job(cls, method: str, budget: dict, options: dict) -> JobSpec:
@@ -105,7 +159,8 @@ def make_spec(**fields) -> JobSpec:
             if err["type"] == "extra_forbidden":
                 message = f"unknown option {where!r}"
                 where = ""
-            problems.append(f"{where}: {message}" if where else message)
+            # a message that names its place itself ("sweep[2]: ...") needs no prefix
+            problems.append(f"{where}: {message}" if where and not message.startswith(f"{where}[") else message)
         raise SpecError("; ".join(problems)) from e
 
 
@@ -130,6 +185,22 @@ def run_job(
     simulator: Simulator | None = None,
     measurements: Measurements | None = None,
 ) -> SearchResult:
+    """Run the spec's method at its budget; with a sweep, at every budget (search/sweep.py), as one result."""
+    if spec.sweep:
+        from .sweep import run_sweep
+
+        return run_sweep(
+            spec.method,
+            model,
+            splits,
+            spec.budgets(),
+            spec.search_options(),
+            on_progress,
+            on_candidate,
+            latency,
+            simulator,
+            measurements,
+        )
     return run_search(
         spec.method,
         model,
