@@ -34,6 +34,11 @@ class JobOut(BaseModel):
     model_id: str
     dataset_id: str
     budget: dict[str, float]
+    budgets: list[dict[str, float]] = Field(
+        default_factory=list,
+        description="every budget the job runs at: `budget` (index 0), then its sweep's (options.sweep), in order; "
+        "a candidate's meta.budget is the index of the budget it was found under",
+    )
     options: dict[str, Any]
     validate_top_k: int
     progress: Progress
@@ -53,6 +58,11 @@ class JobOut(BaseModel):
         default=None, description="the peak memory the job is expected to need, estimated at submission"
     )
     links: dict[str, str] = Field(default_factory=dict)
+    timings: dict[str, Any] | None = Field(
+        default=None,
+        description='written when the search ends: seconds per phase ({"phases": {...}}) and each measurement '
+        'pass, its chunks computed or reused ({"measurement": [...]}); null before',
+    )
 
 
 class JobPage(BaseModel):
@@ -109,6 +119,13 @@ class CandidateOut(BaseModel):
     validation: ValidationOut | None = Field(description="null: no validation record (not selected, or not queued yet)")
     w_bits: dict[str, int] | None = None
     a_bits: dict[str, int] | None = None
+    budget: int | None = Field(
+        default=None, description="a budget sweep's candidate: the index of the job's budget it was found under"
+    )
+    recommended_for: list[int] = Field(
+        default_factory=list,
+        description="a budget sweep: the indexes of the job's budgets (JobOut.budgets) it is the recommendation of",
+    )
 
 
 class ModelOut(BaseModel):
@@ -157,6 +174,14 @@ class LeaderboardRow(BaseModel):
     latency_under_load: bool | None = Field(default=None, description="timed while other processes were busy")
     search_seconds: float | None
     front: bool = Field(description="on the accuracy-vs-size Pareto front of this model and data set")
+    job_budgets: int = Field(default=1, description="how many budgets the job ran at (more than 1: a budget sweep)")
+    budget_index: int | None = Field(
+        default=None, description="a swept job's candidate: the index of the budget it was found under (0: main)"
+    )
+    budget: dict[str, float] | None = Field(default=None, description="a swept job's candidate: that budget's limits")
+    recommended_for: list[int] = Field(
+        default_factory=list, description="the indexes of the job's budgets this candidate is the recommendation of"
+    )
 
 
 class LeaderboardGroup(BaseModel):

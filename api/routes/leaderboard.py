@@ -1,4 +1,5 @@
-"""The leaderboard: every job's Pareto candidates per model and data set, side by side (JSON and HTML)."""
+"""The leaderboard: every job's Pareto candidates per model and data set, side by side (JSON and HTML); a swept
+job's candidates say which of its budgets found them, and the page draws the job's front over all of them."""
 
 from __future__ import annotations
 
@@ -48,7 +49,26 @@ def _row(c: CandidateRecord, job: Job, status: str) -> LeaderboardRow:
         latency_under_load=conditions.get("under_load"),
         search_seconds=job.search_seconds,
         front=False,
+        **_budget_fields(c, job),
     )
+
+
+def _budget_fields(c: CandidateRecord, job: Job) -> dict:
+    """Which of the job's budgets (main, then its sweep: search/sweep.py) found the candidate and which it is
+    recommended for. A job without a sweep has one budget, and its recommended candidate is that budget's."""
+    budgets = [job.budget, *(job.options or {}).get("sweep", [])]
+    meta = c.meta or {}
+    index = meta.get("budget")
+    found_under = index if len(budgets) > 1 and isinstance(index, int) and 0 <= index < len(budgets) else None
+    recommended_for = [i for i in meta.get("recommended_for") or [] if isinstance(i, int)]
+    if c.recommended and 0 not in recommended_for:
+        recommended_for.insert(0, 0)
+    return {
+        "job_budgets": len(budgets),
+        "budget_index": found_under,
+        "budget": None if found_under is None else budgets[found_under],
+        "recommended_for": recommended_for,
+    }
 
 
 # How long after its search a job's chosen candidates may still be waiting for their validation rows (the

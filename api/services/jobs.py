@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from sqlalchemy import func, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, undefer
 
 from api.schemas import CandidateOut, JobCreated, JobOut, JobPage
 from api.services import uploads
@@ -31,10 +31,12 @@ __all__ = [
     "build_spec",
     "cancel_job",
     "candidate_for",
+    "check_sweep_feasible",
     "create_job",
     "job_bodies",
     "job_candidates",
     "job_for",
+    "job_view",
     "list_jobs",
     "packed_directory",
     "set_public",
@@ -95,6 +97,23 @@ def build_spec(method: str, budget: str, options: str, default_validate_top_k: i
         return make_spec(method=method, budget=limits, **raw), top_k
     except SpecError as e:
         raise InvalidRequest(f"invalid options: {e}") from e
+
+
+def check_sweep_feasible(summary, spec) -> None:
+    """Each budget of the spec's sweep checked as the main budget is; CannotRun names the first infeasible one."""
+    for i, budget in enumerate(spec.sweep):
+        try:
+            uploads.check_feasible(summary, budget, spec)
+        except CannotRun as e:
+            raise CannotRun(f"sweep[{i}] {json.dumps(budget.limits())}: {e.message}") from e
+
+
+def job_view(job: Job, candidates: int, owner_view: bool = True) -> JobOut:
+    """The job's body: api.views.job_out, with every budget it runs at and its timings (a deferred column, loaded
+    here when the query did not undefer it)."""
+    out = job_out(job, candidates, owner_view)
+    budgets = [job.budget, *(job.options or {}).get("sweep", [])]
+    return out.model_copy(update={"budgets": budgets, "timings": job.timings})
 
 
 def check_memory(settings: Settings, model, dataset, spec, validate_top_k: int) -> dict | None:
@@ -172,6 +191,7 @@ def create_job(
                 data_rec = uploads.dataset_by_id(db, r.dataset_id, owner)
             uploads.check_compatible(model_rec, data_rec)
             uploads.check_feasible(summary, r.spec.budget, r.spec)
+            check_sweep_feasible(summary, r.spec)
             memory = check_memory(settings, model_rec, data_rec, r.spec, r.validate_top_k)
             active = db.scalar(
                 select(func.count()).select_from(Job).where(Job.owner == owner, Job.status.in_(ACTIVE_STATES))
@@ -244,9 +264,10 @@ def list_jobs(
         if value is not None:
             q = q.where(col == value)
     total = db.scalar(select(func.count()).select_from(q.subquery()))
-    jobs = db.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)).all()
+    page = q.options(undefer(Job.timings)).order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
+    jobs = db.scalars(page).all()
     counts = _candidate_counts(db, [j.id for j in jobs])
-    return JobPage(items=[job_out(j, counts.get(j.id, 0)) for j in jobs], total=total, limit=limit, offset=offset)
+    return JobPage(items=[job_view(j, counts.get(j.id, 0)) for j in jobs], total=total, limit=limit, offset=offset)
 
 
 def job_for(db: Session, job_id: str, owner: str | None, write: bool = False) -> Job:
@@ -259,15 +280,15 @@ def job_for(db: Session, job_id: str, owner: str | None, write: bool = False) ->
 
 def job_bodies(db: Session, job_id: str) -> tuple[str, bool, bytes, bytes] | None:
     """(owner, public, the owner's JSON body, everyone else's) of a job, or None: what the polling cache keeps."""
-    job = db.get(Job, job_id)
+    job = db.get(Job, job_id, options=[undefer(Job.timings)])
     if job is None:
         return None
     count = _candidate_counts(db, [job.id]).get(job.id, 0)
     return (
         job.owner,
         job.public,
-        job_out(job, count).model_dump_json().encode(),
-        job_out(job, count, owner_view=False).model_dump_json().encode(),
+        job_view(job, count).model_dump_json().encode(),
+        job_view(job, count, owner_view=False).model_dump_json().encode(),
     )
 
 
@@ -283,7 +304,19 @@ def job_candidates(
     if pareto is not None:
         q = q.where(CandidateRecord.pareto.is_(pareto))
     q = q.order_by(col.desc() if sort.startswith("-") else col.asc(), CandidateRecord.seq)
-    return [candidate_out(c, owner_view=job.owner == owner) for c in db.scalars(q)]
+    swept = bool((job.options or {}).get("sweep"))
+    return [_with_budgets(candidate_out(c, owner_view=job.owner == owner), c, swept) for c in db.scalars(q)]
+
+
+def _with_budgets(out: CandidateOut, c: CandidateRecord, swept: bool) -> CandidateOut:
+    """A swept job's candidate says which budget found it and which budgets it is recommended for (its meta,
+    search/sweep.py); a job without a sweep has one budget, whose recommendation is the recommended candidate."""
+    meta = c.meta or {}
+    recommended_for = [i for i in meta.get("recommended_for") or [] if isinstance(i, int)]
+    if c.recommended and 0 not in recommended_for:
+        recommended_for.insert(0, 0)
+    budget = meta.get("budget") if swept and isinstance(meta.get("budget"), int) else None
+    return out.model_copy(update={"budget": budget, "recommended_for": recommended_for})
 
 
 def cancel_job(db: Session, job_id: str, owner: str) -> JobOut:
@@ -294,14 +327,14 @@ def cancel_job(db: Session, job_id: str, owner: str) -> JobOut:
     if job.status == JobStatus.QUEUED:  # nothing runs it yet; the worker skips a cancelled job
         job.status, job.finished_at, job.error = JobStatus.CANCELLED, datetime.now(UTC), "cancelled by request"
     db.commit()
-    return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))
+    return job_view(job, _candidate_counts(db, [job.id]).get(job.id, 0))
 
 
 def set_public(db: Session, job_id: str, owner: str, public: bool) -> JobOut:
     job = job_for(db, job_id, owner, write=True)
     job.public = public
     db.commit()
-    return job_out(job, _candidate_counts(db, [job.id]).get(job.id, 0))
+    return job_view(job, _candidate_counts(db, [job.id]).get(job.id, 0))
 
 
 def candidate_for(db: Session, candidate_id: int, owner: str | None) -> CandidateRecord:
