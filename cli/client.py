@@ -228,12 +228,15 @@ def _show_results(server: Server, job: dict, as_json: bool) -> None:
     from rich.table import Table
 
     cands = server.get(f"/jobs/{job['id']}/candidates", params={"sort": "avg_wbits"})
+    budgets = job.get("budgets") or [job["budget"]]
+    swept = len(budgets) > 1
     if as_json:
         print(json.dumps({"job": job, "candidates": cands}))
     else:
         out = Console()
         table = Table(title=f"job {job['id']}: {job['status']}")
-        for col in ("id", "avg bits", "weight bytes", "val top-1 %", "kernel top-1 %", "pareto"):
+        columns = ("id", "avg bits", "weight bytes", "val top-1 %", "kernel top-1 %", *(("budget",) if swept else ()))
+        for col in (*columns, "pareto"):
             table.add_column(col, justify="right")
         for cnd in cands:
             v = cnd.get("validation") or {}
@@ -243,16 +246,38 @@ def _show_results(server: Server, job: dict, as_json: bool) -> None:
                 str(cnd["weight_bytes"]),
                 "-" if cnd["val_top1"] is None else f"{100 * cnd['val_top1']:.2f}",
                 "-" if v.get("top1") is None else f"{100 * v['top1']:.2f}",
+                *((f"#{cnd['budget']}" if cnd.get("budget") is not None else "-",) if swept else ()),
                 ("yes" if cnd["pareto"] else "") + (" *" if cnd["recommended"] else ""),
             )
         out.print(table)
         if job["error"]:
             out.print(f"[red]{job['error']}[/red]")
-        rec = next((c for c in cands if c["recommended"]), None)
-        if rec:
-            out.print(f"recommended: candidate {rec['id']} (bitsearch download {rec['id']})")
+        if swept:
+            for line in budget_lines(budgets, cands):
+                out.print(line)
+        else:
+            rec = next((c for c in cands if c["recommended"]), None)
+            if rec:
+                out.print(f"recommended: candidate {rec['id']} (bitsearch download {rec['id']})")
     if job["status"] != "succeeded":
         raise ServerError(f"job {job['id']} {job['status']}: {job['error'] or 'no reason given'}")
+
+
+def budget_lines(budgets: list[dict], cands: list[dict]) -> list[str]:
+    """One line per budget of a swept job: its recommended candidate (CandidateOut.recommended_for)."""
+    lines = []
+    for i, limits in enumerate(budgets):
+        label = ", ".join(f"{k} <= {v:g}" for k, v in limits.items())
+        rec = next((c for c in cands if i in (c.get("recommended_for") or [])), None)
+        if rec is None:
+            lines.append(f"budget #{i} ({label}): no recommendation recorded")
+        else:
+            top1 = "" if rec["val_top1"] is None else f", val top-1 {100 * rec['val_top1']:.2f}%"
+            lines.append(
+                f"budget #{i} ({label}): candidate {rec['id']}, {rec['avg_wbits']:.3f} avg bits{top1} "
+                f"(bitsearch download {rec['id']})"
+            )
+    return lines
 
 
 DOWNLOAD_SUFFIX = {"config": ".json", "packed": "-packed.zip", "onnx": ".onnx"}

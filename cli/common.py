@@ -112,6 +112,13 @@ def add_spec_arguments(p: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="a limit (avg_wbits, weight_bytes, bitops, act_bytes, latency_us); repeatable",
     )
+    p.add_argument(
+        "--sweep",
+        action="append",
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="one more budget to run at, limiting the same metrics as --budget, e.g. --sweep avg_wbits=2.5; "
+        "repeatable (each is a budget; at most 16): one job, one Pareto front over every budget, the best per budget",
+    )
     p.add_argument("--w-bits", help=f"weight bit choices, e.g. 2-8 or 2,4,8 (default {d('w_bits')})")
     p.add_argument("--a-bits", help=f"activation bit choices, e.g. 8 or 4-8; 16 = float (default {d('a_bits')})")
     p.add_argument("--scheme", help=f"weight grid: uniform | pot | apot (default {d('scheme')})")
@@ -179,6 +186,9 @@ def spec_fields(args) -> dict:
                 fields[flag] = parse_bits(text)
             except ValueError as e:
                 raise ValueError(f"--{flag.replace('_', '-')}: {e}") from None
+    if getattr(args, "sweep", None):
+        # each --sweep is one budget, as --budget items: "avg_wbits=2.5,act_bytes=4096" -> ["avg_wbits=2.5", ...]
+        fields["sweep"] = [[item for item in text.split(",") if item.strip()] for text in args.sweep]
     if args.params is not None:
         fields["params"] = json_object("--params", args.params)
     for name in ("scheme", "clip", "act_calibration", "calib_size", "val_samples", "seed"):
@@ -208,3 +218,41 @@ def load_model(path):
     if model.exported_batch is not None:
         print(f"note: {model.batch_summary}", file=sys.stderr)
     return model
+
+
+def budget_recommendations(result) -> list[tuple[int, str, object]]:
+    """(index, budget in words, its recommended candidate or None) per budget of a budget sweep's result
+    (search/sweep.py SweepResult); empty for a result of one budget."""
+    from search.sweep import budget_label
+
+    budgets = getattr(result, "budgets", [])
+    if len(budgets) < 2:
+        return []
+    return [(i, budget_label(b), c) for i, (b, c) in enumerate(zip(budgets, result.recommended_per_budget))]
+
+
+def print_budget_recommendations(console, result) -> None:
+    """`bitsearch search` with --sweep: a table of the best candidate at each budget (nothing without a sweep)."""
+    from rich.table import Table
+
+    rows = budget_recommendations(result)
+    if not rows:
+        return
+    table = Table(title="best per budget (#0: --budget, then each --sweep)")
+    for col in ("#", "budget", "avg w bits", "weight bytes", "BitOPs", "val top-1", "val SQNR dB", "found under"):
+        table.add_column(col, justify="right")
+    for index, label, c in rows:
+        if c is None:
+            table.add_row(f"#{index}", label, "-", "-", "-", "-", "-", "no candidate fits")
+            continue
+        table.add_row(
+            f"#{index}",
+            label,
+            f"{c.cost.avg_wbits:.2f}",
+            f"{c.cost.weight_bytes:,}",
+            f"{c.cost.bitops:,}",
+            percent(c.val_top1),
+            f"{c.val_sqnr_db:.2f}",
+            f"#{c.meta.get('budget', index)}",
+        )
+    console.print(table)
