@@ -99,17 +99,23 @@ class DamagePass:
         return all(b is None for b in self.base_w.values())
 
 
-def chunk_layers(names: list[str], suffix_work: dict[str, float], per_layer: float, target: float) -> list[list[str]]:
-    """Consecutive layers grouped into chunks of about `target` work each (`per_layer`: widths x images)."""
-    chunks, current, work = [], [], 0.0
-    for n in names:
+def chunk_layers(names: list[str], work: dict[str, float], count: int) -> list[list[str]]:
+    """Consecutive layers in min(count, layers) chunks of about equal work (`work`: per layer)."""
+    count = max(1, min(count, len(names)))
+    chunks: list[list[str]] = []
+    left = sum(work[n] for n in names)
+    current, acc = [], 0.0
+    for i, n in enumerate(names):
         current.append(n)
-        work += suffix_work[n] * per_layer
-        if work >= target:
+        acc += work[n]
+        chunks_left = count - len(chunks)
+        layers_left = len(names) - i - 1
+        # close the chunk at its share of the work left, or when each chunk left needs one of the layers left
+        if chunks_left > 1 and (acc >= left / chunks_left or layers_left == chunks_left - 1):
             chunks.append(current)
-            current, work = [], 0.0
-    if current:
-        chunks.append(current)
+            left -= acc
+            current, acc = [], 0.0
+    chunks.append(current)
     return chunks
 
 

@@ -146,7 +146,7 @@ def estimate_job_memory(
     search = {**common, "data": (calib_samples + val_samples) * input_elements * FLOAT}
     levers = {"data": "calib_size or val_samples"}
     if method == "sqnr":
-        from .searches.sqnr import MEASURE_BYTES
+        from .measurement import MEASURE_BYTES
 
         # a chunk of measurement images keeps the float layer outputs and the base run's values, at most 1 GB
         search["method"] = min(MEASURE_BYTES, min(calib_samples, sqnr_samples) * profile.peak_live * FLOAT)

@@ -209,6 +209,7 @@ class SearchContext:
         self._last_step = -1
         self.started = started
         self.measurements = measurements if measurements is not None else Measurements()
+        self._own_records = len(self.measurements.records)  # a shared Measurements holds earlier searches' too
         self._meter: DamageMeter | None = None
         self._identity: dict | None = None
         # Seconds per phase: time goes to the innermost phase open (`phase()`); "setup" is the calibration.
@@ -362,6 +363,6 @@ class SearchContext:
             seconds,
             recommended,
             phase_seconds=phases,
-            measurement=[r.to_dict() for r in self.measurements.records],
+            measurement=[r.to_dict() for r in self.measurements.records[self._own_records :]],
             sensitivity=sensitivity,
         )

@@ -207,9 +207,9 @@ def damage_pass(
     samples, fit = measurement_plan(ctx, meter.runner)
     w_widths, a_widths = _widths(ctx, fit)
     params: SqnrParams = ctx.params
-    per_layer = samples * (len(w_widths) + len(a_widths))
-    total_work = sum(meter.suffix_work().values()) * per_layer
-    target = CHUNK_WORK if params.measure_chunks is None else total_work / params.measure_chunks
+    work = meter.suffix_work()
+    total_work = sum(work.values()) * samples * (len(w_widths) + len(a_widths))
+    count = params.measure_chunks or math.ceil(total_work / CHUNK_WORK)
     damage = DamagePass(
         identity=ctx.measurement_identity(),
         samples=samples,
@@ -217,7 +217,7 @@ def damage_pass(
         a_widths=a_widths,
         base_w=dict(base_w),
         base_a=dict(base_a),
-        chunks=chunk_layers(ctx.layer_names, meter.suffix_work(), per_layer, target),
+        chunks=chunk_layers(ctx.layer_names, work, count),
     )
     return damage, fit
 
