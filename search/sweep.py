@@ -132,7 +132,6 @@ def run_sweep(
             if on_candidate is not None:
                 on_candidate(c)
 
-        records_before = len(measurements.records)
         run = run_search(
             method,
             model,
@@ -146,8 +145,7 @@ def run_sweep(
             measurements,
         )
         runs.append(run)
-        # The shared Measurements lists every pass asked for so far; this run's are the ones it added.
-        measurement += [{**r.to_dict(), "budget": index} for r in measurements.records[records_before:]]
+        measurement += [{**record, "budget": index} for record in run.measurement]  # the passes this run asked for
         if progress is not None:
             progress.finished()
             if index == 0 and run.recommended is not None:
