@@ -49,18 +49,22 @@ class _ChunkBeat(_Beating):
         return True
 
 
-def _claim(settings: Settings, key: str, worker: str) -> tuple[int, int] | None:
-    """Claim a chunk of pass `key` that nobody holds (pending, or running under a stale heartbeat):
-    (chunk id, chunk index), or None when there is none."""
-    url = settings.resolved_database_url()
+def _claimable(settings: Settings, key: str):
+    """The chunks of pass `key` that nobody holds: pending, or running under a stale heartbeat (a dead worker's)."""
     stale = utcnow() - timedelta(seconds=settings.stale_after_s)
-    claimable = and_(
+    return and_(
         MeasurementChunk.measurement_key == key,
         or_(
             MeasurementChunk.status == ChunkStatus.PENDING,
             and_(MeasurementChunk.status == ChunkStatus.RUNNING, MeasurementChunk.heartbeat_at < stale),
         ),
     )
+
+
+def _claim(settings: Settings, key: str, worker: str) -> tuple[int, int] | None:
+    """Claim a chunk of pass `key` that nobody holds: (chunk id, chunk index), or None when there is none."""
+    url = settings.resolved_database_url()
+    claimable = _claimable(settings, key)
     with session_scope(url) as s:
         rows = s.execute(
             select(MeasurementChunk.id, MeasurementChunk.index).where(claimable).order_by(MeasurementChunk.index)
@@ -77,15 +81,6 @@ def _claim(settings: Settings, key: str, worker: str) -> tuple[int, int] | None:
         if won == 1:
             return chunk_id, index
     return None
-
-
-def _release(settings: Settings, chunk_id: int, worker: str) -> None:
-    with session_scope(settings.resolved_database_url()) as s:
-        s.execute(
-            update(MeasurementChunk)
-            .where(MeasurementChunk.id == chunk_id, MeasurementChunk.worker == worker)
-            .values(status=ChunkStatus.PENDING, worker=None)
-        )
 
 
 def _compute(settings: Settings, p: DamagePass, meter: DamageMeter, chunk_id: int, index: int, worker: str) -> None:
@@ -109,22 +104,21 @@ def compute_offered_chunks(
     settings: Settings, key: str, worker: str, meter_for: Callable[[DamagePass], DamageMeter]
 ) -> int:
     """What a `measure_chunk` task does: claim and compute chunks of pass `key` until none is left to claim.
-    `meter_for` builds the simulator only once a chunk was claimed (an offer that comes too late costs a query).
+    The simulator is built (`meter_for`) before the first claim, since a claim must keep its heartbeat while it
+    is held, and only while something is left to claim (an offer that comes late costs a query).
     Returns the chunks computed."""
+    url = settings.resolved_database_url()
+    with session_scope(url) as s:
+        if s.scalar(select(MeasurementChunk.id).where(_claimable(settings, key)).limit(1)) is None:
+            return 0
+        p = DamagePass.from_json(s.get(MeasurementRecord, key).spec)
+    meter = meter_for(p)
     done = 0
-    p = meter = None
-    while (claim := _claim(settings, key, worker)) is not None:
-        if p is None:
-            try:
-                with session_scope(settings.resolved_database_url()) as s:
-                    p = DamagePass.from_json(s.get(MeasurementRecord, key).spec)
-                meter = meter_for(p)
-            except BaseException:
-                _release(settings, claim[0], worker)  # the search's own process takes it now, not after a timeout
-                raise
-        _compute(settings, p, meter, *claim, worker)
-        done += 1
-    if meter is not None:
+    try:
+        while (claim := _claim(settings, key, worker)) is not None:
+            _compute(settings, p, meter, *claim, worker)
+            done += 1
+    finally:
         meter.release()
     return done
 
