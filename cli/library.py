@@ -25,6 +25,7 @@ from .common import (
     add_spec_arguments,
     load_data,
     percent,
+    print_budget_recommendations,
     print_json,
     progress_count,
     progress_label,
@@ -222,6 +223,7 @@ def cmd_search(args) -> None:
         out.print("no candidate meets the budget")
     else:
         out.print("recommended w_bits: " + " ".join(f"{k}={v}" for k, v in result.recommended.config.w_bits().items()))
+    print_budget_recommendations(out, result)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -172,6 +172,8 @@ def test_the_leaderboard_tells_a_swept_jobs_budgets_apart(service):
     cands = client.get(f"/jobs/{job_id}/candidates", headers=auth).json()
     assert [c["budget"] for c in cands] == [0, 0, 0, 1, 1, 1, 1]
     assert [c["recommended_for"] for c in cands if c["recommended"]] == [[0]]
+    # every budget's recommendation is stored, also those a later budget made of an earlier candidate
+    assert sorted(i for c in cands for i in c["recommended_for"]) == [0, 1]
     board = client.get("/api/leaderboard", headers=auth).json()
     rows = [row for g in board["groups"] for row in g["rows"] if row["job_id"] == job_id]
     assert rows and all(row["job_budgets"] == 2 for row in rows)

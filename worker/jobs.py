@@ -335,8 +335,17 @@ def set_phase(url: str, claim: Claim, phase: str) -> None:
     write(url, lambda s: fenced(s, claim, phase=phase[:64]))
 
 
-def finish_job(url: str, claim: Claim, status: str, error: str | None, flags: dict | None = None, **values) -> None:
-    """End the claimed run with `status`; with `flags` ({seq: (pareto, recommended)}), mark the candidates too.
+def finish_job(
+    url: str,
+    claim: Claim,
+    status: str,
+    error: str | None,
+    flags: dict | None = None,
+    metas: dict | None = None,
+    **values,
+) -> None:
+    """End the claimed run with `status`; with `flags` ({seq: (pareto, recommended)}), mark the candidates too,
+    and with `metas` ({seq: meta}) store their final meta (a sweep's later budgets add to earlier candidates').
 
     JobLost when the claim no longer holds: then neither the job nor its candidates are touched.
     """
@@ -346,6 +355,8 @@ def finish_job(url: str, claim: Claim, status: str, error: str | None, flags: di
         if flags is not None:
             for rec in s.scalars(select(CandidateRecord).where(CandidateRecord.job_id == claim.job_id)):
                 rec.pareto, rec.recommended = flags.get(rec.seq, (False, False))
+                if metas is not None and rec.seq in metas:
+                    rec.meta = metas[rec.seq]
 
     try:
         write(url, fn)
@@ -452,6 +463,7 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
         JobStatus.SUCCEEDED,
         None,
         flags=flags,
+        metas={i: _jsonable(c.meta) for i, c in enumerate(result.candidates)},
         search_seconds=result.seconds,
         step=Job.total,
         best_val_top1=None if best is None else best.val_top1,

@@ -38,7 +38,7 @@ def create_job(
         str,
         Form(
             description="JSON: the job spec's options (w_bits, a_bits, seed, scheme, clip, "
-            "act_calibration, calib_size, val_samples, params, finetune) and "
+            "act_calibration, calib_size, val_samples, params, finetune, sweep: a list of more budgets) and "
             "validate_top_k"
         ),
     ] = "{}",
