@@ -21,6 +21,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -34,7 +35,10 @@ __all__ = [
     "DamagePass",
     "Measurements",
     "PassRecord",
+    "PassRunner",
+    "ScorePass",
     "chunk_layers",
+    "pass_from_json",
     "pass_identity",
     "tensor_sha256",
 ]
@@ -82,6 +86,7 @@ class DamagePass:
     base_w: dict[str, int | None]  # the other layers' widths while one is changed (None: float)
     base_a: dict[str, int | None]
     chunks: list[list[str]]  # layer names, per chunk
+    kind: str = "damage"
 
     @property
     def key(self) -> str:
@@ -90,13 +95,36 @@ class DamagePass:
     def to_json(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_json(cls, raw: dict) -> DamagePass:
-        return cls(**raw)
-
     @property
     def around_float(self) -> bool:
         return all(b is None for b in self.base_w.values())
+
+
+@dataclass(frozen=True)
+class ScorePass:
+    """A batch of configs to score (HAQ's episodes, search/searches/haq.py), as data. A chunk's result is the
+    scores of its configs; `identity` holds what a score depends on besides the config (the model, the
+    calibration, the reward images, the fine-tuning options)."""
+
+    identity: dict
+    configs: list[list[list[int]]]  # per config: [weight bits, activation bits] in layer order
+    chunks: list[list[int]]  # config indexes, per chunk
+    kind: str = "score"
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    around_float = False
+
+
+def pass_from_json(raw: dict) -> DamagePass | ScorePass:
+    """A stored pass (MeasurementRecord.spec in the service) back as data."""
+    kinds = {"damage": DamagePass, "score": ScorePass}
+    return kinds[raw.get("kind", "damage")](**raw)
 
 
 def chunk_layers(names: list[str], work: dict[str, float], count: int) -> list[list[str]]:
@@ -215,6 +243,14 @@ class DamageMeter:
         return {"base_total": sum(base_nmse.values()), "entries": entries}
 
 
+class PassRunner(Protocol):
+    """What computes a pass's chunks: DamageMeter for damage passes, haq.EpisodeScorer for score passes."""
+
+    def measure(self, p, index: int) -> dict: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass
 class PassRecord:
     """How one pass of a search was obtained: chunks computed here or elsewhere, and reused ones."""
@@ -222,6 +258,7 @@ class PassRecord:
     key: str
     around_float: bool
     chunks: int
+    kind: str = "damage"
     computed: int = 0  # by this search's process
     elsewhere: int = 0  # by other workers while this search waited
     reused: int = 0  # found finished: an earlier job's, or a dead attempt's
@@ -240,12 +277,14 @@ class Measurements:
     records: list[PassRecord] = field(default_factory=list)
     _done: dict[str, list[dict]] = field(default_factory=dict, repr=False)
 
-    def run(self, p: DamagePass, meter: DamageMeter, on_chunk: Callable[[int, int], None] | None = None) -> list[dict]:
-        """The results of every chunk of `p`, in order."""
+    def run(
+        self, p: DamagePass | ScorePass, meter: PassRunner, on_chunk: Callable[[int, int], None] | None = None
+    ) -> list[dict]:
+        """The results of every chunk of `p`, in order, computed by `meter` (a DamageMeter for a DamagePass)."""
         import time
 
         started = time.perf_counter()
-        record = PassRecord(p.key, p.around_float, len(p.chunks))
+        record = PassRecord(p.key, p.around_float, len(p.chunks), kind=p.kind)
         self.records.append(record)
         if p.key in self._done:
             record.reused = len(p.chunks)

@@ -21,12 +21,12 @@ from pydantic import ConfigDict, Field, field_serializer, field_validator, model
 
 from .cost import METRICS, Budget, BudgetError, LatencyTable
 from .data import DEFAULT_CALIB_SIZE, DataSplits, load_splits
-from .measurement import Measurements
+from .measurement import DamagePass, Measurements, ScorePass
 from .model import LoadedModel
 from .searches import CandidateCallback, ProgressCallback, SearchOptions, SearchResult, check_method_options, run_search
 from .simulate import Simulator
 
-__all__ = ["MAX_SWEEP", "JobSpec", "SpecError", "load_job_data", "make_spec", "parse_budget", "run_job"]
+__all__ = ["MAX_SWEEP", "JobSpec", "SpecError", "load_job_data", "make_spec", "parse_budget", "pass_runner", "run_job"]
 
 MAX_SEED = 2**31 - 1
 MAX_SWEEP = 16  # extra budgets one job may carry: each is a full run of the method (measurements aside)
@@ -213,3 +213,22 @@ def run_job(
         on_candidate,
         measurements,
     )
+
+
+def pass_runner(spec: JobSpec, model: LoadedModel, splits: DataSplits, sim: Simulator, p: DamagePass | ScorePass):
+    """What computes the chunks of pass `p` of a job, on another process than the job's own (the service's
+    measure_chunk tasks): rebuilt from the job's spec, model and data. Refuses (SpecError) where these no
+    longer give the pass's identity, so a chunk is never computed on other inputs than its pass's key says."""
+    from .searches import haq
+    from .searches.base import SearchContext
+
+    # Scoring and measuring do not depend on the budget; a loose one avoids needing a latency table here.
+    ctx = SearchContext(spec.method, model, splits, Budget(avg_wbits=8), spec.search_options(), simulator=sim)
+    if p.kind == "damage":
+        identity, runner = ctx.measurement_identity(), ctx.damage_meter()
+    else:
+        data = haq.reward_data(ctx)
+        identity, runner = haq.score_identity(ctx, data), haq.EpisodeScorer(ctx, data)
+    if identity != p.identity:
+        raise SpecError("this job's model and data no longer give the measurement's identity")
+    return runner

@@ -78,7 +78,7 @@ def test_a_second_budget_in_the_same_process_measures_nothing_again(tiny_model, 
     assert second.measurement == [
         {**first.measurement[0], "computed": 0, "reused": first.measurement[0]["chunks"], "seconds": 0.0}
     ]
-    assert second.phase_seconds["measure"] < 0.05 < first.phase_seconds["measure"]
+    assert second.phase_seconds["measure"] < 0.2 * first.phase_seconds["measure"]
     alone = run_search("sqnr", tiny_model, fmnist, Budget(avg_wbits=2.5), options, simulator=tiny_sim)
     assert [c.config for c in second.candidates] == [c.config for c in alone.candidates]
 
@@ -220,6 +220,7 @@ def test_a_worker_killed_mid_measurement_costs_only_the_chunks_it_held(two_worke
     pid = int(holder.rsplit(":", 1)[1])
     (victim,) = [w for w in two_workers.workers if w.poll() is None and os.getpgid(pid) == w.pid]
     two_workers.kill_worker(victim)
+    two_workers.start_worker()  # two again, for the tests after this one
     with session_scope(two_workers.database_url) as s:
         in_flight = s.scalars(
             select(MeasurementChunk).where(
@@ -237,3 +238,65 @@ def test_a_worker_killed_mid_measurement_costs_only_the_chunks_it_held(two_worke
     assert rerun <= len(in_flight) <= 1
     with session_scope(two_workers.database_url) as s:
         assert s.get(Job, job_id).attempts == 2
+
+
+HAQ = {"episodes": 12, "warmup": 4, "batch_episodes": 4, "reward_samples": 128}
+
+
+def test_haq_episodes_scored_as_passes_are_reused_by_a_rerun_and_match_one_process(
+    settings,  # noqa: F811
+    tiny_model_path,
+    tiny_model,
+):
+    from search.spec import load_job_data, make_spec, run_job
+
+    settings = like(settings, spread=False)
+    model_id = add_model(settings, tiny_model_path)
+    options = {"params": HAQ}
+    first = add_job(settings, model_id, "haq", {"avg_wbits": 3}, options)
+    assert jobs.run_job(settings, first) == "succeeded"
+    passes = _timings(settings, first)["measurement"]
+    assert {p["kind"] for p in passes} == {"score"} and all(p["computed"] == p["chunks"] for p in passes)
+    assert sum(p["chunks"] for p in passes) >= 8  # batches of 4 episodes (repeats scored once) and the final policy
+
+    rerun = add_job(settings, model_id, "haq", {"avg_wbits": 3}, options)  # as a retried attempt runs it again
+    assert jobs.run_job(settings, rerun) == "succeeded"
+    again = _timings(settings, rerun)["measurement"]
+    assert [p["key"] for p in again] == [p["key"] for p in passes]
+    assert all(p["computed"] == 0 and p["reused"] == p["chunks"] for p in again)
+
+    spec = make_spec(method="haq", budget={"avg_wbits": 3}, val_samples=200, calib_size=128, params=HAQ)
+    alone = run_job(spec, tiny_model, load_job_data(spec, "fashion-mnist"))
+    from store.models import CandidateRecord
+
+    with session_scope(settings.resolved_database_url()) as s:
+        for job_id in (first, rerun):
+            stored = s.scalars(
+                select(CandidateRecord.config).where(CandidateRecord.job_id == job_id).order_by(CandidateRecord.seq)
+            ).all()
+            assert stored == [c.config.model_dump(mode="json") for c in alone.candidates]
+
+
+def test_haq_scores_a_batch_of_episodes_on_both_workers(two_workers):
+    options = {k: v for k, v in SPREAD.items() if k != "validate_top_k"} | {
+        # long enough that the second worker has loaded the job before the last batch
+        "params": {**HAQ, "episodes": 40, "warmup": 8, "batch_episodes": 8, "reward_samples": 512}
+    }
+    with two_workers.client() as c:
+        r = c.post(
+            "/jobs",
+            data={
+                "method": "haq",
+                "budget": json.dumps({"avg_wbits": 3}),
+                "options": json.dumps(options),
+                "data_name": "fashion-mnist",
+                "validate_top_k": "0",
+            },
+            files={"model": (RESNET.name, RESNET.read_bytes(), "application/zip")},
+        )
+    assert r.status_code == 202, r.text
+    job = two_workers.wait_job(r.json()["id"], timeout=600)
+    assert job["status"] == "succeeded", job
+    chunks = _chunks(two_workers, job["id"])
+    assert len(chunks) >= 30 and all(c.status == "done" for c in chunks)
+    assert len({c.worker for c in chunks}) == 2  # both workers scored episodes of this one search

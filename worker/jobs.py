@@ -491,15 +491,15 @@ def run_measure_chunks(settings: Settings, key: str) -> int:
     (whose inputs must give the pass's identity: the same model and calibration images). Returns how many."""
     import torch
 
-    from search.measurement import DamageMeter, pass_identity
     from search.simulate import Simulator
+    from search.spec import pass_runner
     from worker.measurements import compute_offered_chunks
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     url = settings.resolved_database_url()
 
-    def meter_for(p) -> DamageMeter:
+    def meter_for(p):
         with session_scope(url) as s:
             job = s.get(Job, s.get(MeasurementRecord, key).job_id)
             model_rec, data_rec = s.get(ModelRecord, job.model_id), s.get(DatasetRecord, job.dataset_id)
@@ -508,12 +508,7 @@ def run_measure_chunks(settings: Settings, key: str) -> int:
             _measure_context.clear()
             model, splits = load_job_inputs(settings, job, model_rec, data_rec)
             _measure_context[job.id] = (model, splits, Simulator(model, splits.calib.inputs))
-        model, splits, sim = _measure_context[job.id]
-        spec = job_spec(job)
-        identity = pass_identity(model.sha256, splits.calib.inputs, spec.scheme, spec.clip, spec.act_calibration)
-        if identity != p.identity:
-            raise RuntimeError(f"measurement {key[:12]}: job {job.id}'s inputs no longer give its identity")
-        return DamageMeter(sim, splits.calib.inputs, [l.name for l in model.layers])
+        return pass_runner(job_spec(job), *_measure_context[job.id], p)
 
     return compute_offered_chunks(settings, key, worker_name(), meter_for)
 

@@ -18,7 +18,7 @@ from datetime import timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from search.measurement import DamageMeter, DamagePass, Measurements, PassRecord
+from search.measurement import DamagePass, Measurements, PassRecord, PassRunner, ScorePass, pass_from_json
 from store.db import session_scope
 from store.models import ChunkStatus, MeasurementChunk, MeasurementRecord
 from store.settings import Settings
@@ -83,7 +83,9 @@ def _claim(settings: Settings, key: str, worker: str) -> tuple[int, int] | None:
     return None
 
 
-def _compute(settings: Settings, p: DamagePass, meter: DamageMeter, chunk_id: int, index: int, worker: str) -> None:
+def _compute(
+    settings: Settings, p: DamagePass | ScorePass, meter: PassRunner, chunk_id: int, index: int, worker: str
+) -> None:
     started = time.perf_counter()
     with _ChunkBeat(settings, chunk_id, worker):
         result = meter.measure(p, index)
@@ -101,7 +103,7 @@ def _compute(settings: Settings, p: DamagePass, meter: DamageMeter, chunk_id: in
 
 
 def compute_offered_chunks(
-    settings: Settings, key: str, worker: str, meter_for: Callable[[DamagePass], DamageMeter]
+    settings: Settings, key: str, worker: str, meter_for: Callable[[DamagePass | ScorePass], PassRunner]
 ) -> int:
     """What a `measure_chunk` task does: claim and compute chunks of pass `key` until none is left to claim.
     The simulator is built (`meter_for`) before the first claim, since a claim must keep its heartbeat while it
@@ -111,7 +113,7 @@ def compute_offered_chunks(
     with session_scope(url) as s:
         if s.scalar(select(MeasurementChunk.id).where(_claimable(settings, key)).limit(1)) is None:
             return 0
-        p = DamagePass.from_json(s.get(MeasurementRecord, key).spec)
+        p = pass_from_json(s.get(MeasurementRecord, key).spec)
     meter = meter_for(p)
     done = 0
     try:
@@ -142,7 +144,7 @@ class DatabaseMeasurements(Measurements):
         self.check = check  # raises when the job was cancelled, lost or timed out
         self.offer = offer  # sends one measure_chunk task for (key, index); None: compute everything here
 
-    def _ensure_rows(self, p: DamagePass) -> None:
+    def _ensure_rows(self, p: DamagePass | ScorePass) -> None:
         try:
             with session_scope(self.url) as s:
                 if s.get(MeasurementRecord, p.key) is None:
@@ -170,9 +172,11 @@ class DatabaseMeasurements(Measurements):
             ).all()
         return {i: (status, worker) for i, status, worker in rows}
 
-    def run(self, p: DamagePass, meter: DamageMeter, on_chunk: Callable[[int, int], None] | None = None) -> list[dict]:
+    def run(
+        self, p: DamagePass | ScorePass, meter: PassRunner, on_chunk: Callable[[int, int], None] | None = None
+    ) -> list[dict]:
         started = time.perf_counter()
-        record = PassRecord(p.key, p.around_float, len(p.chunks))
+        record = PassRecord(p.key, p.around_float, len(p.chunks), kind=p.kind)
         self.records.append(record)
         self._ensure_rows(p)
         status = self._status(p.key)

@@ -63,6 +63,7 @@ from torch import nn
 from ..cost import layer_costs, over_limit
 from ..data import LabelledSet
 from ..finetune import finetuned_simulator
+from ..measurement import ScorePass, tensor_sha256
 from ..quant.activation import FLOAT_ACT_BITS
 from .base import MethodParams, SearchContext
 
@@ -271,6 +272,58 @@ def score_episodes(
     """
     data = data if data is not None else reward_data(ctx)
     return list(map_fn(partial(_config_score, ctx, data, on_batch=on_batch), configs))
+
+
+def score_identity(ctx: SearchContext, data: LabelledSet) -> dict:
+    """What an episode's score depends on besides its config (search/measurement.py ScorePass): the model, the
+    calibration, the reward images and labels, and with fine-tuning its options, seed and data."""
+    o = ctx.options
+    identity = {
+        **ctx.measurement_identity(),
+        "reward_inputs": tensor_sha256(data.inputs),
+        "reward_labels": None if data.labels is None else tensor_sha256(data.labels),
+        "finetune": None,
+    }
+    if o.finetune.enabled:
+        identity["finetune"] = {
+            "options": o.finetune.model_dump(mode="json"),
+            "seed": o.seed,
+            "train": tensor_sha256(ctx.finetune_set().inputs),
+            "val": tensor_sha256(ctx.val.inputs),
+        }
+    return identity
+
+
+class EpisodeScorer:
+    """Computes the chunks of a ScorePass: each config's EpisodeScore on the reward images."""
+
+    def __init__(self, ctx: SearchContext, data: LabelledSet, on_batch: Callable[[], None] | None = None):
+        self.ctx, self.data, self.on_batch = ctx, data, on_batch
+
+    def measure(self, p: ScorePass, index: int) -> dict:
+        scores = []
+        for i in p.chunks[index]:
+            w, a = p.configs[i]
+            s = _config_score(self.ctx, self.data, (tuple(w), tuple(a)), self.on_batch)
+            scores.append([s.quality, s.finetuned_val_top1])
+        return {"scores": scores}
+
+    def release(self) -> None:
+        self.ctx.sim.set_float()
+
+
+def score_through_measurements(
+    ctx: SearchContext, configs: list[Config], data: LabelledSet, on_batch: Callable[[], None] | None = None
+) -> list[EpisodeScore]:
+    """Score `configs` as one ScorePass (one config a chunk) through ctx.measurements: in the service, a batch of
+    episodes is spread over the workers, and a retried job finds the episodes scored before it died."""
+    p = ScorePass(
+        identity=score_identity(ctx, data),
+        configs=[[list(w), list(a)] for w, a in configs],
+        chunks=[[i] for i in range(len(configs))],
+    )
+    results = ctx.measurements.run(p, EpisodeScorer(ctx, data, on_batch))
+    return [EpisodeScore(*score) for r in results for score in r["scores"]]
 
 
 def evaluate_episodes(
@@ -489,8 +542,12 @@ def _search(
 
     def score(batch: list[Config], fn: Callable = map_fn) -> None:
         todo = list(dict.fromkeys(k for k in batch if k not in cache))
-        if todo:
-            cache.update(zip(todo, score_episodes(ctx, todo, fn, data, tick if fn is map else None)))
+        if not todo:
+            return
+        if fn is map:  # the default: through the context's measurements (spread over workers in the service)
+            cache.update(zip(todo, score_through_measurements(ctx, todo, data, tick)))
+        else:
+            cache.update(zip(todo, score_episodes(ctx, todo, fn, data)))
 
     found: dict[Config, int] = {}  # config -> first episode that reached it
     done = 0
