@@ -47,10 +47,10 @@ __all__ = [
 # every stored measurement then stops matching and is measured again.
 MEASUREMENT_VERSION = 1
 MEASURE_BYTES = 1 << 30  # what one image chunk keeps: the float layer outputs and the base run
-# A chunk of layers is about this much work (MACs re-run, search.simulate.layer_work): about a second on
-# 2 cores, long enough that the database round trips around it do not count, short enough that a killed
-# worker loses little.
-CHUNK_WORK = 1e12
+# A chunk of layers is about this much work (MACs re-run, search.simulate.layer_work): about 3 s on 2 cores
+# (search/searches/sqnr.py MEASURE_WORK's scale), long enough that the database round trips and a helping
+# worker's float and base runs do not count, short enough that a killed worker loses little.
+CHUNK_WORK = 5e11
 OUTPUT = "__output__"
 
 
