@@ -226,6 +226,10 @@ def test_job_page_charts_the_sensitivity_report(stack, jobs, sqnr_job, browser):
     assert {kind for _, kind, *_ in chart["cells"]} == {"w"} and all(cell[5] for cell in chart["cells"])
     assert {layer: bits for layer, _, bits, chosen, *_ in chart["cells"] if chosen} == recommended["w_bits"]
     assert chart["textOutside"] == [] and not chart["pageScrolls"]
+    # Where the search's time went, and its measurement passes, as the job's timings say.
+    (pass_,) = sqnr_job["timings"]["measurement"][:1]
+    timings = _css(browser, "#timings")[0].text
+    assert "time: " in timings and f"{pass_['computed']} chunk(s) computed here" in timings
     # The colours follow the damage: each layer's narrowest width is drawn darker than its widest.
     brightness = {(layer, bits): _brightness(f) for layer, _, bits, _, f, _ in chart["cells"]}
     assert all(brightness[(layer, 2)] < brightness[(layer, 8)] for layer in layers)
