@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
@@ -277,15 +278,18 @@ class Measurements:
     records: list[PassRecord] = field(default_factory=list)
     _done: dict[str, list[dict]] = field(default_factory=dict, repr=False)
 
+    def new_record(self, p: DamagePass | ScorePass) -> PassRecord:
+        """The record of how this search obtains pass `p`, kept in `records` (the job's timings list them)."""
+        record = PassRecord(p.key, p.around_float, len(p.chunks), kind=p.kind)
+        self.records.append(record)
+        return record
+
     def run(
         self, p: DamagePass | ScorePass, meter: PassRunner, on_chunk: Callable[[int, int], None] | None = None
     ) -> list[dict]:
         """The results of every chunk of `p`, in order, computed by `meter` (a DamageMeter for a DamagePass)."""
-        import time
-
         started = time.perf_counter()
-        record = PassRecord(p.key, p.around_float, len(p.chunks), kind=p.kind)
-        self.records.append(record)
+        record = self.new_record(p)
         if p.key in self._done:
             record.reused = len(p.chunks)
             return self._done[p.key]

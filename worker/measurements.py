@@ -18,7 +18,7 @@ from datetime import timedelta
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
-from search.measurement import DamagePass, Measurements, PassRecord, PassRunner, ScorePass, pass_from_json
+from search.measurement import DamagePass, Measurements, PassRunner, ScorePass, pass_from_json
 from store.db import session_scope
 from store.models import ChunkStatus, MeasurementChunk, MeasurementRecord
 from store.settings import Settings
@@ -176,8 +176,7 @@ class DatabaseMeasurements(Measurements):
         self, p: DamagePass | ScorePass, meter: PassRunner, on_chunk: Callable[[int, int], None] | None = None
     ) -> list[dict]:
         started = time.perf_counter()
-        record = PassRecord(p.key, p.around_float, len(p.chunks), kind=p.kind)
-        self.records.append(record)
+        record = self.new_record(p)
         self._ensure_rows(p)
         status = self._status(p.key)
         record.reused = sum(1 for st, _ in status.values() if st == ChunkStatus.DONE)
