@@ -121,11 +121,13 @@ def test_a_new_budget_reuses_the_stored_measurement_and_a_changed_field_measures
 
 # -- real worker processes: one search over two workers, and a worker killed mid-measurement -----------------
 
+# Three passes (the first and two relinearisation rounds) of 8 chunks: long enough that the second worker has
+# loaded the job (model, data, calibration) before the last pass, even on a busy machine.
 SPREAD = {
     "val_samples": 200,
     "calib_size": 128,
     "validate_top_k": 0,
-    "params": {"measure_chunks": 8, "sweep_points": 1, "relinearize": 1},
+    "params": {"measure_chunks": 8, "sweep_points": 1, "relinearize": 2},
 }
 
 
