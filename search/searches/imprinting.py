@@ -23,8 +23,9 @@ Variants and speed-ups (options in `params`):
              the cost saved summed over the budget's limits that are still broken, each as a
              fraction of its limit (all limits once the config fits),
              with diff_i from the imprinting curve and gamma_i the weight SQNR (cached per
-             layer and width) and t_i the layer's transfer: the network output's noise with the
-             layer alone lowered to about 4 bits, over its weight noise growth (measured once;
+             layer and width) and t_i the layer's transfer (see `pricing`): the network
+             output's noise with the layer alone lowered to about 4 bits, over its weight
+             noise growth (measured once;
              weight SQNR alone is flat across MobileNetV2's layers while their damage at the
              output differs 20x). A layer's next step costs about 4x its last, so the bits
              spread over the layers by importance instead of piling up. When activation bits
@@ -36,6 +37,14 @@ Variants and speed-ups (options in `params`):
              (`refill`), and the refilled configs are measured and validated too, as is the
              widest uniform config that fits (the recommendation never falls below it on the
              validation split).
+  pricing    noise_aware: "both" (default), "own" or "transfer". "own" prices a weight move by the
+             layer's own weight noise (t_i = 1), "transfer" by that noise times t_i, and "both"
+             walks one path with each (the own-noise one first, then the transfer one) and
+             validates the candidates of both: the own-noise path is the better one on
+             resnet20-fmnist (0.25-0.32 points at 2-3 bits), the transfer path on depthwise
+             mobilenetv2-fmnist (44% against 13% at 2.5 bits), and validation picks per model
+             and budget (docs/methods.md#imprinting-noise-aware). With fine-tuning only one
+             path is walked ("both" walks the own-noise one).
   refills    how many of the best fitting configs (by Acc_N) noise_aware refills. Default 2.
   remeasure  measure the per-layer curve every this many steps while the config is above the
              budget (configs that fit are always measured: they are the candidates). Default 1
@@ -277,6 +286,11 @@ class ImprintingParams(MethodParams):
         description="noise_aware: importance x noise growth per unit of cost saved; "
         "faithful: Algorithm 2 as published; cost_aware: importance per unit of cost saved",
     )
+    pricing: Literal["both", "own", "transfer"] = Field(
+        default="both",
+        description="noise_aware: a weight move's noise is the layer's own weight noise ('own'), that noise "
+        "times the layer's measured transfer to the output ('transfer'), or one path with each ('both')",
+    )
     patience: int = Field(default=8, ge=1, description="lowering steps without a better candidate before stopping")
     validate_top: int = Field(default=4, ge=0, description="fitting configs with the best estimate that are validated")
     curve_points: int = Field(default=6, ge=0, description="configs along the path that are validated")
@@ -303,32 +317,28 @@ def imprinting_search(ctx: SearchContext) -> None:
         raise SearchError("imprinting needs at least 3 quantizable layers (the first and last are never lowered)")
     w_choices = o.w_bits
     a_choices = o.a_bits  # searched by noise_aware only; the other variants keep the widest
-    a_bits = a_bits0 = ctx.uniform_bits(a_choices[-1])
-    w_bits = ctx.uniform_bits(w_choices[-1])
+    a_bits0 = ctx.uniform_bits(a_choices[-1])
+    w_bits0 = ctx.uniform_bits(w_choices[-1])
     a_steps = len(a_choices) - 1 if variant == "noise_aware" else 0
     n_max = (len(w_choices) - 1 + a_steps) * (len(names) - 2) + 1
     embedding = params.embedding
     acc_model = LayerAccuracy(ctx, embedding)
     sim = ctx.sim  # the simulator the per-layer accuracies are measured on
-    sim.apply(ctx.config(w_bits, a_bits))
     metric = ctx.pareto_metric
     tuner = (
         STEFineTuner(ctx.model, ctx.sim.stats, ctx.finetune_set(), o.finetune, o.seed) if o.finetune.enabled else None
     )
     tuned_batches = 0
+    noise_aware = variant == "noise_aware" and tuner is None  # the variant with its refill and uniform candidate
+    pricings = ["own"]
+    if variant == "noise_aware":
+        pricings = ["own", "transfer"] if params.pricing == "both" else [params.pricing]
+        # With fine-tuning every step costs a fine-tune: one path, 'both' walking the own-noise one.
+        pricings = pricings[:1] if tuner is not None else pricings
 
     @cache
     def own_weight_noise(name: str, bits: int) -> float:
         return 10 ** (-ctx.sim.weight_sqnr_db(name, bits, o.scheme, o.clip) / 10)
-
-    transfer = (
-        output_transfer(ctx, sim, [names[i] for i in range(1, len(names) - 1)], w_bits, a_bits, own_weight_noise)
-        if variant == "noise_aware"
-        else {}
-    )
-
-    def weight_noise(name: str, bits: int) -> float:
-        return transfer.get(name, 1.0) * own_weight_noise(name, bits)
 
     @cache
     def act_noise(name: str, bits: int) -> float:
@@ -336,7 +346,6 @@ def imprinting_search(ctx: SearchContext) -> None:
             0.0 if bits >= FLOAT_ACT_BITS else 10 ** (-ctx.sim.activation_sqnr_db(name, bits, o.act_calibration) / 10)
         )
 
-    noise_of = {"w": weight_noise, "a": act_noise} if a_steps else {"w": weight_noise}  # the kinds of move
     n_score = len(acc_model.score_y)
 
     def importance(curve: list[float], i: int) -> float:
@@ -348,107 +357,132 @@ def imprinting_search(ctx: SearchContext) -> None:
 
     inner = range(1, len(names) - 1)  # the layers Algorithm 2 may change
     remeasure = params.remeasure if params.remeasure is not None else (0 if variant == "noise_aware" else 1)
-    trajectory = []  # (iteration, w_bits, a_bits, Acc_N, fits, per-layer acc, fine-tuning meta)
-    changed = None
-    pending: list[str] = []  # layers lowered since the curve was last measured
-    best_fit, since_best = -1.0, 0
-    for it in range(n_max):
-        fits = ctx.fits(w_bits, a_bits)
-        if changed is not None and tuner is None and not fits and (remeasure == 0 or it % remeasure):
-            pending += changed  # above the budget and not due: go on with the last curve
-        else:
-            if tuner is not None and changed is not None:
-                # Algorithm 1: fine-tune under the lowered config, then measure on the fine-tuned weights.
-                config = ctx.config(w_bits, a_bits)
-                tuned_batches += tuner.fit(config, on_batch=lambda: ctx.tick(n_max, "fine-tune")).batches
-                acc_model = None  # free the old runner's activations before the new one keeps its own
-                sim = tuner.simulator()
-                sim.apply(config)
-                acc_model = LayerAccuracy(ctx, embedding, sim)
-                changed = None  # every weight changed: recompute every layer
-            acc = acc_model.update(None if changed is None else pending + changed)
-            pending = []
-            tuned = {}
-            if tuner is not None and fits:  # the fine-tuned weights change at the next step: score them now
-                tuned = {
-                    "finetuned_val_top1": sim.evaluate(ctx.config(w_bits, a_bits), ctx.val).top1,
-                    "finetune_batches": tuned_batches,
-                }
-            trajectory.append((it, w_bits, a_bits, acc[-1], fits, acc, tuned))
-            if it == 0:
-                curve0 = acc  # the full-precision curve
-            if fits:
-                if acc[-1] > best_fit:
-                    best_fit, since_best = acc[-1], 0
-                else:
-                    since_best += 1
-        ctx.report(it + 1, n_max, "imprint")
-        moves = [(i, "w") for i in inner if w_bits[names[i]] > w_choices[0]]
-        if "a" in noise_of:
-            moves += [(i, "a") for i in inner if a_bits[names[i]] > a_choices[0]]
-        if not moves or (patience and since_best >= patience):
-            break
-        diffs = {i: abs(acc[i] - acc[i - 1]) for i, _ in moves}
-        weights = {i: importance(acc, i) for i, _ in moves}
+    steps_done = 0  # progress over every path
 
-        def lowered(move):
-            """(w_bits, a_bits) with the move made."""
-            i, kind = move
-            bits, choices = (w_bits, w_choices) if kind == "w" else (a_bits, a_choices)
-            new = dict(bits)
-            new[names[i]] = choices[choices.index(bits[names[i]]) - 1]
-            return (new, a_bits) if kind == "w" else (w_bits, new)
+    def walk(noise_of: dict) -> tuple[list, tuple[dict, dict]]:
+        """Algorithm 2's path from the widest config, moves priced by `noise_of` (noise_aware).
+        Returns the trajectory (iteration, w_bits, a_bits, Acc_N, fits, per-layer acc, fine-tuning
+        meta; its first curve is the full-precision one) and the config the path ended at."""
+        nonlocal acc_model, sim, tuned_batches, steps_done
+        w_bits, a_bits = w_bits0, a_bits0
+        sim.apply(ctx.config(w_bits, a_bits))
+        trajectory = []
+        changed = None
+        pending: list[str] = []  # layers lowered since the curve was last measured
+        best_fit, since_best = -1.0, 0
+        for it in range(n_max):
+            fits = ctx.fits(w_bits, a_bits)
+            if changed is not None and tuner is None and not fits and (remeasure == 0 or it % remeasure):
+                pending += changed  # above the budget and not due: go on with the last curve
+            else:
+                if tuner is not None and changed is not None:
+                    # Algorithm 1: fine-tune under the lowered config, then measure on the fine-tuned weights.
+                    config = ctx.config(w_bits, a_bits)
+                    tuned_batches += tuner.fit(config, on_batch=lambda: ctx.tick(n_max, "fine-tune")).batches
+                    acc_model = None  # free the old runner's activations before the new one keeps its own
+                    sim = tuner.simulator()
+                    sim.apply(config)
+                    acc_model = LayerAccuracy(ctx, embedding, sim)
+                    changed = None  # every weight changed: recompute every layer
+                acc = acc_model.update(None if changed is None else pending + changed)
+                pending = []
+                tuned = {}
+                if tuner is not None and fits:  # the fine-tuned weights change at the next step: score them now
+                    tuned = {
+                        "finetuned_val_top1": sim.evaluate(ctx.config(w_bits, a_bits), ctx.val).top1,
+                        "finetune_batches": tuned_batches,
+                    }
+                trajectory.append((it, w_bits, a_bits, acc[-1], fits, acc, tuned))
+                if fits:
+                    if acc[-1] > best_fit:
+                        best_fit, since_best = acc[-1], 0
+                    else:
+                        since_best += 1
+            steps_done += 1
+            ctx.report(min(steps_done, n_max * len(pricings)), n_max * len(pricings), "imprint")
+            moves = [(i, "w") for i in inner if w_bits[names[i]] > w_choices[0]]
+            if "a" in noise_of:
+                moves += [(i, "a") for i in inner if a_bits[names[i]] > a_choices[0]]
+            if not moves or (patience and since_best >= patience):
+                break
+            diffs = {i: abs(acc[i] - acc[i - 1]) for i, _ in moves}
+            weights = {i: importance(acc, i) for i, _ in moves}
 
-        current = ctx.cost(w_bits, a_bits)
-        if variant == "noise_aware":
-            # The saving on every limit still broken (all of them once the config fits): with bitops
-            # and avg_wbits limits, lowering an activation pays for itself only while BitOPs are over.
-            limits = ctx.budget.limits()
-            over = [m for m, v in limits.items() if getattr(current, m) > v] or list(limits)
-
-            def damage_per_cost(move):
+            def lowered(move, w_bits=w_bits, a_bits=a_bits):
+                """(w_bits, a_bits) with the move made."""
                 i, kind = move
-                wb, ab = lowered(move)
-                new_bits, old_bits = (wb, w_bits) if kind == "w" else (ab, a_bits)
-                name = names[i]
-                growth = noise_of[kind](name, new_bits[name]) - noise_of[kind](name, old_bits[name])
-                cost_saved = limit_fraction(current, ctx.cost(wb, ab), limits, over)
-                return weights[i] * growth / cost_saved if cost_saved > 0 else math.inf
+                bits, choices = (w_bits, w_choices) if kind == "w" else (a_bits, a_choices)
+                new = dict(bits)
+                new[names[i]] = choices[choices.index(bits[names[i]]) - 1]
+                return (new, a_bits) if kind == "w" else (w_bits, new)
 
-            move = min(moves, key=lambda m: (damage_per_cost(m), m))
-        elif variant == "cost_aware":
+            current = ctx.cost(w_bits, a_bits)
+            if variant == "noise_aware":
+                # The saving on every limit still broken (all of them once the config fits): with bitops
+                # and avg_wbits limits, lowering an activation pays for itself only while BitOPs are over.
+                limits = ctx.budget.limits()
+                over = [m for m, v in limits.items() if getattr(current, m) > v] or list(limits)
 
-            def gain_per_cost(move):
-                saved = getattr(current, metric) - getattr(ctx.cost(*lowered(move)), metric)
-                return diffs[move[0]] / saved if saved > 0 else math.inf
+                def damage_per_cost(move, w_bits=w_bits, a_bits=a_bits, weights=weights, current=current):
+                    i, kind = move
+                    wb, ab = lowered(move)
+                    new_bits, old_bits = (wb, w_bits) if kind == "w" else (ab, a_bits)
+                    name = names[i]
+                    growth = noise_of[kind](name, new_bits[name]) - noise_of[kind](name, old_bits[name])
+                    cost_saved = limit_fraction(current, ctx.cost(wb, ab), limits, over)
+                    return weights[i] * growth / cost_saved if cost_saved > 0 else math.inf
 
-            move = min(moves, key=lambda m: (gain_per_cost(m), m))
-        else:
-            move = min(moves, key=lambda m: (diffs[m[0]], m))
-        w_bits, a_bits = lowered(move)
-        name = names[move[0]]
-        sim.set_layer(name, w_bits[name], a_bits[name], o.scheme, o.clip, o.act_calibration)
-        changed = [name]
+                move = min(moves, key=lambda m: (damage_per_cost(m), m))
+            elif variant == "cost_aware":
 
-    fitting = [t for t in trajectory if t[4]]
-    best = sorted(fitting, key=lambda t: -t[3])[:validate_top]
-    if variant == "noise_aware" and tuner is None:
-        # One lowering can overshoot the budget by a whole layer's cost: give what is left back to
-        # the layers that profit most, then measure the refilled configs like the path's.
-        layer_weight = {names[i]: importance(curve0, i) for i in inner}
-        at = (w_bits, a_bits)
-        for t in best[:refills]:
-            wb, ab = refill(ctx, t[1], t[2], layer_weight, noise_of)
-            if (wb, ab) == (t[1], t[2]):
-                continue
-            diff = [n for n in names if (wb[n], ab[n]) != (at[0][n], at[1][n])]
-            for n in diff:
-                sim.set_layer(n, wb[n], ab[n], o.scheme, o.clip, o.act_calibration)
-            acc = acc_model.update(diff)
-            at = (wb, ab)
-            best.append((t[0], wb, ab, acc[-1], True, acc, {"refilled": True}))
+                def gain_per_cost(move, current=current, diffs=diffs):
+                    saved = getattr(current, metric) - getattr(ctx.cost(*lowered(move)), metric)
+                    return diffs[move[0]] / saved if saved > 0 else math.inf
 
-    if variant == "noise_aware" and tuner is None:
+                move = min(moves, key=lambda m: (gain_per_cost(m), m))
+            else:
+                move = min(moves, key=lambda m: (diffs[m[0]], m))
+            w_bits, a_bits = lowered(move)
+            name = names[move[0]]
+            sim.set_layer(name, w_bits[name], a_bits[name], o.scheme, o.clip, o.act_calibration)
+            changed = [name]
+        return trajectory, (w_bits, a_bits)
+
+    to_score = []  # (iteration, w_bits, a_bits, Acc_N, fits, per-layer acc, meta), in the order they are scored
+    for pricing in pricings:
+        weight_noise = own_weight_noise
+        if pricing == "transfer":
+            transfer = output_transfer(ctx, sim, [names[i] for i in inner], w_bits0, a_bits0, own_weight_noise)
+
+            def weight_noise(name: str, bits: int, transfer=transfer) -> float:
+                return transfer.get(name, 1.0) * own_weight_noise(name, bits)
+
+        noise_of = {"w": weight_noise, "a": act_noise} if a_steps else {"w": weight_noise}  # the kinds of move
+        trajectory, at = walk(noise_of)
+        curve0 = trajectory[0][5]
+        fitting = [t for t in trajectory if t[4]]
+        best = sorted(fitting, key=lambda t: -t[3])[:validate_top]
+        if noise_aware:
+            # One lowering can overshoot the budget by a whole layer's cost: give what is left back to
+            # the layers that profit most, then measure the refilled configs like the path's.
+            layer_weight = {names[i]: importance(curve0, i) for i in inner}
+            for t in best[:refills]:
+                wb, ab = refill(ctx, t[1], t[2], layer_weight, noise_of)
+                if (wb, ab) == (t[1], t[2]):
+                    continue
+                diff = [n for n in names if (wb[n], ab[n]) != (at[0][n], at[1][n])]
+                for n in diff:
+                    sim.set_layer(n, wb[n], ab[n], o.scheme, o.clip, o.act_calibration)
+                acc = acc_model.update(diff)
+                at = (wb, ab)
+                best.append((t[0], wb, ab, acc[-1], True, acc, {"refilled": True, "pricing": pricing}))
+        # The best fitting configs by Acc_N (and their refills), and a spread of the fitting part of the
+        # path for the front (every config on the path is simulated).
+        step = max(1, len(fitting) // max(curve_points, 1))
+        meta = {"pricing": pricing} if variant == "noise_aware" else {}
+        to_score += [(*t[:6], {**meta, **t[6]}) for t in best] + [(*t[:6], {**meta, **t[6]}) for t in fitting[::step]]
+
+    if noise_aware:
         # The widest uniform config that fits is measured and validated too: the path's importances
         # are read off imprinted class means, which can rank layers by noise (docs/methods.md,
         # #imprinting-noise-aware), and a recommendation worse than uniform is of no use to anyone.
@@ -457,12 +491,10 @@ def imprinting_search(ctx: SearchContext) -> None:
             if ctx.fits(wb, a_bits0):
                 sim.apply(ctx.config(wb, a_bits0))
                 acc = acc_model.update(None)
-                best.append((None, wb, a_bits0, acc[-1], True, acc, {"uniform": True}))
+                to_score.append((None, wb, a_bits0, acc[-1], True, acc, {"uniform": True}))
                 break
 
-    # Score on the validation split: the best fitting configs by Acc_N (and their refills), and a
-    # spread of the fitting part of the path for the front (every config on the path is simulated).
-    step = max(1, len(fitting) // max(curve_points, 1))
-    for it, wb, ab, acc_n, _, per_layer, tuned in best + fitting[::step]:
-        ctx.add_candidate(wb, ab, score=acc_n, iteration=it, layer_accuracy=[round(a, 4) for a in per_layer], **tuned)
-    ctx.report(n_max, n_max, "validate")
+    # Scored on the validation split; the recommendation is the best there, whichever path found it.
+    for it, wb, ab, acc_n, _, per_layer, meta in to_score:
+        ctx.add_candidate(wb, ab, score=acc_n, iteration=it, layer_accuracy=[round(a, 4) for a in per_layer], **meta)
+    ctx.report(n_max * len(pricings), n_max * len(pricings), "validate")
