@@ -122,14 +122,16 @@ def _job_row(url: str, job_id: str) -> dict:
     with session_scope(url) as s:
         job = s.get(Job, job_id)
         candidates = s.scalar(select(func.count()).where(CandidateRecord.job_id == job_id))
-        wall = None
+        wall = queued = None
         if job.started_at is not None and job.finished_at is not None:
             wall = (job.finished_at - job.started_at).total_seconds()
+            queued = (job.started_at - job.created_at).total_seconds()
         return {
             "status": job.status,
             "error": job.error,
             "search_seconds": job.search_seconds,
             "started_to_finished_s": wall,
+            "created_to_started_s": queued,
             "timings": job.timings,
             "candidates": candidates,
             "best_val_top1": job.best_val_top1,
@@ -317,7 +319,9 @@ def run_spread(args) -> dict:
             reference = max(seconds[0] - again, 0.0)
             chunk_costs = [again] + seconds[1:]
             projection = [project(chunk_costs, reference, setup["total"], n) for n in args.workers]
-            for row in projection:
+            # and what the same chunks would give if a helping worker had nothing to rebuild (a lower bound)
+            no_setup = [project(chunk_costs, reference, 0.0, n) for n in args.workers]
+            for row in projection + no_setup:
                 row["speedup"] = sum(seconds) / row["wall_s"]  # against one process computing every chunk
             out["passes"][count] = {
                 "chunks": len(p.chunks),
@@ -330,6 +334,7 @@ def run_spread(args) -> dict:
                 "reference_s": reference,
                 "pass_s": sum(seconds),
                 "projection": projection,
+                "projection_without_setup": no_setup,
             }
             print(
                 f"{count} chunks ({p.samples} images, widths {p.w_widths}): pass {sum(seconds):.1f} s, "
@@ -337,8 +342,12 @@ def run_spread(args) -> dict:
                 f"(median {statistics.median(chunk_costs):.2f})",
                 flush=True,
             )
-            for row in projection:
-                print(f"   N={row['workers']:>2}: {row['wall_s']:.1f} s, speedup {row['speedup']:.2f}", flush=True)
+            for row, bare in zip(projection, no_setup):
+                print(
+                    f"   N={row['workers']:>2}: {row['wall_s']:.1f} s, speedup {row['speedup']:.2f} "
+                    f"(without the helpers' setup: {bare['wall_s']:.1f} s, {bare['speedup']:.2f})",
+                    flush=True,
+                )
     out["load_after"] = machine_load()
     return out
 
@@ -375,7 +384,6 @@ def _stack_job(stack, path: Path, options: dict) -> dict:
                 "budget": json.dumps({"avg_wbits": 3}),
                 "options": json.dumps(options),
                 "data_name": "fashion-mnist",
-                "validate_top_k": "0",
             },
             files={"model": (path.name, path.read_bytes(), "application/zip")},
         )
@@ -402,11 +410,15 @@ def run_stack(args) -> dict:
     from tests.stack import Stack
 
     options = {
+        "validate_top_k": 0,  # no validation task after a job, which would hold a worker during the next one
         "val_samples": args.val_samples,
         "params": {"measure_chunks": args.chunks[0], "sweep_points": 0, "relinearize": args.relinearize},
     }
     out = {"part": "stack", "depth": args.depth, "options": options, "load_before": machine_load(), "workers": {}}
     with tempfile.TemporaryDirectory(prefix="bench-measurement-") as tmp:
+        if args.keep is not None:  # the stacks' logs and files outlive the run
+            tmp = args.keep
+            Path(tmp).mkdir(parents=True, exist_ok=True)
         path = build_deep_model(args.depth, Path(tmp))
         for count in (1, 2):
             stack = Stack(Path(tmp) / f"stack{count}", backend="postgres", threads=1)
@@ -462,6 +474,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=2, help="stack: jobs per worker count (split seeds 0, 1, ...)")
     parser.add_argument("--val-samples", type=int, default=500, help="stack: validation images")
     parser.add_argument("--relinearize", type=int, default=0, help="stack: re-linearisation rounds")
+    parser.add_argument("--keep", type=Path, help="stack: keep the stacks' files and logs in this directory")
     parser.add_argument("--out", type=Path, help="write the summary as JSON here")
     args = parser.parse_args()
     if args.threads is None:
