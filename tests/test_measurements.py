@@ -140,7 +140,7 @@ def two_workers(tmp_path_factory):
 
 
 def _submit(stack, budget: dict, **changed) -> str:
-    options = {k: v for k, v in SPREAD.items() if k != "validate_top_k"} | changed
+    options = SPREAD | changed  # validate_top_k 0: no validation holds a worker during the next job
     with stack.client() as c:
         r = c.post(
             "/jobs",
@@ -149,7 +149,6 @@ def _submit(stack, budget: dict, **changed) -> str:
                 "budget": json.dumps(budget),
                 "options": json.dumps(options),
                 "data_name": "fashion-mnist",
-                "validate_top_k": "0",
             },
             files={"model": (RESNET.name, RESNET.read_bytes(), "application/zip")},
         )
@@ -280,7 +279,7 @@ def test_haq_episodes_scored_as_passes_are_reused_by_a_rerun_and_match_one_proce
 
 
 def test_haq_scores_a_batch_of_episodes_on_both_workers(two_workers):
-    options = {k: v for k, v in SPREAD.items() if k != "validate_top_k"} | {
+    options = SPREAD | {
         # long enough that the second worker has loaded the job before the last batch
         "params": {**HAQ, "episodes": 40, "warmup": 8, "batch_episodes": 8, "reward_samples": 512}
     }
@@ -292,7 +291,6 @@ def test_haq_scores_a_batch_of_episodes_on_both_workers(two_workers):
                 "budget": json.dumps({"avg_wbits": 3}),
                 "options": json.dumps(options),
                 "data_name": "fashion-mnist",
-                "validate_top_k": "0",
             },
             files={"model": (RESNET.name, RESNET.read_bytes(), "application/zip")},
         )
