@@ -22,10 +22,12 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 import torch
 
+from .quant.activation import ActStats
 from .simulate import Simulator, SuffixRunner, fast_layout, layer_work
 
 __all__ = [
@@ -38,6 +40,9 @@ __all__ = [
     "PassRecord",
     "PassRunner",
     "ScorePass",
+    "calibration_key",
+    "load_calibration",
+    "save_calibration",
     "chunk_layers",
     "pass_from_json",
     "pass_identity",
@@ -67,6 +72,59 @@ def pass_identity(model_sha256: str, calib_inputs: torch.Tensor, scheme: str, cl
         "measurement_version": MEASUREMENT_VERSION,
         "torch": torch.__version__,
     }
+
+
+def calibration_key(model_sha256: str, calib_inputs: torch.Tensor) -> str:
+    """The key of a simulator's activation calibration: it depends on the model and the calibration images."""
+    fields = {
+        "model_sha256": model_sha256,
+        "calibration_sha256": tensor_sha256(calib_inputs),
+        "measurement_version": MEASUREMENT_VERSION,
+        "torch": torch.__version__,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def save_calibration(stats: dict[str, ActStats], path: Path) -> None:
+    """A simulator's activation statistics (`Simulator.stats`) as a safetensors file: what the ranges and the
+    bias correction read (the kept sample, min and max, channel sums); no pickle."""
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {}
+    for i, (name, st) in enumerate(stats.items()):
+        tensors[f"{i}.sample"] = st.sample().contiguous()
+        if st.channel_sum is not None:
+            tensors[f"{i}.channel_sum"] = st.channel_sum.contiguous()
+        meta[name] = {
+            "index": i,
+            "lo": st.lo,
+            "hi": st.hi,
+            "seen": st.seen,
+            "channel_dim": st.channel_dim,
+            "channel_count": st.channel_count,
+        }
+    save_file(tensors, str(path), metadata={"stats": json.dumps(meta)})
+
+
+def load_calibration(path: Path) -> dict[str, ActStats]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["stats"])
+        stats = {}
+        for name, m in meta.items():
+            i = m["index"]
+            channel_sum = f.get_tensor(f"{i}.channel_sum") if f"{i}.channel_sum" in f.keys() else None
+            stats[name] = ActStats(
+                lo=m["lo"],
+                hi=m["hi"],
+                samples=[f.get_tensor(f"{i}.sample")],
+                seen=m["seen"],
+                channel_dim=m["channel_dim"],
+                channel_sum=channel_sum,
+                channel_count=m["channel_count"],
+            )
+    return stats
 
 
 def tensor_sha256(t: torch.Tensor) -> str:

@@ -112,11 +112,16 @@ def test_a_new_budget_reuses_the_stored_measurement_and_a_changed_field_measures
     assert reused["measurement"][0] | {"seconds": 0} == pass_ | {"computed": 0, "reused": pass_["chunks"], "seconds": 0}
     assert reused["phases"]["measure"] < 0.5 and reused["phases"]["solve"] < 2.0
 
+    # The activation calibration was stored by the first job and read by the second (same model and images).
+    calibrations = settings.resolved_artifact_dir() / "calibrations"
+    assert len(list(calibrations.iterdir())) == 1
+
     for changed in ({"clip": "max"}, {"seed": 1}):  # the library test above covers every field
         job = add_job(settings, model_id, "sqnr", {"avg_wbits": 2.5}, {**options, **changed})
         assert jobs.run_job(settings, job) == "succeeded"
         (remeasured,) = _timings(settings, job)["measurement"]
         assert remeasured["key"] != pass_["key"] and remeasured["computed"] == remeasured["chunks"], changed
+    assert len(list(calibrations.iterdir())) == 2  # another split seed: other calibration images
 
 
 # -- real worker processes: one search over two workers, and a worker killed mid-measurement -----------------
@@ -300,3 +305,24 @@ def test_haq_scores_a_batch_of_episodes_on_both_workers(two_workers):
     chunks = _chunks(two_workers, job["id"])
     assert len(chunks) >= 30 and all(c.status == "done" for c in chunks)
     assert len({c.worker for c in chunks}) == 2  # both workers scored episodes of this one search
+
+
+def test_a_stored_calibration_gives_the_simulator_it_was_taken_from(tmp_path, tiny_model, fmnist, tiny_sim):
+    from search.config import QuantConfig
+    from search.measurement import load_calibration, save_calibration
+
+    save_calibration(tiny_sim.stats, tmp_path / "calibration")
+    restored = Simulator(tiny_model, fmnist.calib.inputs, stats=load_calibration(tmp_path / "calibration"))
+    for calibration in ("mse", "percentile", "minmax"):
+        config = QuantConfig.from_bits(
+            tiny_model,
+            {n: 3 for n in tiny_model.layer_nodes},
+            {n: 5 for n in tiny_model.layer_nodes},
+            act_calibration=calibration,
+        )
+        x = fmnist.val.inputs[:300]
+        tiny_sim.apply(config)
+        expected = tiny_sim.forward(x)
+        restored.apply(config)
+        assert torch.equal(restored.forward(x), expected), calibration  # bit for bit
+    tiny_sim.set_float()

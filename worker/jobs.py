@@ -282,6 +282,36 @@ def load_job_inputs(settings: Settings, job: Job, model: ModelRecord, dataset: D
     return loaded, splits
 
 
+def calibrated_simulator(settings: Settings, model, splits):
+    """The job's simulator, with its activation calibration read from the artifact store when a job on the same
+    model and calibration images made it before (search.measurement.calibration_key), else made and kept:
+    calibrating is the one step a job on a measured model would otherwise repeat."""
+    import os
+
+    from search.measurement import calibration_key, load_calibration, save_calibration
+    from search.simulate import Simulator
+
+    path = ArtifactStore(settings.resolved_artifact_dir()).path(
+        "calibrations", calibration_key(model.sha256, splits.calib.inputs)
+    )
+    if path.exists():
+        try:
+            return Simulator(model, splits.calib.inputs, stats=load_calibration(path))
+        except Exception as e:  # a damaged file: calibrate again and replace it
+            log.warning("stored calibration %s unreadable (%s); calibrating again", path.name, e)
+    sim = Simulator(model, splits.calib.inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+    os.close(fd)
+    try:
+        save_calibration(sim.stats, Path(tmp))
+        os.replace(tmp, path)  # whole or absent: a reader never sees half a file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return sim
+
+
 def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else float(x)
 
@@ -430,6 +460,11 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
             model, splits = load_job_inputs(settings, job, model_rec, data_rec)
             hb.check()
             latency = _latency_table(settings, claim, job, model)
+            set_phase(url, claim, "calibrating")
+            calibrating = time.perf_counter()
+            sim = calibrated_simulator(settings, model, splits)
+            calibrate_seconds = time.perf_counter() - calibrating
+            hb.check()
             measurements = DatabaseMeasurements(
                 settings, job_id, claim.worker, hb.check, partial(offer_chunks, settings) if settings.spread else None
             )
@@ -440,6 +475,7 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
                 on_progress=on_progress,
                 on_candidate=on_candidate,
                 latency=latency,
+                simulator=sim,
                 measurements=measurements,
             )
         except Exception as e:
@@ -464,11 +500,14 @@ def _run_claimed(settings: Settings, claim: Claim) -> str:
         None,
         flags=flags,
         metas={i: _jsonable(c.meta) for i, c in enumerate(result.candidates)},
-        search_seconds=result.seconds,
+        search_seconds=result.seconds + calibrate_seconds,
         step=Job.total,
         best_val_top1=None if best is None else best.val_top1,
         phase="done",
-        timings={"phases": result.phase_seconds, "measurement": result.measurement},
+        timings={
+            "phases": {"calibrate": round(calibrate_seconds, 3), **result.phase_seconds},
+            "measurement": result.measurement,
+        },
         sensitivity=None if result.sensitivity is None else _jsonable(result.sensitivity),
     )
     queue_validations(settings, job_id)
@@ -491,7 +530,6 @@ def run_measure_chunks(settings: Settings, key: str) -> int:
     (whose inputs must give the pass's identity: the same model and calibration images). Returns how many."""
     import torch
 
-    from search.simulate import Simulator
     from search.spec import pass_runner
     from worker.measurements import compute_offered_chunks
 
@@ -507,7 +545,7 @@ def run_measure_chunks(settings: Settings, key: str) -> int:
         if job.id not in _measure_context:
             _measure_context.clear()
             model, splits = load_job_inputs(settings, job, model_rec, data_rec)
-            _measure_context[job.id] = (model, splits, Simulator(model, splits.calib.inputs))
+            _measure_context[job.id] = (model, splits, calibrated_simulator(settings, model, splits))
         return pass_runner(job_spec(job), *_measure_context[job.id], p)
 
     return compute_offered_chunks(settings, key, worker_name(), meter_for)
