@@ -42,6 +42,7 @@ __all__ = [
     "ScorePass",
     "calibration_key",
     "load_calibration",
+    "reference_key",
     "save_calibration",
     "chunk_layers",
     "pass_from_json",
@@ -82,6 +83,12 @@ def calibration_key(model_sha256: str, calib_inputs: torch.Tensor) -> str:
         "measurement_version": MEASUREMENT_VERSION,
         "torch": torch.__version__,
     }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def reference_key(model_sha256: str, inputs: torch.Tensor) -> str:
+    """The key of the float model's outputs on `inputs` (every candidate's SQNR and KL are against them)."""
+    fields = {"model_sha256": model_sha256, "inputs_sha256": tensor_sha256(inputs), "torch": torch.__version__}
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
@@ -335,6 +342,14 @@ class Measurements:
 
     records: list[PassRecord] = field(default_factory=list)
     _done: dict[str, list[dict]] = field(default_factory=dict, repr=False)
+    _references: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def reference(self, key: str) -> torch.Tensor | None:
+        """A stored float reference output (the float model on a job's validation images), or None."""
+        return self._references.get(key)
+
+    def keep_reference(self, key: str, logits: torch.Tensor) -> None:
+        self._references[key] = logits
 
     def new_record(self, p: DamagePass | ScorePass) -> PassRecord:
         """The record of how this search obtains pass `p`, kept in `records` (the job's timings list them)."""

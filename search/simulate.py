@@ -255,6 +255,12 @@ class Simulator:
         """What one sample's forward costs, in MACs (layer_work): the unit searches size their measurements in."""
         return sum(layer_work(l) for l in self.model.layers)
 
+    def remember_float_logits(self, x: torch.Tensor, logits: torch.Tensor) -> None:
+        """Take `logits` as the float model's output on `x` (a stored copy of what float_logits computed)."""
+        if logits.shape[0] != x.shape[0]:
+            raise ValueError(f"{logits.shape[0]} stored reference outputs for {x.shape[0]} inputs")
+        self._float_logits[(x.data_ptr(), tuple(x.shape))] = logits
+
     def float_logits(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.data_ptr(), tuple(x.shape))
         if key not in self._float_logits:

@@ -14,6 +14,7 @@ import re
 import secrets
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
@@ -31,6 +32,21 @@ class ArtifactStore:
         if not _KEY.match(kind) or not _KEY.match(key) or key in (".", ".."):
             raise ValueError(f"invalid artifact name {kind}/{key}")
         return self.root / kind / key
+
+    def write(self, kind: str, key: str, write_to: Callable[[Path], None]) -> Path:
+        """Store the file `write_to(temporary path)` writes under kind/key, whole or not at all (a reader never
+        sees half a file; a concurrent writer of the same key wins or loses whole)."""
+        path = self.path(kind, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
+        os.close(fd)
+        try:
+            write_to(Path(tmp))
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
 
     def stage(self, kind: str, src: BinaryIO, max_bytes: int) -> StagedFile:
         """Copy `src` to a temporary file inside the store, hashing it; over max_bytes: TooLarge.

@@ -115,6 +115,8 @@ def test_a_new_budget_reuses_the_stored_measurement_and_a_changed_field_measures
     # The activation calibration was stored by the first job and read by the second (same model and images).
     calibrations = settings.resolved_artifact_dir() / "calibrations"
     assert len(list(calibrations.iterdir())) == 1
+    # So were the float model's outputs on the validation images, which every candidate is compared with.
+    assert len(list((settings.resolved_artifact_dir() / "references").iterdir())) == 1
 
     for changed in ({"clip": "max"}, {"seed": 1}):  # the library test above covers every field
         job = add_job(settings, model_id, "sqnr", {"avg_wbits": 2.5}, {**options, **changed})

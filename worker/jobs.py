@@ -286,29 +286,19 @@ def calibrated_simulator(settings: Settings, model, splits):
     """The job's simulator, with its activation calibration read from the artifact store when a job on the same
     model and calibration images made it before (search.measurement.calibration_key), else made and kept:
     calibrating is the one step a job on a measured model would otherwise repeat."""
-    import os
 
     from search.measurement import calibration_key, load_calibration, save_calibration
     from search.simulate import Simulator
 
-    path = ArtifactStore(settings.resolved_artifact_dir()).path(
-        "calibrations", calibration_key(model.sha256, splits.calib.inputs)
-    )
+    store = ArtifactStore(settings.resolved_artifact_dir())
+    path = store.path("calibrations", calibration_key(model.sha256, splits.calib.inputs))
     if path.exists():
         try:
             return Simulator(model, splits.calib.inputs, stats=load_calibration(path))
         except Exception as e:  # a damaged file: calibrate again and replace it
             log.warning("stored calibration %s unreadable (%s); calibrating again", path.name, e)
     sim = Simulator(model, splits.calib.inputs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".incoming-")
-    os.close(fd)
-    try:
-        save_calibration(sim.stats, Path(tmp))
-        os.replace(tmp, path)  # whole or absent: a reader never sees half a file
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    store.write("calibrations", path.name, lambda tmp: save_calibration(sim.stats, tmp))
     return sim
 
 

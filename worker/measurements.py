@@ -144,6 +144,31 @@ class DatabaseMeasurements(Measurements):
         self.check = check  # raises when the job was cancelled, lost or timed out
         self.offer = offer  # sends one measure_chunk task for (key, index); None: compute everything here
 
+    def _reference_path(self, key: str):
+        from store.artifacts import ArtifactStore
+
+        return ArtifactStore(self.settings.resolved_artifact_dir()).path("references", key)
+
+    def reference(self, key: str):
+        from safetensors.torch import load_file
+
+        path = self._reference_path(key)
+        if not path.exists():
+            return None
+        try:
+            return load_file(str(path))["logits"]
+        except Exception as e:  # a damaged file: compute it again (keep_reference replaces it)
+            log.warning("stored reference %s unreadable (%s)", path.name, e)
+            return None
+
+    def keep_reference(self, key: str, logits) -> None:
+        from safetensors.torch import save_file
+
+        from store.artifacts import ArtifactStore
+
+        store = ArtifactStore(self.settings.resolved_artifact_dir())
+        store.write("references", key, lambda tmp: save_file({"logits": logits.contiguous()}, str(tmp)))
+
     def _ensure_rows(self, p: DamagePass | ScorePass) -> None:
         try:
             with session_scope(self.url) as s:

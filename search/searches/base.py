@@ -15,7 +15,7 @@ from ..config import QuantConfig
 from ..cost import Budget, Cost, LatencyTable, check_feasible, cost_of
 from ..data import DataSplits, LabelledSet
 from ..finetune import FineTuneError, FineTuneOptions, training_set
-from ..measurement import DamageMeter, Measurements, pass_identity
+from ..measurement import DamageMeter, Measurements, pass_identity, reference_key
 from ..model import LoadedModel
 from ..pareto import pareto_front
 from ..quant.activation import FLOAT_ACT_BITS
@@ -209,7 +209,8 @@ class SearchContext:
         self._last_step = -1
         self.started = started
         self.measurements = measurements if measurements is not None else Measurements()
-        self._own_records = len(self.measurements.records)  # a shared Measurements holds earlier searches' too
+        self._own_records = len(self.measurements.records)
+        self._reference_ready = False  # a shared Measurements holds earlier searches' too
         self._meter: DamageMeter | None = None
         self._identity: dict | None = None
         # Seconds per phase: time goes to the innermost phase open (`phase()`); "setup" is the calibration.
@@ -277,7 +278,23 @@ class SearchContext:
 
     # -- evaluation ---------------------------------------------------------------------------------
     def evaluate(self, config: QuantConfig, data: LabelledSet | None = None) -> EvalResult:
+        if data is None:
+            self._float_reference()
         return self.sim.evaluate(config, data if data is not None else self.val)
+
+    def _float_reference(self) -> None:
+        """The float model's outputs on the validation images, which every candidate is compared with: read from
+        the measurements when a search on the same model and images kept them, else computed once and kept."""
+        if self._reference_ready:
+            return
+        self._reference_ready = True
+        x = self.val.inputs
+        key = reference_key(self.model.sha256, x)
+        stored = self.measurements.reference(key)
+        if stored is not None and stored.shape[0] == x.shape[0]:
+            self.sim.remember_float_logits(x, stored)
+        else:
+            self.measurements.keep_reference(key, self.sim.float_logits(x))
 
     def add_candidate(
         self,
