@@ -190,30 +190,14 @@ def _reuse_line(model: str, label: str, row: dict) -> str:
 # -- the deep model ------------------------------------------------------------------------------------------
 
 
-class CifarResNet(nn.Module):
-    """He et al.'s CIFAR ResNet of depth 6n+2 for 1x28x28 (ResNet-20 is n=3, ResNet-110 n=18), with
-    models/architectures.py's blocks (projection shortcuts where the shape changes)."""
+def cifar_resnet(depth: int = 110, num_classes: int = 10) -> nn.Module:
+    """He et al.'s CIFAR ResNet of depth 6n+2 for 1x28x28 (ResNet-20 is n=3, ResNet-110 n=18):
+    models/architectures.py's ResNet20 with n blocks per stage."""
+    from models.architectures import ResNet20
 
-    def __init__(self, depth: int = 110, num_classes: int = 10):
-        super().__init__()
-        from models.architectures import BasicBlock
-
-        if (depth - 2) % 6:
-            raise ValueError(f"a CIFAR ResNet has depth 6n+2, not {depth}")
-        per_stage = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(1, 16, 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        blocks, c_in = [], 16
-        for c_out, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(per_stage):
-                blocks.append(BasicBlock(c_in, c_out, stride if i == 0 else 1))
-                c_in = c_out
-        self.layers = nn.Sequential(*blocks)
-        self.fc = nn.Linear(64, num_classes)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        return self.fc(self.layers(x).mean((2, 3)))
+    if (depth - 2) % 6:
+        raise ValueError(f"a CIFAR ResNet has depth 6n+2, not {depth}")
+    return ResNet20(num_classes, blocks_per_stage=(depth - 2) // 6)
 
 
 @torch.no_grad()
@@ -222,7 +206,7 @@ def build_deep_model(depth: int, directory: Path) -> Path:
     from search.data import fashion_mnist_splits
 
     torch.manual_seed(0)
-    model = CifarResNet(depth)
+    model = cifar_resnet(depth)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for bn in bns:
         bn.reset_running_stats()

@@ -25,15 +25,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """CIFAR-style ResNet-20 (He et al. 2016): 16/32/64 channels, 3 blocks per stage."""
+    """CIFAR-style ResNet-20 (He et al. 2016): 16/32/64 channels, 3 blocks per stage (`blocks_per_stage` n gives
+    the depth 6n+2 ResNets: n=18 is ResNet-110)."""
 
-    def __init__(self, num_classes: int = 10, in_channels: int = 1):
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, blocks_per_stage: int = 3):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         blocks, c_in = [], 16
         for c_out, stride in ((16, 1), (32, 2), (64, 2)):
-            for i in range(3):
+            for i in range(blocks_per_stage):
                 blocks.append(BasicBlock(c_in, c_out, stride if i == 0 else 1))
                 c_in = c_out
         self.layers = nn.Sequential(*blocks)
