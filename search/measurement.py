@@ -28,7 +28,7 @@ from typing import Protocol
 import torch
 
 from .quant.activation import ActStats
-from .simulate import Simulator, SuffixRunner, fast_layout, layer_work
+from .simulate import Simulator, SuffixRunner, fast_layout
 
 __all__ = [
     "MEASUREMENT_VERSION",
@@ -61,6 +61,11 @@ CHUNK_WORK = 5e11
 OUTPUT = "__output__"
 
 
+def _digest(fields: dict) -> str:
+    """sha256 of `fields` as canonical JSON: the one way every key here is made."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def pass_identity(model_sha256: str, calib_inputs: torch.Tensor, scheme: str, clip: str, act_calibration: str) -> dict:
     """What a pass depends on besides its widths, images and base config: the model, the calibration images by
     content (the activation ranges come from all of them), the quantizer settings, this code and torch."""
@@ -83,13 +88,12 @@ def calibration_key(model_sha256: str, calib_inputs: torch.Tensor) -> str:
         "measurement_version": MEASUREMENT_VERSION,
         "torch": torch.__version__,
     }
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return _digest(fields)
 
 
 def reference_key(model_sha256: str, inputs: torch.Tensor) -> str:
     """The key of the float model's outputs on `inputs` (every candidate's SQNR and KL are against them)."""
-    fields = {"model_sha256": model_sha256, "inputs_sha256": tensor_sha256(inputs), "torch": torch.__version__}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+    return _digest({"model_sha256": model_sha256, "inputs_sha256": tensor_sha256(inputs), "torch": torch.__version__})
 
 
 def save_calibration(stats: dict[str, ActStats], path: Path) -> None:
@@ -141,8 +145,19 @@ def tensor_sha256(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+class _StoredPass:
+    """What both kinds of pass share: the key (the sha256 of all their fields) and their JSON form."""
+
+    @property
+    def key(self) -> str:
+        return _digest(self.to_json())
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class DamagePass:
+class DamagePass(_StoredPass):
     """One measurement pass as data: everything that decides its sums, and how it is split into chunks."""
 
     identity: dict  # model sha256, calibration sha256, scheme, clip, act_calibration, code and torch versions
@@ -155,19 +170,12 @@ class DamagePass:
     kind: str = "damage"
 
     @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @property
     def around_float(self) -> bool:
         return all(b is None for b in self.base_w.values())
 
 
 @dataclass(frozen=True)
-class ScorePass:
+class ScorePass(_StoredPass):
     """A batch of configs to score (HAQ's episodes, search/searches/haq.py), as data. A chunk's result is the
     scores of its configs; `identity` holds what a score depends on besides the config (the model, the
     calibration, the reward images, the fine-tuning options)."""
@@ -176,13 +184,6 @@ class ScorePass:
     configs: list[list[list[int]]]  # per config: [weight bits, activation bits] in layer order
     chunks: list[list[int]]  # config indexes, per chunk
     kind: str = "score"
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
-
-    def to_json(self) -> dict:
-        return asdict(self)
 
     around_float = False
 
@@ -228,10 +229,6 @@ class DamageMeter:
     def images_per_chunk(self, samples: int) -> int:
         per_sample = 4 * (self.runner.kept_elements() + sum(l.out_features for l in self.sim.model.layers))
         return max(1, min(samples, MEASURE_BYTES // max(per_sample, 1)))
-
-    def suffix_work(self) -> dict[str, float]:
-        work = {l.name: layer_work(l) for l in self.sim.model.layers}
-        return {n: float(sum(work[m] for m in self.affected[n])) for n in self.names}
 
     def release(self) -> None:
         self._kept = None

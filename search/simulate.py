@@ -471,3 +471,8 @@ class SuffixRunner:
         """Layers whose output depends on `changed` (it included), in layer order."""
         suffix = set(self._suffix[changed])
         return [name for name, node in self.layer_nodes.items() if node in suffix]
+
+    def suffix_work(self) -> dict[str, int]:
+        """Per layer the runner was built for, what re-running its suffix costs per sample (layer_work, MACs)."""
+        work = {l.name: layer_work(l) for l in self.sim.model.layers}
+        return {n: sum(work[m] for m in self.affected_layers(n)) for n in self._suffix}

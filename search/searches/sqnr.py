@@ -49,7 +49,7 @@ from ..cost import LIMIT_SLACK, layer_costs, within
 from ..measurement import CHUNK_WORK, DamagePass, chunk_layers
 from ..quant.activation import FLOAT_ACT_BITS
 from ..quant.weight import sqnr_db
-from ..simulate import SuffixRunner, layer_work
+from ..simulate import SuffixRunner
 from .base import MethodParams, SearchContext
 from .widen import refill
 
@@ -149,11 +149,6 @@ def _non_increasing(noise_by_bits: dict[int, float]) -> dict[int, float]:
     return out
 
 
-def _suffix_work(ctx: SearchContext, runner: SuffixRunner) -> dict[str, int]:
-    work = {l.name: layer_work(l) for l in ctx.model.layers}
-    return {n: sum(work[m] for m in runner.affected_layers(n)) for n in ctx.layer_names}
-
-
 def _widths(ctx: SearchContext, fit: bool) -> tuple[list[int], list[int]]:
     """The weight and activation widths measured; with `fit` the middle ones are left to the fit (_fill)."""
     o = ctx.options
@@ -166,7 +161,7 @@ def _widths(ctx: SearchContext, fit: bool) -> tuple[list[int], list[int]]:
 def measurement_plan(ctx: SearchContext, runner: SuffixRunner) -> tuple[int, bool]:
     """(images, fitted widths) for the damage measurement: the params where given, else within MEASURE_WORK."""
     params: SqnrParams = ctx.params
-    suffix = _suffix_work(ctx, runner)
+    suffix = runner.suffix_work()
 
     def cost(samples: int, fit: bool) -> float:
         w, a = _widths(ctx, fit)
@@ -207,7 +202,7 @@ def damage_pass(
     samples, fit = measurement_plan(ctx, meter.runner)
     w_widths, a_widths = _widths(ctx, fit)
     params: SqnrParams = ctx.params
-    work = meter.suffix_work()
+    work = meter.runner.suffix_work()
     total_work = sum(work.values()) * samples * (len(w_widths) + len(a_widths))
     count = params.measure_chunks or math.ceil(total_work / CHUNK_WORK)
     damage = DamagePass(
