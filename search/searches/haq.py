@@ -313,12 +313,17 @@ class EpisodeScorer:
 
 
 def score_through_measurements(
-    ctx: SearchContext, configs: list[Config], data: LabelledSet, on_batch: Callable[[], None] | None = None
+    ctx: SearchContext,
+    configs: list[Config],
+    data: LabelledSet,
+    identity: dict,
+    on_batch: Callable[[], None] | None = None,
 ) -> list[EpisodeScore]:
     """Score `configs` as one ScorePass (one config a chunk) through ctx.measurements: in the service, a batch of
-    episodes is spread over the workers, and a retried job finds the episodes scored before it died."""
+    episodes is spread over the workers, and a retried job finds the episodes scored before it died.
+    `identity` is score_identity(ctx, data), made once per search: it hashes the reward (and training) images."""
     p = ScorePass(
-        identity=score_identity(ctx, data),
+        identity=identity,
         configs=[[list(w), list(a)] for w, a in configs],
         chunks=[[i] for i in range(len(configs))],
     )
@@ -537,15 +542,19 @@ def _search(
         return Episode(w, a, torch.stack(seen), torch.tensor(actions))
 
     cache: dict[Config, EpisodeScore] = {}  # scores per config: repeated configs are not re-run
+    identity: dict | None = None  # score_identity(ctx, data), made at the first scoring through the measurements
     # progress from inside a long fine-tune, only where it runs in this thread
     tick = (lambda: ctx.tick(episodes, "haq: fine-tune")) if o.finetune.enabled else None
 
     def score(batch: list[Config], fn: Callable = map_fn) -> None:
+        nonlocal identity
         todo = list(dict.fromkeys(k for k in batch if k not in cache))
         if not todo:
             return
         if fn is map:  # the default: through the context's measurements (spread over workers in the service)
-            cache.update(zip(todo, score_through_measurements(ctx, todo, data, tick)))
+            if identity is None:
+                identity = score_identity(ctx, data)
+            cache.update(zip(todo, score_through_measurements(ctx, todo, data, identity, tick)))
         else:
             cache.update(zip(todo, score_episodes(ctx, todo, fn, data)))
 
