@@ -19,6 +19,7 @@ from sqlalchemy import and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from search.measurement import DamagePass, Measurements, PassRunner, ScorePass, pass_from_json
+from store.artifacts import ArtifactStore
 from store.db import session_scope
 from store.models import ChunkStatus, MeasurementChunk, MeasurementRecord
 from store.settings import Settings
@@ -143,16 +144,12 @@ class DatabaseMeasurements(Measurements):
         self.worker = worker
         self.check = check  # raises when the job was cancelled, lost or timed out
         self.offer = offer  # sends one measure_chunk task for (key, index); None: compute everything here
-
-    def _reference_path(self, key: str):
-        from store.artifacts import ArtifactStore
-
-        return ArtifactStore(self.settings.resolved_artifact_dir()).path("references", key)
+        self.store = ArtifactStore(settings.resolved_artifact_dir())
 
     def reference(self, key: str):
         from safetensors.torch import load_file
 
-        path = self._reference_path(key)
+        path = self.store.path("references", key)
         if not path.exists():
             return None
         try:
@@ -164,10 +161,7 @@ class DatabaseMeasurements(Measurements):
     def keep_reference(self, key: str, logits) -> None:
         from safetensors.torch import save_file
 
-        from store.artifacts import ArtifactStore
-
-        store = ArtifactStore(self.settings.resolved_artifact_dir())
-        store.write("references", key, lambda tmp: save_file({"logits": logits.contiguous()}, str(tmp)))
+        self.store.write("references", key, lambda tmp: save_file({"logits": logits.contiguous()}, str(tmp)))
 
     def _ensure_rows(self, p: DamagePass | ScorePass) -> None:
         try:
@@ -188,14 +182,13 @@ class DatabaseMeasurements(Measurements):
         except IntegrityError:  # another job created the same pass at the same moment: use theirs
             pass
 
-    def _status(self, key: str) -> dict[int, tuple[str, str | None]]:
+    def _status(self, key: str) -> dict[int, str]:
+        """Each chunk's status, by index."""
         with session_scope(self.url) as s:
             rows = s.execute(
-                select(MeasurementChunk.index, MeasurementChunk.status, MeasurementChunk.worker).where(
-                    MeasurementChunk.measurement_key == key
-                )
+                select(MeasurementChunk.index, MeasurementChunk.status).where(MeasurementChunk.measurement_key == key)
             ).all()
-        return {i: (status, worker) for i, status, worker in rows}
+        return dict(rows)
 
     def run(
         self, p: DamagePass | ScorePass, meter: PassRunner, on_chunk: Callable[[int, int], None] | None = None
@@ -204,9 +197,9 @@ class DatabaseMeasurements(Measurements):
         record = self.new_record(p)
         self._ensure_rows(p)
         status = self._status(p.key)
-        record.reused = sum(1 for st, _ in status.values() if st == ChunkStatus.DONE)
+        record.reused = sum(1 for st in status.values() if st == ChunkStatus.DONE)
         if self.offer is not None and len(p.chunks) > 1:
-            for i, (st, _) in sorted(status.items()):
+            for i, st in sorted(status.items()):
                 if st != ChunkStatus.DONE:
                     self.offer(p.key, i)
         n = len(p.chunks)
@@ -218,7 +211,7 @@ class DatabaseMeasurements(Measurements):
                     _compute(self.settings, p, meter, *claim, self.worker)
                     record.computed += 1
                 status = self._status(p.key)
-                finished = sum(1 for st, _ in status.values() if st == ChunkStatus.DONE)
+                finished = sum(1 for st in status.values() if st == ChunkStatus.DONE)
                 if on_chunk is not None and finished:
                     on_chunk(finished, n)
                 if finished == n:

@@ -209,8 +209,8 @@ class SearchContext:
         self._last_step = -1
         self.started = started
         self.measurements = measurements if measurements is not None else Measurements()
-        self._own_records = len(self.measurements.records)
-        self._reference_ready = False  # a shared Measurements holds earlier searches' too
+        self._own_records = len(self.measurements.records)  # a shared Measurements holds earlier searches' too
+        self._reference_ready = False
         self._meter: DamageMeter | None = None
         self._identity: dict | None = None
         # Seconds per phase: time goes to the innermost phase open (`phase()`); "setup" is the calibration.
