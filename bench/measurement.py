@@ -360,17 +360,7 @@ def _stack_job(stack, path: Path, options: dict) -> dict:
     from store.models import MeasurementChunk
 
     submitted = time.perf_counter()
-    with stack.client() as c:
-        r = c.post(
-            "/jobs",
-            data={
-                "method": "sqnr",
-                "budget": json.dumps({"avg_wbits": 3}),
-                "options": json.dumps(options),
-                "data_name": "fashion-mnist",
-            },
-            files={"model": (path.name, path.read_bytes(), "application/zip")},
-        )
+    r = stack.post_job("sqnr", {"avg_wbits": 3}, options, path)
     if r.status_code != 202:
         raise RuntimeError(f"POST /jobs: {r.status_code} {r.text}")
     job_id = r.json()["id"]

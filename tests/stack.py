@@ -3,6 +3,7 @@ on PostgreSQL + Redis (a fresh database and queue per stack) or on the embedded 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -128,6 +129,20 @@ class Stack:
         """A client with `owner`'s key (None: anonymous)."""
         headers = {"Authorization": f"Bearer {self.keys[owner]}"} if owner else {}
         return httpx.Client(base_url=self.url, timeout=120, headers=headers)
+
+    def post_job(self, method: str, budget: dict, options: dict, model: Path, owner: str = "alice") -> httpx.Response:
+        """POST /jobs as `owner`: `model` uploaded, the built-in Fashion-MNIST data set."""
+        with self.client(owner) as c:
+            return c.post(
+                "/jobs",
+                data={
+                    "method": method,
+                    "budget": json.dumps(budget),
+                    "options": json.dumps(options),
+                    "data_name": "fashion-mnist",
+                },
+                files={"model": (model.name, model.read_bytes(), "application/zip")},
+            )
 
     def wait_job(self, job_id: str, timeout: float = 600, until=("succeeded", "failed", "cancelled")) -> dict:
         deadline = time.time() + timeout

@@ -3,7 +3,6 @@ worker computes, reused by later jobs and by a retried job (search/measurement.p
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
@@ -148,17 +147,7 @@ def two_workers(tmp_path_factory):
 
 def _submit(stack, budget: dict, **changed) -> str:
     options = SPREAD | changed  # validate_top_k 0: no validation holds a worker during the next job
-    with stack.client() as c:
-        r = c.post(
-            "/jobs",
-            data={
-                "method": "sqnr",
-                "budget": json.dumps(budget),
-                "options": json.dumps(options),
-                "data_name": "fashion-mnist",
-            },
-            files={"model": (RESNET.name, RESNET.read_bytes(), "application/zip")},
-        )
+    r = stack.post_job("sqnr", budget, options, RESNET)
     assert r.status_code == 202, r.text
     return r.json()["id"]
 
@@ -290,17 +279,7 @@ def test_haq_scores_a_batch_of_episodes_on_both_workers(two_workers):
         # long enough that the second worker has loaded the job before the last batch
         "params": {**HAQ, "episodes": 40, "warmup": 8, "batch_episodes": 8, "reward_samples": 512}
     }
-    with two_workers.client() as c:
-        r = c.post(
-            "/jobs",
-            data={
-                "method": "haq",
-                "budget": json.dumps({"avg_wbits": 3}),
-                "options": json.dumps(options),
-                "data_name": "fashion-mnist",
-            },
-            files={"model": (RESNET.name, RESNET.read_bytes(), "application/zip")},
-        )
+    r = two_workers.post_job("haq", {"avg_wbits": 3}, options, RESNET)
     assert r.status_code == 202, r.text
     job = two_workers.wait_job(r.json()["id"], timeout=600)
     assert job["status"] == "succeeded", job

@@ -167,18 +167,9 @@ def test_job_page_without_a_key_asks_for_one(stack, jobs, browser):
 def sqnr_job(stack):
     """A finished sqnr search of bob's (private, so the leaderboard tests, run with alice's key, never see it)."""
     options = {**SMALL, "params": {"sweep_points": 0, "relinearize": 0}}
+    r = stack.post_job("sqnr", {"avg_wbits": 3}, options, RESNET, owner="bob")
+    assert r.status_code == 202, r.text
     with stack.client("bob") as c:
-        r = c.post(
-            "/jobs",
-            data={
-                "method": "sqnr",
-                "budget": json.dumps({"avg_wbits": 3}),
-                "options": json.dumps(options),
-                "data_name": "fashion-mnist",
-            },
-            files={"model": (RESNET.name, RESNET.read_bytes())},
-        )
-        assert r.status_code == 202, r.text
         deadline = time.time() + 600  # (stack.wait_job reads the job with alice's key)
         while (done := c.get(r.headers["Location"]).json())["status"] not in ("succeeded", "failed", "cancelled"):
             assert time.time() < deadline, done

@@ -200,18 +200,8 @@ def test_the_leaderboard_page_draws_a_swept_jobs_front(stack):
     from tests.test_pages import CHART_PROBLEMS, _browser, _css, _fresh, _wait
 
     options = {**QUICK, "validate_top_k": 0, "sweep": [{"avg_wbits": 8}]}
-    with stack.client() as c:
-        r = c.post(
-            "/jobs",
-            data={
-                "method": "uniform",
-                "budget": json.dumps({"avg_wbits": 4}),
-                "options": json.dumps(options),
-                "data_name": "fashion-mnist",
-            },
-            files={"model": (RESNET.name, RESNET.read_bytes())},
-        )
-        assert r.status_code == 202, r.text
+    r = stack.post_job("uniform", {"avg_wbits": 4}, options, RESNET)
+    assert r.status_code == 202, r.text
     job = stack.wait_job(r.json()["id"], timeout=600)
     assert job["status"] == "succeeded", job
     with stack.client() as c:
